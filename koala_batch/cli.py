@@ -1,0 +1,109 @@
+"""Command line: a thin layer over koala_batch.run and friends.
+
+Exit codes: 0 success, 1 the job or check failed, 2 invalid spec or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import yaml
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="job spec YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set compute.batch_size=8 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="koala-batch",
+        description="Generate image datasets from Parquet prompt tables with KOALA models on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job (resumes an earlier run on the same output)")
+    _add_spec_arguments(run)
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete koala-batch's own files under the output first, instead of resuming")
+
+    validate = commands.add_parser(
+        "validate", help="check a spec and its input (schema, row count); generates nothing")
+    _add_spec_arguments(validate)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from koala_batch.config import load_spec
+
+    overrides = list(args.overrides)
+    if getattr(args, "overwrite", False):
+        overrides.append("output.overwrite=true")
+    return load_spec(args.spec, overrides)
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    from koala_batch.read import plan_input
+
+    spec = _load(args)
+    plan = plan_input(spec.input)
+    print("# resolved spec (secrets masked)")
+    print(yaml.safe_dump(spec.snapshot(), sort_keys=False).rstrip())
+    print(f"# steps: {spec.resolved_steps}, guidance_scale: {spec.resolved_guidance_scale}")
+    print(f"# input: {len(plan.files)} file(s), {plan.num_rows} row(s), "
+          f"{plan.num_rows * spec.generation.images_per_prompt} image(s) planned")
+    for input_file in plan.files:
+        print(f"#   {input_file.url}: {input_file.num_rows} rows, "
+              f"{len(input_file.row_group_rows)} row group(s)")
+    print("# input schema (first file)")
+    for field in plan.files[0].schema:
+        print(f"#   {field.name}: {field.type}")
+    return EXIT_OK
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from koala_batch.job import run
+
+    record = run(_load(args))
+    counts = record["counts"]
+    print(json.dumps({"output": record["spec"]["output"]["uri"], **counts,
+                      "wall_time_s": record["wall_time_s"],
+                      "images_per_s": record["images_per_s"]}, indent=2))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from koala_batch.commit import OutputConflictError
+    from koala_batch.config import SpecError
+    from koala_batch.job import JobFailedError
+    from koala_batch.read import InputError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {"run": command_run, "validate": command_validate}
+    try:
+        return handlers[args.command](args)
+    except (SpecError, InputError, OutputConflictError) as exc:
+        print(f"koala-batch: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except JobFailedError as exc:
+        print(f"koala-batch: job failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

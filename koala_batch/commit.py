@@ -1,0 +1,177 @@
+"""The commit protocol around the write stage: claim the output, resume, record success.
+
+- `claim_output` writes `_job.json` (the fingerprint of what decides the images) before
+  anything else, and refuses an output prefix that holds another job or foreign files.
+- `load_committed` reads the committed manifests: their keys are skipped on resume.
+- `remove_leftovers` deletes tars without a manifest (a write cut short).
+- `write_success` writes `_SUCCESS`, the job record, as the job's last write.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from koala_batch.config import JobSpec
+from koala_batch.storage import Storage
+from koala_batch.write import (
+    JOB_FILE,
+    MANIFESTS_DIR,
+    SHARDS_DIR,
+    SUCCESS_FILE,
+    manifest_path,
+    summary_from_manifest,
+    tar_path,
+)
+
+JOB_FILE_FORMAT = 1
+
+
+class OutputConflictError(RuntimeError):
+    """The output prefix holds something this job must not touch or resume."""
+
+
+@dataclass
+class CommittedState:
+    """What earlier runs committed to an output: per-shard stats and every key."""
+
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
+
+    @property
+    def images(self) -> int:
+        return sum(shard["rows"] for shard in self.shards.values())
+
+
+def _tree(storage: Storage) -> list[str]:
+    """Every file under the output prefix, relative to it."""
+    root = storage.path("")
+    try:
+        found = storage.fs.find(root)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.relpath(path, root) for path in found)
+
+
+def _is_own_file(relative: str) -> bool:
+    if relative in (JOB_FILE, SUCCESS_FILE):
+        return True
+    directory, _, name = relative.partition("/")
+    if "/" in name:
+        return False
+    if directory == SHARDS_DIR:
+        return name.endswith((".tar", ".partial"))
+    if directory == MANIFESTS_DIR:
+        return name.endswith((".parquet", ".partial"))
+    return False
+
+
+def job_file_contents(spec: JobSpec) -> dict[str, Any]:
+    from koala_batch import __version__
+
+    return {
+        "format": JOB_FILE_FORMAT,
+        "koala_batch_version": __version__,
+        "fingerprint": spec.fingerprint(),
+        "determined_by": spec.fingerprint_fields(),
+    }
+
+
+def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bool:
+    """Make the output prefix this job's; True when an earlier run of the same job is resumed.
+
+    Refuses (OutputConflictError) a prefix holding files koala-batch did not write, or
+    the output of a job whose images would differ (another fingerprint), unless
+    `overwrite` is set, which deletes koala-batch's own files first and never others.
+    """
+    files = _tree(storage)
+    foreign = [f for f in files if not _is_own_file(f)]
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise OutputConflictError(
+            f"output {storage.url('')} holds files koala-batch did not write ({listed}); "
+            "choose an empty or new output prefix. Nothing was written."
+        )
+    resumed = False
+    if overwrite:
+        for relative in files:
+            storage.remove(relative)
+    elif JOB_FILE in files:
+        try:
+            existing = json.loads(storage.read_bytes(JOB_FILE))
+        except (ValueError, OSError) as exc:
+            raise OutputConflictError(
+                f"output {storage.url(JOB_FILE)} is unreadable ({exc}); choose a new output "
+                "prefix or pass --overwrite"
+            ) from None
+        if existing.get("fingerprint") != spec.fingerprint():
+            theirs = existing.get("determined_by", {})
+            ours = spec.fingerprint_fields()
+            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise OutputConflictError(
+                f"output {storage.url('')} holds a job whose images would differ from this spec "
+                f"(changed: {', '.join(changed) or 'format'}); resuming would mix them. Write to a "
+                "new output prefix, or pass --overwrite (output.overwrite: true) to delete that "
+                "job's output first."
+            )
+        resumed = True
+    elif files:
+        raise OutputConflictError(
+            f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a new "
+            "output prefix or pass --overwrite"
+        )
+    storage.write_bytes(JOB_FILE, json.dumps(job_file_contents(spec), indent=2).encode())
+    storage.remove(SUCCESS_FILE)
+    return resumed
+
+
+def load_committed(storage: Storage) -> CommittedState:
+    """Committed shards (those with a manifest) and their keys; fails on any duplicate key."""
+    names = [name[: -len(".parquet")] for name in storage.list_files(MANIFESTS_DIR, ".parquet")]
+
+    def read(shard: str):
+        data = storage.read_bytes(manifest_path(shard))
+        return shard, pq.read_table(io.BytesIO(data), columns=["key", "status", "bytes", "ordinal"])
+
+    state = CommittedState()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for shard, manifest in pool.map(read, names):
+            keys = manifest.column("key").to_pylist()
+            before = len(state.keys)
+            state.keys.update(keys)
+            if len(state.keys) != before + len(keys):
+                raise OutputConflictError(
+                    f"committed manifest {storage.url(manifest_path(shard))} repeats keys "
+                    "committed by another shard; run `koala-batch verify` on the output"
+                )
+            state.shards[shard] = summary_from_manifest(storage, shard, manifest)
+    return state
+
+
+def remove_leftovers(storage: Storage, committed: CommittedState) -> list[str]:
+    """Delete tars without a manifest and half-written files; return what was removed."""
+    removed = []
+    for name in storage.list_files(SHARDS_DIR):
+        shard = name[: -len(".tar")] if name.endswith(".tar") else None
+        if shard is None or shard not in committed.shards:
+            storage.remove(f"{SHARDS_DIR}/{name}")
+            removed.append(f"{SHARDS_DIR}/{name}")
+    for name in storage.list_files(MANIFESTS_DIR, ".partial"):
+        storage.remove(f"{MANIFESTS_DIR}/{name}")
+        removed.append(f"{MANIFESTS_DIR}/{name}")
+    return removed
+
+
+def write_success(storage: Storage, record: dict[str, Any]) -> None:
+    """Write the job record as `_SUCCESS`: the job's last write."""
+    storage.write_bytes(SUCCESS_FILE, json.dumps(record, indent=2, sort_keys=False).encode())
+
+
+def shard_paths(storage: Storage, shard: str) -> dict[str, str]:
+    return {"tar": storage.url(tar_path(shard)), "manifest": storage.url(manifest_path(shard))}

@@ -1,0 +1,408 @@
+"""The job spec: a strict pydantic model loaded from YAML, with `--set a.b=value` overrides."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class SpecError(ValueError):
+    """The job spec is invalid; the message names the field (and the file)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+StorageOptionValue = Annotated[
+    str | bool | int | float | None | dict[str, Any] | SecretStr, Field(union_mode="left_to_right")
+]
+
+SECRET_OPTION_NAMES = frozenset(
+    {"key", "secret", "token", "password", "aws_secret_access_key", "aws_session_token",
+     "session_token", "secret_key", "access_key", "aws_access_key_id", "sas_token",
+     "account_key", "client_secret"}
+)
+
+
+def _secret_storage_options(value: dict[str, Any]) -> dict[str, Any]:
+    """Wrap credential-looking storage options in SecretStr, however they were given."""
+    wrapped: dict[str, Any] = {}
+    for name, option in value.items():
+        if name.lower() in SECRET_OPTION_NAMES and isinstance(option, str):
+            wrapped[name] = SecretStr(option)
+        elif isinstance(option, dict):
+            wrapped[name] = _secret_storage_options(option)
+        else:
+            wrapped[name] = option
+    return wrapped
+
+
+def reveal_storage_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options with secrets unwrapped, for handing to fsspec (never for logging)."""
+    revealed: dict[str, Any] = {}
+    for name, option in options.items():
+        if isinstance(option, SecretStr):
+            revealed[name] = option.get_secret_value()
+        elif isinstance(option, dict):
+            revealed[name] = reveal_storage_options(option)
+        else:
+            revealed[name] = option
+    return revealed
+
+
+class InputSpec(_Section):
+    """Where the prompt table is and which columns mean what."""
+
+    uri: str | list[str] = Field(
+        description="Parquet file, directory/prefix, glob, or a list of these; local path "
+        "or any fsspec URL (s3://, gs://, ...)."
+    )
+    prompt_column: str = Field("prompt", description="Column holding the text prompt.")
+    id_column: str | None = Field(
+        None,
+        description="Column holding a unique row id. Without it, the id is derived from "
+        "the file path and row index.",
+    )
+    negative_prompt_column: str | None = Field(
+        None, description="Optional per-row negative prompt; null rows use generation.negative_prompt."
+    )
+    seed_column: str | None = Field(
+        None,
+        description="Optional per-row seed; image k of a row uses seed+k. Null rows use "
+        "the seed derived from generation.seed.",
+    )
+    passthrough_columns: list[str] = Field(
+        default_factory=list, description="Input columns copied unchanged into the manifest."
+    )
+    storage_options: dict[str, StorageOptionValue] = Field(
+        default_factory=dict,
+        description="fsspec options for the input filesystem (endpoint_url, key, secret, ...). "
+        "Credentials are kept as secrets.",
+    )
+
+    @field_validator("storage_options", mode="after")
+    @classmethod
+    def _hide_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _secret_storage_options(value)
+
+    @property
+    def uris(self) -> list[str]:
+        return [self.uri] if isinstance(self.uri, str) else list(self.uri)
+
+    @model_validator(mode="after")
+    def _columns_are_distinct(self) -> InputSpec:
+        if isinstance(self.uri, list) and not self.uri:
+            raise ValueError("input.uri: the list of inputs is empty")
+        reserved = {"key", "image_index", "status", "error", "shard", "member", "sha256",
+                    "bytes", "seed", "steps", "guidance_scale", "width", "height", "model",
+                    "id", "prompt", "negative_prompt"}
+        clash = sorted(set(self.passthrough_columns) & reserved)
+        if clash:
+            raise ValueError(
+                f"input.passthrough_columns: {clash} clash with manifest columns of the same name"
+            )
+        return self
+
+
+class ModelSpec(_Section):
+    """Which pipeline to load and how."""
+
+    name: str = Field(
+        "tiny",
+        description="Preset (koala-700m, koala-1b, koala-lightning-700m, koala-lightning-1b, "
+        "tiny), a local diffusers directory, or a Hugging Face id.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    variant: str | None = Field(None, description="Weights variant, e.g. fp16.")
+
+
+class GenerationSpec(_Section):
+    """Sampler settings; unset steps/guidance take the preset's recommendation."""
+
+    steps: int | None = Field(None, gt=0, le=1000, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=100.0, description="Classifier-free guidance scale."
+    )
+    width: int = Field(1024, gt=0, le=8192, description="Image width in pixels (multiple of 8).")
+    height: int = Field(1024, gt=0, le=8192, description="Image height in pixels (multiple of 8).")
+    negative_prompt: str | None = Field(None, description="Negative prompt for every row.")
+    images_per_prompt: int = Field(1, ge=1, le=1000, description="Images generated per row.")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Job seed; with the row id and image index it fixes each image."
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+
+class ActorRange(_Section):
+    """An autoscaling actor pool size."""
+
+    min: int = Field(ge=1, description="Smallest pool size.")
+    max: int = Field(ge=1, description="Largest pool size.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class ComputeSpec(_Section):
+    """Ray cluster and stage sizing."""
+
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join (else $RAY_ADDRESS, else a local cluster is started).",
+    )
+    batch_size: int = Field(4, ge=1, le=4096, description="Prompts per pipeline call.")
+    actors: int | ActorRange = Field(
+        1, description="Generator actor count, or {min, max} to autoscale."
+    )
+    num_gpus_per_actor: float | Literal["auto"] = Field(
+        "auto",
+        description="GPUs per generator actor; auto = 1 when the cluster has GPUs, else 0.",
+    )
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generator actor.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per actor (CPU runs); default = num_cpus_per_actor."
+    )
+    max_task_retries: int | None = Field(
+        None,
+        ge=-1,
+        description="Retries of a read, encode, write or generate task lost to a system "
+        "failure (dead worker or node); -1 = unlimited. Unset keeps Ray Data's default "
+        "(unlimited).",
+    )
+    max_actor_restarts: int | None = Field(
+        None,
+        ge=-1,
+        description="Restarts of a generator actor whose process died; -1 = unlimited. Unset "
+        "keeps Ray Data's default (unlimited).",
+    )
+    local_num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="Logical CPUs of a local Ray cluster; default max(4, 2 x cores) so read "
+        "and write tasks are never starved by the actors.",
+    )
+    local_object_store_mb: int = Field(
+        512, ge=75, description="Object store size of a local Ray cluster, in MiB."
+    )
+
+    @property
+    def actor_range(self) -> tuple[int, int]:
+        if isinstance(self.actors, int):
+            if self.actors < 1:
+                raise ValueError("compute.actors must be at least 1")
+            return self.actors, self.actors
+        return self.actors.min, self.actors.max
+
+    @field_validator("actors")
+    @classmethod
+    def _positive(cls, value: int | ActorRange) -> int | ActorRange:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be at least 1 (got {value})")
+        return value
+
+    @field_validator("num_gpus_per_actor")
+    @classmethod
+    def _non_negative(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int) and value < 0:
+            raise ValueError(f"must be >= 0 (got {value})")
+        return value
+
+
+class OutputSpec(_Section):
+    """Where and how the dataset is written."""
+
+    uri: str = Field(description="Output prefix, local path or fsspec URL.")
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    rows_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Images per tar shard.")
+    storage_options: dict[str, StorageOptionValue] = Field(
+        default_factory=dict,
+        description="fsspec options for the output filesystem. Credentials are kept as secrets.",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Delete koala-batch's own files under the output prefix before starting, "
+        "instead of resuming. Never deletes files koala-batch did not write.",
+    )
+    max_failed_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Fail the job when more than this fraction of its images are error rows.",
+    )
+
+    @field_validator("storage_options", mode="after")
+    @classmethod
+    def _hide_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _secret_storage_options(value)
+
+    @field_validator("image_format", mode="before")
+    @classmethod
+    def _jpg_alias(cls, value: Any) -> Any:
+        return "jpeg" if value == "jpg" else value
+
+
+class JobSpec(_Section):
+    """A whole koala-batch job."""
+
+    input: InputSpec = Field(description="The prompt table.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The pipeline.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Sampler settings."
+    )
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Ray sizing.")
+    output: OutputSpec = Field(description="The dataset written.")
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-safe spec with every secret masked (for logs and the job record)."""
+        return json.loads(self.model_dump_json())
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What decides the image bytes: model, dtype, sampler, seed policy, encoding."""
+        from koala_batch.model import preset_for
+
+        preset = preset_for(self.model.name)
+        return {
+            "model": self.model.name,
+            "revision": self.model.revision,
+            "variant": self.model.variant,
+            "dtype": self.model.dtype,
+            "scheduler_timestep_spacing": preset.scheduler_timestep_spacing,
+            "steps": self.resolved_steps,
+            "guidance_scale": self.resolved_guidance_scale,
+            "width": self.generation.width,
+            "height": self.generation.height,
+            "negative_prompt": self.generation.negative_prompt,
+            "images_per_prompt": self.generation.images_per_prompt,
+            "seed": self.generation.seed,
+            "seed_column": self.input.seed_column,
+            "prompt_column": self.input.prompt_column,
+            "negative_prompt_column": self.input.negative_prompt_column,
+            "id_column": self.input.id_column,
+            "image_format": self.output.image_format,
+            "quality": self.output.quality,
+        }
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.fingerprint_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    @property
+    def resolved_steps(self) -> int:
+        from koala_batch.model import preset_for
+
+        return self.generation.steps or preset_for(self.model.name).steps
+
+    @property
+    def resolved_guidance_scale(self) -> float:
+        from koala_batch.model import preset_for
+
+        if self.generation.guidance_scale is not None:
+            return self.generation.guidance_scale
+        return preset_for(self.model.name).guidance_scale
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` to (["a", "b"], value), the value parsed as a YAML scalar or list."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. compute.batch_size=8")
+    dotted, _, raw = text.partition("=")
+    path = [part for part in dotted.strip().split(".")]
+    if not all(path):
+        raise SpecError(f"--set {text!r}: malformed key {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {dotted}: value {raw!r} is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the raw spec dict with each `a.b=value` override set."""
+    merged = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise SpecError(f"--set {'.'.join(path)}: {where} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec {source}:"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        got = error.get("input")
+        detail = ""
+        if (
+            error["type"] not in ("missing", "extra_forbidden", "value_error")
+            and not isinstance(got, dict)
+        ):
+            detail = f" (got {got!r})" if "secret" not in where.lower() else ""
+        lines.append(f"  {where}: {message}{detail}")
+    return "\n".join(lines)
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "<dict>") -> JobSpec:
+    """Validate a raw dict into a JobSpec; SpecError names every bad field."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid job spec {source}: expected a mapping at the top level")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc, source)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML job spec and apply `a.b=value` overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SpecError(f"job spec {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"job spec {path} is not valid YAML: {exc}") from None
+    return spec_from_dict(apply_overrides(raw, overrides or []), source=str(path))

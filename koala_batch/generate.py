@@ -1,0 +1,167 @@
+"""Generation stage: an actor holding one StableDiffusionXLPipeline, several prompts per call.
+
+Every image gets its own torch.Generator seeded from its row, so a sample's pixels do
+not depend on which batch, actor or retry produced it. A batch that raises (out of
+memory, say) is split in halves and retried; an image that still fails, or comes out
+with NaN pixels, becomes an error row rather than a failed job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from koala_batch.config import JobSpec
+from koala_batch.model import load_pipeline, pick_device
+from koala_batch.validate import STATUS_ERROR, STATUS_OK
+
+logger = logging.getLogger(__name__)
+
+
+class ImageGenerationError(RuntimeError):
+    """One image could not be generated; the message is the reason recorded in the manifest."""
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] to uint8 exactly as diffusers' numpy_to_pil does."""
+    return (images * 255).round().astype(np.uint8)
+
+
+class GenerateImages:
+    """Actor stage: work rows in, the same rows with raw RGB `pixels` out."""
+
+    def __init__(self, spec: JobSpec, torch_threads: int | None = None):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = pick_device()
+        self.pipeline = load_pipeline(
+            spec.model.name,
+            dtype=spec.model.dtype,
+            revision=spec.model.revision,
+            variant=spec.model.variant,
+            device=self.device,
+        )
+        self.steps = spec.resolved_steps
+        self.guidance_scale = spec.resolved_guidance_scale
+        self.width = spec.generation.width
+        self.height = spec.generation.height
+        logger.info("generator ready on %s (%s)", self.device, spec.model.name)
+
+    # One call of the pipeline: the part tests and fault injection replace.
+    def run_pipeline(
+        self, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int]
+    ) -> np.ndarray:
+        import torch
+
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        with torch.inference_mode():
+            result = self.pipeline(
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                width=self.width,
+                height=self.height,
+                generator=generators,
+                output_type="np",
+            )
+        return np.asarray(result.images)
+
+    def prompt_is_truncated(self, prompt: str) -> bool:
+        """Whether CLIP will cut the prompt at its 77-token limit."""
+        for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
+            if tokenizer is not None:
+                ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+                if len(ids) > tokenizer.model_max_length:
+                    return True
+        return False
+
+    def generate(
+        self, prompts: list[str], negatives: list[str | None], seeds: list[int]
+    ) -> list[np.ndarray | ImageGenerationError]:
+        """Images (uint8 HxWx3) or the error for each request, splitting batches that fail."""
+        results: list[np.ndarray | ImageGenerationError] = [None] * len(prompts)  # type: ignore[list-item]
+        # Rows with and without a negative prompt differ in kind (SDXL zeroes an absent
+        # negative), so they go to separate calls: a row's pixels never depend on its
+        # batch neighbours.
+        groups: dict[bool, list[int]] = {}
+        for index, negative in enumerate(negatives):
+            groups.setdefault(negative is not None, []).append(index)
+        for has_negative, indices in groups.items():
+            self._generate_split(indices, prompts, negatives if has_negative else None, seeds, results)
+        return results
+
+    def _generate_split(
+        self,
+        indices: Sequence[int],
+        prompts: list[str],
+        negatives: list[str | None] | None,
+        seeds: list[int],
+        results: list[Any],
+    ) -> None:
+        try:
+            images = self.run_pipeline(
+                [prompts[i] for i in indices],
+                [negatives[i] for i in indices] if negatives is not None else None,
+                [seeds[i] for i in indices],
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure is retried smaller or recorded
+            self._release_memory()
+            if len(indices) > 1:
+                logger.warning("batch of %d failed (%s: %s); retrying in halves",
+                               len(indices), type(exc).__name__, exc)
+                middle = len(indices) // 2
+                self._generate_split(indices[:middle], prompts, negatives, seeds, results)
+                self._generate_split(indices[middle:], prompts, negatives, seeds, results)
+                return
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            results[indices[0]] = ImageGenerationError(reason[:2000])
+            return
+        for position, index in enumerate(indices):
+            image = images[position]
+            if not np.isfinite(image).all():
+                results[index] = ImageGenerationError(
+                    "generated image has NaN or infinite values (would decode as black)"
+                )
+            else:
+                results[index] = to_uint8(image)
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        statuses = table.column("status").to_pylist()
+        errors = table.column("error").to_pylist()
+        prompts = table.column("prompt").to_pylist()
+        negatives = table.column("negative_prompt").to_pylist()
+        seeds = table.column("seed").to_pylist()
+        todo = [i for i, status in enumerate(statuses) if status == STATUS_OK]
+        pixels: list[bytes] = [b""] * table.num_rows
+        truncated = [False] * table.num_rows
+        if todo:
+            outcomes = self.generate(
+                [prompts[i] for i in todo], [negatives[i] for i in todo], [seeds[i] for i in todo]
+            )
+            for row, outcome in zip(todo, outcomes):
+                if isinstance(outcome, ImageGenerationError):
+                    statuses[row] = STATUS_ERROR
+                    errors[row] = str(outcome)
+                else:
+                    pixels[row] = outcome.tobytes()
+        for row, prompt in enumerate(prompts):
+            truncated[row] = prompt is not None and self.prompt_is_truncated(prompt)
+        table = table.set_column(table.schema.get_field_index("status"), "status",
+                                 pa.array(statuses, pa.string()))
+        table = table.set_column(table.schema.get_field_index("error"), "error",
+                                 pa.array(errors, pa.string()))
+        table = table.append_column("prompt_truncated", pa.array(truncated, pa.bool_()))
+        return table.append_column("pixels", pa.array(pixels, pa.binary()))

@@ -1,0 +1,263 @@
+"""The job: plan the input, claim the output, run the Ray Data graph, record success.
+
+`build_dataset` assembles the whole graph top to bottom:
+read -> validate -> generate (GPU actors) -> encode -> write and commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from koala_batch.commit import (
+    CommittedState,
+    claim_output,
+    load_committed,
+    remove_leftovers,
+    write_success,
+)
+from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
+from koala_batch.encode import EncodeImages
+from koala_batch.generate import GenerateImages
+from koala_batch.read import InputPlan, ReadRowGroups, plan_input
+from koala_batch.storage import Storage
+from koala_batch.validate import ExpandImages
+from koala_batch.write import SUMMARY_SCHEMA, WriteShard
+
+logger = logging.getLogger(__name__)
+
+
+QUIET_WORKER_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class JobFailedError(RuntimeError):
+    """The job ran but its result is not acceptable (too many failed images, say)."""
+
+
+def coerce_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
+    """Accept a JobSpec, a raw dict, or a YAML path."""
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_dict(spec)
+    return load_spec(spec)
+
+
+def connect_ray(spec: JobSpec) -> bool:
+    """Join RAY_ADDRESS / compute.ray_address, or start a local cluster; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = spec.compute.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    num_cpus = spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=spec.compute.local_object_store_mb * 2**20,
+        include_dashboard=False,
+    )
+    return True
+
+
+def resolve_gpus_per_actor(spec: JobSpec) -> float:
+    """compute.num_gpus_per_actor, with auto = 1 when the cluster has any GPU."""
+    import ray
+
+    if spec.compute.num_gpus_per_actor == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return float(spec.compute.num_gpus_per_actor)
+
+
+def build_dataset(
+    spec: JobSpec,
+    plan: InputPlan,
+    committed_keys: frozenset[str] = frozenset(),
+    *,
+    output_filesystem: Any | None = None,
+    generator_cls: type[GenerateImages] = GenerateImages,
+):
+    """The Ray Data graph of a job, top to bottom; its rows are per-shard stats."""
+    import ray.data
+
+    compute = spec.compute
+    task_args: dict[str, Any] = {}
+    actor_args: dict[str, Any] = {}
+    if compute.max_task_retries is not None:
+        task_args["max_retries"] = compute.max_task_retries
+        actor_args["max_task_retries"] = compute.max_task_retries
+    if compute.max_actor_restarts is not None:
+        actor_args["max_restarts"] = compute.max_actor_restarts
+    min_actors, max_actors = compute.actor_range
+    pool = (
+        ray.data.ActorPoolStrategy(size=min_actors)
+        if min_actors == max_actors
+        else ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors)
+    )
+    units = plan.read_units()
+
+    # Light stages run as tasks: their instances are built here and shipped to each task.
+    dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    dataset = dataset.map_batches(
+        ReadRowGroups(spec.input), batch_size=1, batch_format="pyarrow", num_cpus=0.25, **task_args
+    )
+    dataset = dataset.map_batches(
+        ExpandImages(spec, committed_keys), batch_size=None, batch_format="pyarrow",
+        num_cpus=0.25, **task_args,
+    )
+    # Blocks of exactly one pipeline call, so every actor gets work (a whole Parquet
+    # file would otherwise feed a single actor).
+    dataset = dataset.repartition(target_num_rows_per_block=compute.batch_size, strict=True)
+    dataset = dataset.map_batches(
+        generator_cls,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "torch_threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
+        },
+        batch_size=compute.batch_size,
+        batch_format="pyarrow",
+        compute=pool,
+        num_gpus=resolve_gpus_per_actor(spec),
+        num_cpus=compute.num_cpus_per_actor,
+        # Set before the actor imports diffusers: its import-time warnings are noise here.
+        runtime_env={"env_vars": QUIET_WORKER_ENV},
+        **actor_args,
+    )
+    dataset = dataset.map_batches(
+        EncodeImages(spec.output.image_format, spec.output.quality, spec.generation.width,
+                     spec.generation.height),
+        batch_size=None, batch_format="pyarrow", num_cpus=1, **task_args,
+    )
+    # Blocks of exactly rows_per_shard images: one block, one shard.
+    dataset = dataset.repartition(target_num_rows_per_block=spec.output.rows_per_shard, strict=True)
+    dataset = dataset.map_batches(
+        WriteShard(spec, output_filesystem), batch_size=None, batch_format="pyarrow",
+        num_cpus=0.5, **task_args,
+    )
+    return dataset
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("koala-batch", "ray", "torch", "diffusers", "transformers", "pyarrow",
+                 "fsspec", "s3fs", "pydantic", "pillow", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def _configure_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = os.environ.get("KOALA_BATCH_PROGRESS", "0") == "1"
+    context.execution_options.preserve_order = False
+
+
+def run(
+    spec: JobSpec | dict[str, Any] | str | Path,
+    *,
+    output_filesystem: Any | None = None,
+    generator_cls: type[GenerateImages] = GenerateImages,
+) -> dict[str, Any]:
+    """Run a job to completion and return its record (also written as OUTPUT/_SUCCESS).
+
+    Resumes an earlier run of the same spec on the same output: only images not yet
+    committed are generated.
+    """
+    spec = coerce_spec(spec)
+    started = time.time()
+    started_at = datetime.now(timezone.utc).isoformat()
+
+    plan = plan_input(spec.input)  # schema problems fail here, before Ray or any model
+    planned_images = plan.num_rows * spec.generation.images_per_prompt
+    logger.info("input: %d files, %d rows, %d images planned", len(plan.files), plan.num_rows,
+                planned_images)
+
+    storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options),
+                      output_filesystem)
+    resumed = claim_output(storage, spec, overwrite=spec.output.overwrite)
+    committed = load_committed(storage) if resumed else CommittedState()
+    if resumed:
+        removed = remove_leftovers(storage, committed)
+        logger.info("resuming: %d images in %d shards already committed; %d leftovers removed",
+                    committed.images, len(committed.shards), len(removed))
+
+    remaining = planned_images - len(committed.keys)
+    shards = dict(committed.shards)
+    written_this_run = 0
+    started_ray = False
+    if remaining > 0:
+        started_ray = connect_ray(spec)
+        try:
+            _configure_ray_data()
+            dataset = build_dataset(spec, plan, frozenset(committed.keys),
+                                    output_filesystem=output_filesystem,
+                                    generator_cls=generator_cls)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
+                    shards[shard["shard"]] = shard
+                    written_this_run += shard["rows"]
+                    logger.info("committed shard %s: %d images (%d errors); %d of %d this run",
+                                shard["shard"], shard["rows"], shard["errors"],
+                                written_this_run, remaining)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+    wall_time = time.time() - started
+    total_rows = sum(shard["rows"] for shard in shards.values())
+    failed = sum(shard["errors"] for shard in shards.values())
+    ok = total_rows - failed
+    record = {
+        "status": "succeeded",
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_time_s": round(wall_time, 3),
+        "images_per_s": round(written_this_run / wall_time, 4) if wall_time > 0 else 0.0,
+        "resumed": resumed,
+        "counts": {
+            "input_files": len(plan.files),
+            "input_rows": plan.num_rows,
+            "images_planned": planned_images,
+            "images_committed": total_rows,
+            "images_ok": ok,
+            "images_failed": failed,
+            "images_written_this_run": written_this_run,
+            "shards": len(shards),
+        },
+        "fingerprint": spec.fingerprint(),
+        "spec": spec.snapshot(),
+        "versions": package_versions(),
+        "shards": sorted(shards.values(), key=lambda shard: shard["first_ordinal"]),
+    }
+    if total_rows != planned_images:
+        raise JobFailedError(
+            f"{total_rows} images are committed but {planned_images} were planned; "
+            "rerun the job to resume, then run `koala-batch verify`"
+        )
+    if planned_images and failed / planned_images > spec.output.max_failed_fraction:
+        raise JobFailedError(
+            f"{failed} of {planned_images} images failed ({failed / planned_images:.1%}), more "
+            f"than output.max_failed_fraction={spec.output.max_failed_fraction}; see the "
+            f"manifests' error column under {storage.url('manifests')}"
+        )
+    write_success(storage, record)
+    return record

@@ -1,0 +1,49 @@
+"""Row ids, sample keys and seeds: pure functions of the job seed, the id and the image index.
+
+Nothing here depends on batch size, actor count, retries or the order rows arrive in,
+so every run of a spec names and seeds every image the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes any unsigned 64-bit value
+
+
+def derived_row_id(source: str, row_index: int) -> str:
+    """Stable id of a row of a table without an id column: its file and row index."""
+    return f"{source}#{row_index}"
+
+
+def sample_key(row_id: str, image_index: int) -> str:
+    """WebDataset key of one image: a hash of the id (never the raw id) and the index.
+
+    Hex digits and one dash only, so it is a safe file name and webdataset splits the
+    extension where expected.
+    """
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{digest}-{image_index}"
+
+
+def derived_seed(job_seed: int, row_id: str, image_index: int) -> int:
+    """Seed of one image from the job seed, the row id and the image index (uint64)."""
+    material = f"{job_seed}\x00{row_id}\x00{image_index}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "big")
+
+
+def image_seed(row_seed: int | None, job_seed: int, row_id: str, image_index: int) -> int:
+    """Seed of image `image_index`: row seed + index when the row has one, else derived."""
+    if row_seed is None:
+        return derived_seed(job_seed, row_id, image_index)
+    return (row_seed + image_index) % SEED_MODULUS
+
+
+def shard_name(first_ordinal: int, keys: list[str]) -> str:
+    """Name of a shard: its smallest work ordinal (ordering) and a hash of its keys.
+
+    Disjoint shards never share a smallest ordinal, and a retried write of the same rows
+    gets the same name, so writes are idempotent.
+    """
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
+    return f"{first_ordinal:012d}-{digest}"

@@ -1,0 +1,322 @@
+"""Model presets, the offline tiny SDXL, and pipeline loading.
+
+Every model, the tiny one included, is loaded the same way: with
+`StableDiffusionXLPipeline.from_pretrained(..., use_safetensors=True)` from a local
+directory or a Hugging Face id, with an explicit device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and diffusers are heavy: import them where the model is built
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "tiny"
+# Bump when the tiny architecture or its seed changes, so stale caches are not reused.
+TINY_MODEL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named model with the sampler settings its authors recommend."""
+
+    name: str
+    source: str  # Hugging Face id, or TINY_MODEL_NAME for the in-code model
+    steps: int
+    guidance_scale: float
+    scheduler_timestep_spacing: str | None = None  # None keeps the repository's scheduler
+    default_size: int = 1024
+
+
+PRESETS: dict[str, ModelPreset] = {
+    preset.name: preset
+    for preset in (
+        ModelPreset("koala-700m", "etri-vilab/koala-700m", steps=25, guidance_scale=7.5),
+        ModelPreset("koala-1b", "etri-vilab/koala-1b", steps=25, guidance_scale=7.5),
+        ModelPreset(
+            "koala-lightning-700m",
+            "etri-vilab/koala-lightning-700m",
+            steps=10,
+            guidance_scale=3.5,
+            scheduler_timestep_spacing="trailing",
+        ),
+        ModelPreset(
+            "koala-lightning-1b",
+            "etri-vilab/koala-lightning-1b",
+            steps=10,
+            guidance_scale=3.5,
+            scheduler_timestep_spacing="trailing",
+        ),
+        ModelPreset(TINY_MODEL_NAME, TINY_MODEL_NAME, steps=4, guidance_scale=5.0, default_size=64),
+    )
+}
+
+# Used when model.name is a local directory or a Hugging Face id that is not a preset.
+GENERIC_DEFAULTS = ModelPreset("custom", "", steps=25, guidance_scale=5.0)
+
+
+def preset_for(name: str) -> ModelPreset:
+    """The preset for a model name, or generic SDXL defaults for a path or HF id."""
+    return PRESETS.get(name, GENERIC_DEFAULTS)
+
+
+def default_cache_dir() -> Path:
+    """Where built models live: $KOALA_BATCH_CACHE, else ~/.cache/koala-batch."""
+    env = os.environ.get("KOALA_BATCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "koala-batch"
+
+
+# ---------------------------------------------------------------------------------------
+# The tiny model: SDXL's architecture at toy width, random weights, no download.
+
+
+def _byte_to_unicode_table() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}
+
+
+def build_clip_tokenizer():
+    """A byte-level CLIP tokenizer built in memory (no vocabulary download).
+
+    Every byte maps to one token; the end-of-text token holds the highest id because
+    CLIP pools its output at argmax(input_ids).
+    """
+    from transformers import CLIPTokenizer
+
+    byte_chars = list(_byte_to_unicode_table().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL-architecture pipeline with random weights, small enough for CPU tests.
+
+    Sized like diffusers' own SDXL test components, but with a 4-level VAE so that the
+    latent is 1/8 of the image side, as in the real SDXL.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text 32
+        cross_attention_dim=64,  # both text encoders' hidden sizes, concatenated
+        norm_num_groups=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 16, 32, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+    tokenizer = build_clip_tokenizer()
+    text_config = dict(
+        bos_token_id=len(tokenizer) - 2,
+        eos_token_id=2,  # legacy value: makes CLIP pool at argmax(input_ids)
+        pad_token_id=len(tokenizer) - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+    """Build and save the tiny model once (safetensors); return its directory.
+
+    Safe to call from several processes at once: each builds into a temporary
+    directory and the first rename wins. The build is seeded, so every node that
+    builds it gets identical weights.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"tiny-sdxl-v{TINY_MODEL_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
+    try:
+        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("built the tiny model in %s", target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+class UnsafeWeightsError(ValueError):
+    """The model directory holds pickle weights only; they are never loaded."""
+
+
+def resolve_model_source(name: str, cache_dir: Path | None = None) -> str:
+    """The local directory or HF id that from_pretrained will load for model.name."""
+    if name == TINY_MODEL_NAME:
+        return str(ensure_tiny_model(cache_dir))
+    if name in PRESETS:
+        return PRESETS[name].source
+    return name
+
+
+def check_local_weights_are_safetensors(directory: Path) -> None:
+    """Refuse a local model whose components carry pickle (.bin/.pt/.ckpt) weights only."""
+    index_path = directory / "model_index.json"
+    if not index_path.exists():
+        raise FileNotFoundError(f"model directory {directory} has no model_index.json")
+    components = [k for k, v in json.loads(index_path.read_text()).items() if isinstance(v, list)]
+    for component in components:
+        folder = directory / component
+        if not folder.is_dir():
+            continue
+        files = [p.name for p in folder.iterdir()]
+        has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for n in files)
+        has_safetensors = any(n.endswith(".safetensors") for n in files)
+        if has_pickle and not has_safetensors:
+            raise UnsafeWeightsError(
+                f"model component {folder} holds pickle weights only "
+                f"({', '.join(sorted(files))}); koala-batch loads safetensors only: "
+                "convert the weights to .safetensors"
+            )
+
+
+def resolve_dtype(dtype_name: str, device: torch.device) -> torch.dtype:
+    """model.dtype to a torch dtype; 'auto' is bfloat16 on CUDA and float32 on CPU."""
+    import torch
+
+    if dtype_name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        dtype_name
+    ]
+
+
+def pick_device() -> torch.device:
+    """CUDA when torch sees it, else CPU (Ray's GPU assignment alone is not proof)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quiet_library_logging() -> None:
+    """Silence diffusers/transformers progress bars and per-call warnings in workers.
+
+    The warnings they print per batch (prompt truncation, say) are recorded in the
+    manifest instead, where they can be queried.
+    """
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(
+    name: str,
+    *,
+    dtype: str = "auto",
+    revision: str | None = None,
+    variant: str | None = None,
+    device: torch.device | None = None,
+    cache_dir: Path | None = None,
+) -> StableDiffusionXLPipeline:
+    """Load a StableDiffusionXLPipeline from safetensors on an explicit device and dtype."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    quiet_library_logging()
+    device = device or pick_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    source = resolve_model_source(name, cache_dir)
+    if Path(source).is_dir():
+        check_local_weights_are_safetensors(Path(source))
+    # use_safetensors=True makes diffusers raise rather than fall back to pickle files.
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        source,
+        dtype=torch_dtype,
+        use_safetensors=True,
+        revision=revision,
+        variant=variant,
+    )
+    preset = preset_for(name)
+    if preset.scheduler_timestep_spacing:
+        pipeline.scheduler = EulerDiscreteScheduler.from_config(
+            pipeline.scheduler.config, timestep_spacing=preset.scheduler_timestep_spacing
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)

@@ -1,0 +1,194 @@
+"""Reading the prompt table: list the Parquet inputs, check their schemas, plan read units.
+
+Planning reads only Parquet footers, on the driver, so schema problems (a missing
+prompt column, a corrupt file) fail before any actor or model starts. Each read unit is
+one row group; the read stage turns it into rows with their source file, row index
+and global ordinal.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.utils import get_protocol
+
+from koala_batch.config import InputSpec, reveal_storage_options
+from koala_batch.storage import filesystem_for, with_retries
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+_GLOB_CHARS = "*?["
+
+
+class InputError(ValueError):
+    """The input cannot be used; the message names the file and column."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file of the input, with what its footer says."""
+
+    url: str  # full URL, with protocol
+    source: str  # path relative to the input root: the stable part of derived ids
+    schema: pa.Schema
+    row_group_rows: tuple[int, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_group_rows)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """Every input file, in a fixed order, with global row offsets."""
+
+    files: tuple[InputFile, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    def read_units(self) -> list[dict[str, Any]]:
+        """One unit per row group: what a read task needs to produce its rows."""
+        units = []
+        ordinal = 0
+        for file_index, input_file in enumerate(self.files):
+            row_offset = 0
+            for group, rows in enumerate(input_file.row_group_rows):
+                if rows:
+                    units.append(
+                        {
+                            "url": input_file.url,
+                            "source": input_file.source,
+                            "file_index": file_index,
+                            "row_group": group,
+                            "row_offset": row_offset,
+                            "ordinal_offset": ordinal,
+                            "num_rows": rows,
+                        }
+                    )
+                row_offset += rows
+                ordinal += rows
+        return units
+
+
+def _has_glob(path: str) -> bool:
+    return any(char in path for char in _GLOB_CHARS)
+
+
+def _glob_root(path: str) -> str:
+    """The directory part of a glob before its first wildcard."""
+    first = min(path.index(char) for char in _GLOB_CHARS if char in path)
+    return posixpath.dirname(path[:first])
+
+
+def list_input_files(spec: InputSpec) -> list[tuple[Any, str, str, str]]:
+    """(filesystem, path, url, source) of every Parquet file the input names, sorted."""
+    options = reveal_storage_options(spec.storage_options)
+    found: list[tuple[Any, str, str, str]] = []
+    for uri in spec.uris:
+        fs, path = filesystem_for(uri, options)
+        try:
+            if _has_glob(path):
+                root = _glob_root(path)
+                paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            elif fs.isdir(path):
+                root = path.rstrip("/")
+                paths = sorted(p for p in fs.find(path) if p.endswith(PARQUET_SUFFIXES))
+            elif fs.isfile(path):
+                root = posixpath.dirname(path)
+                paths = [path]
+            else:
+                raise InputError(f"input {uri}: no such file, directory or prefix")
+        except InputError:
+            raise
+        except FileNotFoundError:
+            raise InputError(f"input {uri}: no such file, directory or prefix") from None
+        except PermissionError as exc:
+            raise InputError(f"input {uri}: access denied ({exc})") from None
+        if not paths:
+            raise InputError(f"input {uri}: matched no Parquet files ({', '.join(PARQUET_SUFFIXES)})")
+        protocol = get_protocol(uri)
+        for file_path in paths:
+            url = file_path if protocol == "file" else fs.unstrip_protocol(file_path)
+            source = posixpath.relpath(file_path, root) if root else file_path
+            found.append((fs, file_path, url, source))
+    seen: set[str] = set()
+    unique = []
+    for entry in found:
+        if entry[2] not in seen:
+            seen.add(entry[2])
+            unique.append(entry)
+    return unique
+
+
+def _read_footer(fs: Any, path: str, url: str, source: str) -> InputFile:
+    def read() -> pq.FileMetaData:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+
+    try:
+        metadata = with_retries(read, f"read footer of {url}")
+        schema = metadata.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise InputError(f"input file {url} is not a readable Parquet file: {exc}") from None
+    groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return InputFile(url=url, source=source, schema=schema, row_group_rows=groups)
+
+
+def plan_input(spec: InputSpec) -> InputPlan:
+    """List the input files and read their footers (in parallel); check every schema."""
+    from koala_batch.validate import check_schema
+
+    listed = list_input_files(spec)
+    with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
+        files = list(pool.map(lambda entry: _read_footer(*entry), listed))
+    for input_file in files:
+        check_schema(input_file.schema, spec, input_file.url)
+    return InputPlan(files=tuple(files))
+
+
+def input_columns(spec: InputSpec) -> list[str]:
+    """The input columns a job reads, each once, in a fixed order."""
+    wanted = [spec.prompt_column, spec.id_column, spec.negative_prompt_column, spec.seed_column,
+              *spec.passthrough_columns]
+    return list(dict.fromkeys(column for column in wanted if column))
+
+
+class ReadRowGroups:
+    """Read stage: a batch of read units in, the rows of their row groups out."""
+
+    def __init__(self, spec: InputSpec):
+        self.columns = input_columns(spec)
+        self.options = reveal_storage_options(spec.storage_options)
+
+    def read_unit(self, unit: dict[str, Any]) -> pa.Table:
+        fs, path = filesystem_for(unit["url"], self.options)
+
+        def read() -> pa.Table:
+            with fs.open(path, "rb") as handle:
+                return pq.ParquetFile(handle).read_row_group(unit["row_group"], columns=self.columns)
+
+        try:
+            table = with_retries(read, f"read {unit['url']} row group {unit['row_group']}")
+        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+            raise InputError(
+                f"input file {unit['url']}: row group {unit['row_group']} is unreadable: {exc}"
+            ) from None
+        count = table.num_rows
+        row_index = pa.array(range(unit["row_offset"], unit["row_offset"] + count), pa.int64())
+        ordinal = pa.array(range(unit["ordinal_offset"], unit["ordinal_offset"] + count), pa.int64())
+        provenance = {
+            "source": pa.array([unit["source"]] * count, pa.string()),
+            "row_index": row_index,
+            "row_ordinal": ordinal,
+        }
+        return pa.table({**provenance, **{c: table.column(c) for c in self.columns}})
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        units = pa.Table.from_pydict(batch).to_pylist() if isinstance(batch, dict) else batch.to_pylist()
+        return pa.concat_tables([self.read_unit(unit) for unit in units])

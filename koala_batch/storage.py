@@ -1,0 +1,184 @@
+"""The one storage layer: every read and write of a job goes through fsspec here.
+
+A `Storage` is a filesystem plus a root prefix. Writes are atomic (an object store's
+PUT is; local files are written aside and renamed), transient errors are retried, and
+every path is checked to stay under the root.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that mean "the request did not go through, try again"; a missing file or a
+# refused permission is an answer, not a fault, and is never retried.
+_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                     NotADirectoryError)
+
+
+class StorageError(OSError):
+    """A storage operation failed for good; the message names the URL."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage exception is worth retrying."""
+    if isinstance(exc, _PERMANENT_ERRORS):
+        return False
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError))
+
+
+def with_retries(
+    operation: Callable[[], T],
+    describe: str,
+    attempts: int = 5,
+    first_delay_s: float = 0.2,
+) -> T:
+    """Run a storage operation, retrying transient failures with exponential back-off."""
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if not is_transient(exc) or attempt == attempts:
+                raise
+            logger.warning("%s failed (%s: %s); retry %d of %d in %.1fs", describe,
+                           type(exc).__name__, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+def filesystem_for(uri: str, storage_options: dict[str, Any] | None = None):
+    """(filesystem, path-without-protocol) for a URL or local path."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path
+
+
+def is_local(fs: Any) -> bool:
+    """Whether the filesystem is the local disk (needs write-aside-and-rename for atomicity)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+class Storage:
+    """A filesystem and a root prefix; all paths given to it are relative to the root."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None,
+                 filesystem: Any | None = None):
+        if filesystem is not None:
+            self.fs = filesystem
+            self.root = filesystem._strip_protocol(uri).rstrip("/")
+        else:
+            self.fs, root = filesystem_for(uri, storage_options)
+            self.root = root.rstrip("/")
+        self.uri = uri
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url('')!r})"
+
+    # paths ---------------------------------------------------------------------------
+
+    def path(self, relative: str) -> str:
+        """Absolute filesystem path of a relative one; refuses anything leaving the root."""
+        normalized = posixpath.normpath(posixpath.join(self.root, relative)) if relative else self.root
+        if not self.root:
+            return normalized
+        if normalized != self.root and not normalized.startswith(self.root + "/"):
+            raise StorageError(f"path {relative!r} escapes the output prefix {self.root!r}")
+        return normalized
+
+    def url(self, relative: str) -> str:
+        """Full URL (with protocol) of a relative path, for records and messages."""
+        return self.fs.unstrip_protocol(self.path(relative))
+
+    # reads ---------------------------------------------------------------------------
+
+    def exists(self, relative: str) -> bool:
+        return with_retries(lambda: self.fs.exists(self.path(relative)), f"exists {self.url(relative)}")
+
+    def read_bytes(self, relative: str) -> bytes:
+        return with_retries(lambda: self.fs.cat_file(self.path(relative)), f"read {self.url(relative)}")
+
+    def list_files(self, relative_dir: str, suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly under a directory, sorted; [] if absent."""
+        directory = self.path(relative_dir)
+
+        def listing() -> list[str]:
+            try:
+                entries = self.fs.ls(directory, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+            return sorted(
+                posixpath.basename(entry["name"].rstrip("/"))
+                for entry in entries
+                if entry.get("type") == "file" and entry["name"].endswith(suffix)
+            )
+
+        return with_retries(listing, f"list {self.url(relative_dir)}")
+
+    @contextmanager
+    def open_read(self, relative: str) -> Iterator[Any]:
+        with self.fs.open(self.path(relative), "rb") as handle:
+            yield handle
+
+    # writes --------------------------------------------------------------------------
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write a whole object atomically: readers see the old object or the new, never part."""
+        target = self.path(relative)
+        if is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            aside = f"{target}.{uuid.uuid4().hex}.partial"
+
+            def local_write() -> None:
+                try:
+                    self.fs.pipe_file(aside, data)
+                    self.fs.mv(aside, target)
+                finally:
+                    if self.fs.exists(aside):
+                        self.fs.rm(aside)
+
+            with_retries(local_write, f"write {self.url(relative)}")
+        else:
+            with_retries(lambda: self.fs.pipe_file(target, data), f"write {self.url(relative)}")
+
+    def upload_file(self, local_path: str, relative: str) -> None:
+        """Copy a local file to a relative path atomically (multipart uploads appear on completion)."""
+        target = self.path(relative)
+        if is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            aside = f"{target}.{uuid.uuid4().hex}.partial"
+
+            def local_copy() -> None:
+                try:
+                    self.fs.put_file(local_path, aside)
+                    self.fs.mv(aside, target)
+                finally:
+                    if self.fs.exists(aside):
+                        self.fs.rm(aside)
+
+            with_retries(local_copy, f"upload {self.url(relative)}")
+        else:
+            with_retries(lambda: self.fs.put_file(local_path, target), f"upload {self.url(relative)}")
+
+    def remove(self, relative: str) -> None:
+        target = self.path(relative)
+
+        def remove_if_present() -> None:
+            try:
+                self.fs.rm_file(target)
+            except FileNotFoundError:
+                pass
+
+        with_retries(remove_if_present, f"remove {self.url(relative)}")
