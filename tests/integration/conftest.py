@@ -1,0 +1,65 @@
+"""Real Ray (a local cluster shared by the session) and a real S3 server (moto, over HTTP)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local(model_cache):
+    """A local Ray cluster with more logical CPUs than cores, so tasks are never starved."""
+    import ray
+
+    ray.init(num_cpus=6, object_store_memory=300 * 2**20, include_dashboard=False,
+             log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    key: str = "testing-key"
+    secret: str = "testing-secret"
+
+    @property
+    def storage_options(self) -> dict:
+        return {"key": self.key, "secret": self.secret, "endpoint_url": self.endpoint_url}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1: real HTTP, real s3fs, no network beyond loopback."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket name for one test."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.filesystem().mkdir(name)
+    return name
