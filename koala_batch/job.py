@@ -85,6 +85,7 @@ def build_dataset(
     plan: InputPlan,
     committed_keys: frozenset[str] = frozenset(),
     *,
+    input_filesystem: Any | None = None,
     output_filesystem: Any | None = None,
     generator_cls: type[GenerateImages] = GenerateImages,
 ):
@@ -110,7 +111,7 @@ def build_dataset(
     # Light stages run as tasks: their instances are built here and shipped to each task.
     dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     dataset = dataset.map_batches(
-        ReadRowGroups(spec.input), batch_size=1, batch_format="pyarrow", num_cpus=0.25, **task_args
+        ReadRowGroups(spec.input, input_filesystem), batch_size=1, batch_format="pyarrow", num_cpus=0.25, **task_args
     )
     dataset = dataset.map_batches(
         ExpandImages(spec, committed_keys), batch_size=None, batch_format="pyarrow",
@@ -172,19 +173,22 @@ def _configure_ray_data() -> None:
 def run(
     spec: JobSpec | dict[str, Any] | str | Path,
     *,
+    input_filesystem: Any | None = None,
     output_filesystem: Any | None = None,
     generator_cls: type[GenerateImages] = GenerateImages,
 ) -> dict[str, Any]:
     """Run a job to completion and return its record (also written as OUTPUT/_SUCCESS).
 
     Resumes an earlier run of the same spec on the same output: only images not yet
-    committed are generated.
+    committed are generated. `input_filesystem`/`output_filesystem` replace the
+    filesystems built from the spec's URLs and storage options (they must pickle: they
+    travel to the Ray workers).
     """
     spec = coerce_spec(spec)
     started = time.time()
     started_at = datetime.now(timezone.utc).isoformat()
 
-    plan = plan_input(spec.input)  # schema problems fail here, before Ray or any model
+    plan = plan_input(spec.input, input_filesystem)  # schema problems fail here, before Ray or any model
     planned_images = plan.num_rows * spec.generation.images_per_prompt
     logger.info("input: %d files, %d rows, %d images planned", len(plan.files), plan.num_rows,
                 planned_images)
@@ -207,6 +211,7 @@ def run(
         try:
             _configure_ray_data()
             dataset = build_dataset(spec, plan, frozenset(committed.keys),
+                                    input_filesystem=input_filesystem,
                                     output_filesystem=output_filesystem,
                                     generator_cls=generator_cls)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -86,12 +86,20 @@ def _glob_root(path: str) -> str:
     return posixpath.dirname(path[:first])
 
 
-def list_input_files(spec: InputSpec) -> list[tuple[Any, str, str, str]]:
+def _input_filesystem(uri: str, options: dict[str, Any], filesystem: Any | None):
+    if filesystem is None:
+        return filesystem_for(uri, options)
+    return filesystem, filesystem._strip_protocol(uri)
+
+
+def list_input_files(
+    spec: InputSpec, filesystem: Any | None = None
+) -> list[tuple[Any, str, str, str]]:
     """(filesystem, path, url, source) of every Parquet file the input names, sorted."""
     options = reveal_storage_options(spec.storage_options)
     found: list[tuple[Any, str, str, str]] = []
     for uri in spec.uris:
-        fs, path = filesystem_for(uri, options)
+        fs, path = _input_filesystem(uri, options, filesystem)
         try:
             if _has_glob(path):
                 root = _glob_root(path)
@@ -140,16 +148,68 @@ def _read_footer(fs: Any, path: str, url: str, source: str) -> InputFile:
     return InputFile(url=url, source=source, schema=schema, row_group_rows=groups)
 
 
-def plan_input(spec: InputSpec) -> InputPlan:
-    """List the input files and read their footers (in parallel); check every schema."""
+def plan_input(spec: InputSpec, filesystem: Any | None = None) -> InputPlan:
+    """List the input files and read their footers (in parallel); check every schema.
+
+    With an id column, also reads that column everywhere to refuse duplicate ids: two
+    rows with one id would get one key, and one would silently replace the other.
+    """
     from koala_batch.validate import check_schema
 
-    listed = list_input_files(spec)
+    listed = list_input_files(spec, filesystem)
     with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
         files = list(pool.map(lambda entry: _read_footer(*entry), listed))
-    for input_file in files:
-        check_schema(input_file.schema, spec, input_file.url)
-    return InputPlan(files=tuple(files))
+        for input_file in files:
+            check_schema(input_file.schema, spec, input_file.url)
+        plan = InputPlan(files=tuple(files))
+        if plan.num_rows == 0:
+            raise InputError(
+                f"input {', '.join(spec.uris)} holds no rows ({len(files)} file(s), all empty)"
+            )
+        if spec.id_column:
+            id_columns = list(pool.map(
+                lambda entry: _read_column(entry[0], entry[1], entry[2], spec.id_column), listed))
+            check_unique_ids(plan, id_columns, spec.id_column)
+    return plan
+
+
+def _read_column(fs: Any, path: str, url: str, column: str) -> list[Any]:
+    def read() -> list[Any]:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).read(columns=[column]).column(column).to_pylist()
+
+    try:
+        return with_retries(read, f"read column {column} of {url}")
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        raise InputError(f"input file {url}: column {column!r} is unreadable: {exc}") from None
+
+
+def check_unique_ids(plan: InputPlan, id_columns: list[list[Any]], id_column: str) -> None:
+    """Raise InputError naming the first duplicated id and both of its rows."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    duplicates: list[str] = []
+    for input_file, values in zip(plan.files, id_columns):
+        for row_index, value in enumerate(values):
+            if value is None:
+                continue  # a null id is a row-level error, reported in the manifest
+            row_id = str(value)
+            where = (input_file.url, row_index)
+            if row_id in first_seen:
+                if len(duplicates) < 5:
+                    earlier = first_seen[row_id]
+                    duplicates.append(
+                        f"{row_id[:80]!r} at {earlier[0]} row {earlier[1]} and {where[0]} row {where[1]}"
+                    )
+                else:
+                    duplicates.append("")
+            else:
+                first_seen[row_id] = where
+    if duplicates:
+        shown = "; ".join(d for d in duplicates if d)
+        raise InputError(
+            f"id column {id_column!r} has {len(duplicates)} duplicate id(s), e.g. {shown}; ids must "
+            "be unique (each id names its images), so the job was refused before generating anything"
+        )
 
 
 def input_columns(spec: InputSpec) -> list[str]:
@@ -162,12 +222,13 @@ def input_columns(spec: InputSpec) -> list[str]:
 class ReadRowGroups:
     """Read stage: a batch of read units in, the rows of their row groups out."""
 
-    def __init__(self, spec: InputSpec):
+    def __init__(self, spec: InputSpec, filesystem: Any | None = None):
         self.columns = input_columns(spec)
         self.options = reveal_storage_options(spec.storage_options)
+        self.filesystem = filesystem
 
     def read_unit(self, unit: dict[str, Any]) -> pa.Table:
-        fs, path = filesystem_for(unit["url"], self.options)
+        fs, path = _input_filesystem(unit["url"], self.options, self.filesystem)
 
         def read() -> pa.Table:
             with fs.open(path, "rb") as handle:
