@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate", help="check a spec and its input (schema, row count); generates nothing")
     _add_spec_arguments(validate)
+
+    verify = commands.add_parser(
+        "verify", help="check a job's output: images, checksums, sizes, unique keys, coverage")
+    verify.add_argument("output", help="output prefix (local path or URL)")
+    verify.add_argument("--spec", help="job spec: also check that every input row is covered")
+    verify.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a field of --spec (repeatable)")
     return parser
 
 
@@ -83,6 +90,17 @@ def command_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_verify(args: argparse.Namespace) -> int:
+    from koala_batch.config import load_spec, reveal_storage_options
+    from koala_batch.verify import verify_output
+
+    spec = load_spec(args.spec, args.overrides) if args.spec else None
+    options = reveal_storage_options(spec.output.storage_options) if spec else None
+    report = verify_output(args.output, options, spec=spec)
+    print(report.format())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     from koala_batch.commit import OutputConflictError
     from koala_batch.config import SpecError
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"run": command_run, "validate": command_validate}
+    handlers = {"run": command_run, "validate": command_validate, "verify": command_verify}
     try:
         return handlers[args.command](args)
     except (SpecError, InputError, OutputConflictError) as exc:

@@ -1,0 +1,84 @@
+"""The CLI through a subprocess, as users and schedulers call it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+CLI = str(Path(sys.executable).parent / "koala-batch")
+SMOKE = str(REPO_ROOT / "jobs" / "smoke.yaml")
+
+
+def koala_batch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    result = koala_batch("--help")
+    assert result.returncode == 0
+    for command in ("run", "validate", "verify"):
+        assert command in result.stdout
+
+
+def test_validate_prints_spec_schema_and_row_count(model_cache):
+    result = koala_batch("validate", SMOKE, "--set", "generation.images_per_prompt=3")
+    assert result.returncode == 0, result.stderr
+    assert "64 row(s), 192 image(s) planned" in result.stdout
+    assert "prompt: string" in result.stdout
+    assert "images_per_prompt: 3" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("generation.steps=-1", "generation.steps"),
+        ("generation.stepz=4", "generation.stepz: unknown field"),
+        ("compute.batch_size=many", "compute.batch_size"),
+        ("output.image_format=gif", "output.image_format"),
+    ],
+)
+def test_invalid_spec_exits_2_naming_the_field(override, expected):
+    result = koala_batch("validate", SMOKE, "--set", override)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_prompt_column_exits_2_listing_columns():
+    result = koala_batch("run", SMOKE, "--set", "input.prompt_column=caption")
+    assert result.returncode == 2
+    assert "'caption' is missing" in result.stderr
+    assert "prompt (string)" in result.stderr and "parti-sample.parquet" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_spec_file_exits_2(tmp_path):
+    result = koala_batch("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_run_smoke_job_then_resume(model_cache, tmp_path):
+    output = tmp_path / "smoke"
+    overrides = ["--set", f"output.uri={output}", "--set", "generation.width=64",
+                 "--set", "generation.height=64"]
+    first = koala_batch("run", SMOKE, *overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout)
+    assert summary["images_ok"] == 64 and summary["images_written_this_run"] == 64
+    record = json.loads((output / "_SUCCESS").read_text())
+    assert record["counts"]["shards"] == 4
+    manifests = sorted((output / "manifests").glob("*.parquet"))
+    assert sum(pq.read_metadata(m).num_rows for m in manifests) == 64
+
+    again = koala_batch("run", SMOKE, *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["images_written_this_run"] == 0

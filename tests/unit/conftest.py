@@ -1,0 +1,76 @@
+"""Helpers for the unit tests: specs and encoded tables built in memory (no Ray, no model)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from koala_batch.config import JobSpec, spec_from_dict
+from koala_batch.keys import derived_seed, sample_key
+from tests.conftest import tiny_spec
+
+
+def make_spec(output_uri: str | Path, input_uri: str = "prompts.parquet", **sections) -> JobSpec:
+    """A validated tiny-model JobSpec writing to output_uri."""
+    return spec_from_dict(tiny_spec(input_uri, str(output_uri), **sections))
+
+
+def png_bytes(seed: int, width: int = 64, height: int = 64) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encoded_table(
+    spec: JobSpec,
+    ids: list[str],
+    *,
+    errors: set[int] = frozenset(),
+    first_ordinal: int = 0,
+    passthrough: dict[str, list] | None = None,
+) -> pa.Table:
+    """Rows shaped like the encode stage's output: one image (index 0) per id.
+
+    Rows whose position is in `errors` are error rows: no image, no sha256, 0 bytes.
+    """
+    rows: dict[str, list] = {name: [] for name in (
+        "id", "image_index", "key", "seed", "ordinal", "prompt", "negative_prompt", "source",
+        "row_index", "status", "error", "prompt_truncated", "image", "sha256", "bytes")}
+    for position, row_id in enumerate(ids):
+        failed = position in errors
+        image = None if failed else png_bytes(position + 1000 * first_ordinal)
+        rows["id"].append(row_id)
+        rows["image_index"].append(0)
+        rows["key"].append(sample_key(row_id, 0))
+        rows["seed"].append(derived_seed(spec.generation.seed, row_id, 0))
+        rows["ordinal"].append(first_ordinal + position)
+        rows["prompt"].append("" if failed else f"a photo of thing {row_id}")
+        rows["negative_prompt"].append(None)
+        rows["source"].append("prompts.parquet")
+        rows["row_index"].append(first_ordinal + position)
+        rows["status"].append("error" if failed else "ok")
+        rows["error"].append("prompt is empty or whitespace only" if failed else None)
+        rows["prompt_truncated"].append(False)
+        rows["image"].append(image)
+        rows["sha256"].append(None if failed else hashlib.sha256(image).hexdigest())
+        rows["bytes"].append(0 if failed else len(image))
+    types = {"image_index": pa.int32(), "seed": pa.uint64(), "ordinal": pa.int64(),
+             "row_index": pa.int64(), "prompt_truncated": pa.bool_(), "image": pa.binary(),
+             "bytes": pa.int64()}
+    columns = {name: pa.array(values, types.get(name, pa.string())) for name, values in rows.items()}
+    for name, values in (passthrough or {}).items():
+        columns[name] = pa.array(values)
+    return pa.table(columns)
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """An output prefix that does not exist yet."""
+    return tmp_path / "out"
