@@ -59,8 +59,13 @@ def _tree(storage: Storage) -> list[str]:
     return sorted(posixpath.relpath(path, root) for path in found)
 
 
+def _is_root_partial(relative: str) -> bool:
+    """A half-written `_job.json` or `_SUCCESS` (local filesystems write aside, then rename)."""
+    return relative.startswith((f"{JOB_FILE}.", f"{SUCCESS_FILE}.")) and relative.endswith(".partial")
+
+
 def _is_own_file(relative: str) -> bool:
-    if relative in (JOB_FILE, SUCCESS_FILE):
+    if relative in (JOB_FILE, SUCCESS_FILE) or _is_root_partial(relative):
         return True
     directory, _, name = relative.partition("/")
     if "/" in name:
@@ -165,6 +170,10 @@ def remove_leftovers(storage: Storage, committed: CommittedState) -> list[str]:
     for name in storage.list_files(MANIFESTS_DIR, ".partial"):
         storage.remove(f"{MANIFESTS_DIR}/{name}")
         removed.append(f"{MANIFESTS_DIR}/{name}")
+    for name in storage.list_files("", ".partial"):
+        if _is_root_partial(name):
+            storage.remove(name)
+            removed.append(name)
     return removed
 
 

@@ -381,7 +381,8 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             error["type"] not in ("missing", "extra_forbidden", "value_error")
             and not isinstance(got, dict)
         ):
-            detail = f" (got {got!r})" if "secret" not in where.lower() else ""
+            # Never echo what was given for a storage option: it may be a credential.
+            detail = "" if "storage_options" in where else f" (got {got!r})"
         lines.append(f"  {where}: {message}{detail}")
     return "\n".join(lines)
 

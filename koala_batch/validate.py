@@ -93,17 +93,16 @@ def check_prompt(prompt: Any) -> str | None:
 
 def parse_row_seed(value: Any) -> tuple[int | None, str | None]:
     """(seed, None) for a usable seed value, (None, reason) for a bad one, (None, None) for null."""
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, None
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None, None
-        if not value.is_integer():
-            return None, f"seed {value!r} is not a whole number"
+    if isinstance(value, bool):
+        return None, f"seed {value!r} is not an integer"
     try:
         as_int = int(value)
     except (TypeError, ValueError, OverflowError):
         return None, f"seed {value!r} is not an integer"
+    if not isinstance(value, int) and value != as_int:
+        return None, f"seed {value!r} is not a whole number"
     if as_int < 0:
         return None, f"seed {as_int} is negative; seeds are 0 to 2**64-1"
     if as_int >= SEED_MODULUS:

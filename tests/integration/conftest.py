@@ -9,18 +9,29 @@ from dataclasses import dataclass
 import pytest
 
 
-@pytest.fixture(scope="session")
-def ray_local(model_cache):
-    """A local Ray cluster with more logical CPUs than cores, so tasks are never starved."""
-    import ray
+LOCAL_RAY = dict(num_cpus=6, object_store_memory=300 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
 
-    ray.init(num_cpus=6, object_store_memory=300 * 2**20, include_dashboard=False,
-             log_to_driver=False)
+
+def start_local_ray() -> None:
+    """Start the shared local Ray cluster unless one is running (multi-node tests stop it)."""
+    import ray
     import ray.data
 
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture
+def ray_local(model_cache):
+    """A local Ray cluster with more logical CPUs than cores, so tasks are never starved.
+
+    Started once and reused by every test; a test that needs its own cluster shuts it
+    down, and the next test that asks for this one starts it again.
+    """
+    start_local_ray()
     yield
-    ray.shutdown()
 
 
 def _free_port() -> int:

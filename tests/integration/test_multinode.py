@@ -1,0 +1,81 @@
+"""Several Ray nodes (ray.cluster_utils.Cluster, fake GPU nodes): spread work, lose a node."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+import koala_batch
+from tests.conftest import tiny_spec, write_prompt_table
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def gpu_cluster(model_cache):
+    """A head node without GPUs and two worker nodes that each claim one GPU."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the shared local cluster, if running; ray_local restarts it later
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "object_store_memory": 150 * 2**20, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20)
+               for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def manifest_rows(output) -> list[dict]:
+    return [row for path in sorted((output / "manifests").glob("*.parquet"))
+            for row in pq.read_table(path).to_pylist()]
+
+
+def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
+    import ray
+
+    cluster, workers = gpu_cluster
+    assert ray.cluster_resources().get("GPU") == 2
+    ids = [f"p{i:03d}" for i in range(40)]
+    table = write_prompt_table(tmp_path / "in.parquet", [f"a castle, view {i}" for i in ids], id=ids)
+    output = tmp_path / "out"
+    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
+                     compute={"actors": {"min": 1, "max": 2}, "batch_size": 2},
+                     output={"rows_per_shard": 4})
+
+    outcome: dict = {}
+
+    def run_job() -> None:
+        try:
+            outcome["record"] = koala_batch.run(spec)
+        except BaseException as exc:  # surfaced by the assertions below
+            outcome["error"] = exc
+
+    job = threading.Thread(target=run_job)
+    job.start()
+    deadline = time.time() + 120
+    # Remove a GPU node (from the main thread, as Cluster requires) once shards commit.
+    while time.time() < deadline and not list((output / "manifests").glob("*.parquet")):
+        time.sleep(0.2)
+    committed_before_removal = len(list((output / "manifests").glob("*.parquet")))
+    assert committed_before_removal, "no shard committed in time"
+    cluster.remove_node(workers[0])
+    job.join(timeout=300)
+
+    assert not job.is_alive()
+    assert "error" not in outcome, repr(outcome.get("error"))
+    assert ray.cluster_resources().get("GPU") == 1  # the node really went away
+    rows = manifest_rows(output)
+    assert sorted(row["id"] for row in rows) == ids
+    assert all(row["status"] == "ok" for row in rows)
+    assert outcome["record"]["counts"]["images_ok"] == 40
+    assert committed_before_removal < outcome["record"]["counts"]["shards"]  # removed mid-run

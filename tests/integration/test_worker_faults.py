@@ -1,0 +1,102 @@
+"""Worker faults: failing batches split and recorded, a killed actor, too many failures."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+import koala_batch
+from koala_batch.job import JobFailedError
+from tests.conftest import tiny_spec, write_prompt_table
+from tests.integration.faulty_generators import (
+    FAILING_PROMPT,
+    KILL_PROMPT,
+    NAN_PROMPT,
+    OOM_PROMPT,
+    fault_injecting_generator,
+    self_killing_generator,
+)
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def read_manifests(output) -> list[dict]:
+    rows = []
+    for path in sorted((output / "manifests").glob("*.parquet")):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def assert_exactly_once(rows: list[dict], ids: list[str], images_per_prompt: int = 1) -> None:
+    pairs = sorted((row["id"], row["image_index"]) for row in rows)
+    assert pairs == sorted((i, k) for i in ids for k in range(images_per_prompt))
+
+
+def test_failing_batches_are_split_and_failures_recorded(tmp_path):
+    prompts = [f"a painting of a fox, number {i}" for i in range(10)]
+    prompts[2] = OOM_PROMPT
+    prompts[5] = FAILING_PROMPT
+    prompts[7] = NAN_PROMPT
+    ids = [f"row-{i}" for i in range(10)]
+    table = write_prompt_table(tmp_path / "in" / "prompts.parquet", prompts, id=ids)
+    output = tmp_path / "out"
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
+                     compute={"batch_size": 4}, output={"max_failed_fraction": 0.25})
+
+    record = koala_batch.run(spec, generator_cls=fault_injecting_generator(calls))
+
+    rows = {row["id"]: row for row in read_manifests(output)}
+    assert_exactly_once(list(rows.values()), ids)
+    assert rows["row-2"]["status"] == "ok"  # out of memory only when batched: split, then fine
+    assert rows["row-5"]["status"] == "error"
+    assert "injected failure" in rows["row-5"]["error"]
+    assert rows["row-7"]["status"] == "error"
+    assert "NaN" in rows["row-7"]["error"]
+    assert rows["row-5"]["member"] is None and rows["row-5"]["sha256"] is None
+    assert all(rows[f"row-{i}"]["status"] == "ok" for i in (0, 1, 3, 4, 6, 8, 9))
+    assert record["counts"]["images_failed"] == 2 and record["counts"]["images_ok"] == 8
+    sizes = [int(line) for log in calls.glob("*.log") for line in log.read_text().split()]
+    assert 1 in sizes and max(sizes) == 4  # batches of 4 were split down to single prompts
+
+
+def test_job_fails_when_too_many_images_fail(tmp_path):
+    prompts = [FAILING_PROMPT, "a red bicycle", "", "   ", "a blue boat"]
+    table = write_prompt_table(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out"
+    spec = tiny_spec(str(table), str(output), output={"max_failed_fraction": 0.5})
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    with pytest.raises(JobFailedError, match=r"3 of 5 images failed \(60.0%\).*max_failed_fraction=0.5"):
+        koala_batch.run(spec, generator_cls=fault_injecting_generator(calls))
+    assert not (output / "_SUCCESS").exists()
+    rows = read_manifests(output)
+    assert len(rows) == 5  # the failures are committed as error rows, nothing dropped
+    errors = sorted(row["error"] for row in rows if row["status"] == "error")
+    assert errors[0].startswith("RuntimeError: injected failure")
+    assert errors[1:] == ["prompt is empty or whitespace only"] * 2
+
+
+def test_killed_actor_process_is_replaced_and_output_exactly_once(tmp_path):
+    prompts = [f"a lighthouse at dusk, {i}" for i in range(12)]
+    prompts[6] = KILL_PROMPT
+    ids = [f"id-{i}" for i in range(12)]
+    table = write_prompt_table(tmp_path / "in.parquet", prompts, id=ids)
+    output = tmp_path / "out"
+    marker = tmp_path / "killed.pid"
+    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
+                     compute={"actors": 2, "batch_size": 2}, output={"rows_per_shard": 3})
+
+    record = koala_batch.run(spec, generator_cls=self_killing_generator(marker))
+
+    assert marker.exists(), "the actor was never killed: the test did not test anything"
+    rows = read_manifests(output)
+    assert_exactly_once(rows, ids)
+    assert all(row["status"] == "ok" for row in rows)
+    assert record["counts"]["images_ok"] == 12
+    success = json.loads((output / "_SUCCESS").read_text())
+    assert sum(shard["rows"] for shard in success["shards"]) == 12
