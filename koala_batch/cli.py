@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailedError as exc:
         print(f"koala-batch: job failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - one readable line; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"koala-batch: {args.command} failed: {type(exc).__name__}: {exc}\n"
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -95,7 +95,13 @@ def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bo
     the output of a job whose images would differ (another fingerprint), unless
     `overwrite` is set, which deletes koala-batch's own files first and never others.
     """
-    files = _tree(storage)
+    try:
+        files = _tree(storage)
+    except PermissionError as exc:
+        raise OutputConflictError(f"output {storage.url('')}: access denied ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - unreachable endpoint, bad config, ...
+        raise OutputConflictError(
+            f"output {storage.url('')}: cannot list it ({type(exc).__name__}: {exc})") from None
     foreign = [f for f in files if not _is_own_file(f)]
     if foreign:
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")

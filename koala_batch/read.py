@@ -118,6 +118,8 @@ def list_input_files(
             raise InputError(f"input {uri}: no such file, directory or prefix") from None
         except PermissionError as exc:
             raise InputError(f"input {uri}: access denied ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - unreachable endpoint, bad config, ...
+            raise InputError(f"input {uri}: cannot list it ({type(exc).__name__}: {exc})") from None
         if not paths:
             raise InputError(f"input {uri}: matched no Parquet files ({', '.join(PARQUET_SUFFIXES)})")
         protocol = get_protocol(uri)
