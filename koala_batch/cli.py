@@ -101,6 +101,19 @@ def command_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+# Their debug logs carry request headers (access key ids, signatures): never below WARNING.
+CHATTY_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "boto3", "filelock")
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO for everything; DEBUG for koala-batch alone with -v; storage clients quiet."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("koala_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     from koala_batch.commit import OutputConflictError
     from koala_batch.config import SpecError
@@ -108,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from koala_batch.read import InputError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     handlers = {"run": command_run, "validate": command_validate, "verify": command_verify}
     try:
         return handlers[args.command](args)
