@@ -43,8 +43,9 @@ def _secret_storage_options(value: dict[str, Any]) -> dict[str, Any]:
     """Wrap credential-looking storage options in SecretStr, however they were given."""
     wrapped: dict[str, Any] = {}
     for name, option in value.items():
-        if name.lower() in SECRET_OPTION_NAMES and isinstance(option, str):
-            wrapped[name] = SecretStr(option)
+        if name.lower() in SECRET_OPTION_NAMES and isinstance(option, (str, int, float)):
+            # YAML reads an all-digit credential as a number: it is still a credential.
+            wrapped[name] = SecretStr(str(option))
         elif isinstance(option, dict):
             wrapped[name] = _secret_storage_options(option)
         else:
@@ -306,6 +307,8 @@ class JobSpec(_Section):
             "prompt_column": self.input.prompt_column,
             "negative_prompt_column": self.input.negative_prompt_column,
             "id_column": self.input.id_column,
+            # Not the pixels, but the manifest schema: one output keeps one schema.
+            "passthrough_columns": list(self.input.passthrough_columns),
             "image_format": self.output.image_format,
             "quality": self.output.quality,
         }

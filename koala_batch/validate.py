@@ -25,8 +25,15 @@ INTERNAL_COLUMNS = frozenset(
 )
 
 
+def _value_type(dtype: pa.DataType) -> pa.DataType:
+    """The logical type: pandas categoricals arrive as dictionary-encoded columns."""
+    return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+
+
 def _is_text(dtype: pa.DataType) -> bool:
-    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_null(dtype)
+    dtype = _value_type(dtype)
+    return (pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+            or pa.types.is_string_view(dtype) or pa.types.is_null(dtype))
 
 
 def _describe_columns(schema: pa.Schema) -> str:
@@ -60,13 +67,13 @@ def check_schema(schema: pa.Schema, spec: InputSpec, file_url: str) -> None:
             )
     if spec.id_column:
         id_type = require(spec.id_column, "id")
-        if not (_is_text(id_type) or pa.types.is_integer(id_type)):
+        if not (_is_text(id_type) or pa.types.is_integer(_value_type(id_type))):
             raise InputError(
                 f"input file {file_url}: id column {spec.id_column!r} has type {id_type}, "
                 "expected string or integer"
             )
     if spec.seed_column:
-        seed_type = require(spec.seed_column, "seed")
+        seed_type = _value_type(require(spec.seed_column, "seed"))
         if not (pa.types.is_integer(seed_type) or pa.types.is_floating(seed_type)
                 or pa.types.is_null(seed_type) or pa.types.is_decimal(seed_type)):
             raise InputError(

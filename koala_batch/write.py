@@ -70,7 +70,7 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("rows", pa.int64()),
         pa.field("ok", pa.int64()),
         pa.field("errors", pa.int64()),
-        pa.field("tar_bytes", pa.int64()),
+        pa.field("image_bytes", pa.int64()),
         pa.field("first_ordinal", pa.int64()),
     ]
 )
@@ -120,7 +120,7 @@ def summary_from_manifest(storage: Storage, shard: str, manifest: pa.Table) -> d
         "rows": manifest.num_rows,
         "ok": ok,
         "errors": manifest.num_rows - ok,
-        "tar_bytes": int(sum(b for b in manifest.column("bytes").to_pylist() if b)),
+        "image_bytes": int(sum(b for b in manifest.column("bytes").to_pylist() if b)),
         "first_ordinal": min(ordinals) if ordinals else 0,
     }
 

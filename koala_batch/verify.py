@@ -1,0 +1,631 @@
+"""Verify a finished (or partial) output: every committed shard is whole and consistent.
+
+`verify_output` reads what readers trust, the committed shards (`manifests/{shard}.parquet`
+and `shards/{shard}.tar`), and checks each against the other:
+
+- the manifest is readable and has the manifest columns, its `shard` column names its
+  file, and the shard name derives from its rows (as the writer names shards);
+- every ok row's member `{key}.{ext}` is in the tar exactly once, with the manifest's
+  sha256 and byte count, decodes with Pillow at the row's width x height, and has its
+  `{key}.json` sidecar (valid JSON with the row's key and id);
+- error rows carry an error message and nothing in the tar; the tar holds nothing else;
+- keys, and (id, image_index) pairs, are unique across all manifests, and every key is
+  the one `keys.sample_key` gives its id and image index;
+- `_SUCCESS`, when present, lists exactly the committed shards and counts their rows;
+- with a spec: the output is that spec's job (fingerprint), and every image the input
+  plans (computed by the read and validate stages themselves) is committed, and no
+  other.
+
+Uncommitted files (tars without a manifest, half-written `*.partial` files) are listed as
+leftovers: readers ignore them and a resumed run deletes them, so they fail nothing.
+
+Shards are checked in a thread pool, each streamed through its own worker, so memory is
+a few shards' manifests and one image per worker, plus the set of keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from koala_batch.config import JobSpec, reveal_storage_options
+from koala_batch.encode import EXTENSIONS
+from koala_batch.keys import sample_key, shard_name
+from koala_batch.storage import Storage, with_retries
+from koala_batch.validate import STATUS_ERROR, STATUS_OK
+from koala_batch.write import (
+    JOB_FILE,
+    MANIFEST_COLUMNS,
+    MANIFEST_FIELDS,
+    MANIFESTS_DIR,
+    SHARDS_DIR,
+    SUCCESS_FILE,
+    manifest_path,
+    tar_path,
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# What Pillow calls each output format.
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+# Manifest columns each row check reads.
+_ROW_COLUMNS = ["key", "id", "image_index", "width", "height", "image_format", "shard", "member",
+                "sha256", "bytes", "status", "error", "ordinal", "steps", "guidance_scale", "model"]
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_output` found. `problems` holds at most `max_problems_listed` messages;
+    `problems_total` counts them all."""
+
+    output: str
+    shards_checked: int = 0
+    rows_checked: int = 0  # manifest rows
+    images_checked: int = 0  # ok rows whose image was decoded
+    problems: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    missing_inputs: int = 0
+    problems_total: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0  # error rows (status != ok): recorded failures, not problems
+    expected_images: int | None = None  # with a spec: images the input plans
+    success_present: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problems_total == 0 and not self.problems
+
+    def format(self) -> str:
+        lines = [f"verify {self.output}"]
+        lines.append(
+            f"  shards: {self.shards_checked}, manifest rows: {self.rows_checked} "
+            f"({self.rows_ok} ok, {self.rows_failed} error rows), images decoded: "
+            f"{self.images_checked}"
+        )
+        if self.expected_images is not None:
+            lines.append(f"  input: {self.expected_images} image(s) planned, "
+                         f"{self.missing_inputs} missing")
+        lines.append(f"  {SUCCESS_FILE}: {'present' if self.success_present else 'absent'}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.leftovers:
+            lines.append(f"  leftovers ({len(self.leftovers)}; not committed, ignored by readers, "
+                         "removed by a resumed run):")
+            lines.extend(f"    {leftover}" for leftover in self.leftovers)
+        total = max(self.problems_total, len(self.problems))
+        if total:
+            lines.append(f"  problems ({total}):")
+            lines.extend(f"    - {problem}" for problem in self.problems)
+            if total > len(self.problems):
+                lines.append(f"    ... and {total - len(self.problems)} more")
+            lines.append(f"FAILED: {total} problem(s)")
+        else:
+            lines.append(f"OK: {self.shards_checked} shard(s), {self.rows_checked} row(s), "
+                         f"{self.images_checked} image(s) verified")
+        return "\n".join(lines)
+
+
+class _Problems:
+    """A capped list of messages with a full count."""
+
+    def __init__(self, limit: int):
+        self.limit = max(0, limit)
+        self.listed: list[str] = []
+        self.total = 0
+
+    def add(self, message: str) -> None:
+        self.total += 1
+        if len(self.listed) < self.limit:
+            self.listed.append(message)
+
+    def merge(self, other: _Problems) -> None:
+        for message in other.listed:
+            self.add(message)
+        self.total += other.total - len(other.listed)
+
+
+@dataclass
+class _ShardResult:
+    name: str
+    problems: _Problems
+    rows: int = 0
+    rows_ok: int = 0
+    images_checked: int = 0
+    # (key, id, image_index, derived key when it differs from key else None), per row
+    identities: list[tuple[str | None, Any, Any, str | None]] = field(default_factory=list)
+
+
+def _bounded_map(pool: ThreadPoolExecutor, function: Callable[[T], R], items: list[T],
+                 in_flight: int) -> Iterator[R]:
+    """`pool.map` in order, with at most `in_flight` items started and not yet consumed,
+    so memory stays a few shards (or row groups) however large the output."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# one shard
+
+
+def _check_schema(name: str, schema: pa.Schema, problems: _Problems) -> bool:
+    """Problems for missing or mistyped manifest columns; False when rows cannot be checked."""
+    missing = [column for column in MANIFEST_COLUMNS if column not in schema.names]
+    if missing:
+        problems.add(f"shard {name}: manifest {manifest_path(name)} lacks column(s) "
+                     f"{', '.join(missing)}")
+        return False
+    for expected in MANIFEST_FIELDS:
+        actual = schema.field(expected.name).type
+        if actual != expected.type:
+            problems.add(f"shard {name}: manifest column {expected.name!r} has type {actual}, "
+                         f"expected {expected.type}")
+    return True
+
+
+def _check_rows(
+    name: str,
+    rows: list[dict[str, Any]],
+    result: _ShardResult,
+    constants: dict[str, Any] | None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, str]]:
+    """Row-level checks; returns (image member -> row, sidecar member -> row, key -> status)
+    for the tar scan."""
+    problems = result.problems
+    images: dict[str, dict[str, Any]] = {}
+    sidecars: dict[str, dict[str, Any]] = {}
+    statuses: dict[str, str] = {}
+    off_spec: Counter[tuple[str, Any]] = Counter()
+    misnamed: dict[Any, list[str | None]] = {}
+    for row in rows:
+        key, row_id, image_index = row["key"], row["id"], row["image_index"]
+        derived = None
+        if key is None or row_id is None or image_index is None:
+            problems.add(f"shard {name}: a row has a null key, id or image_index "
+                         f"(key={_short(key)}, id={_short(row_id)}, image_index={image_index})")
+        else:
+            expected_key = sample_key(str(row_id), int(image_index))
+            if key != expected_key:
+                derived = expected_key
+                problems.add(f"shard {name}: key {key} does not derive from its id "
+                             f"{_short(row_id)} and image {image_index} (expected {expected_key})")
+        result.identities.append((key, row_id, image_index, derived))
+        if row["shard"] != name:
+            misnamed.setdefault(row["shard"], []).append(key)
+        if constants:
+            for column, value in constants.items():
+                if row[column] != value:
+                    off_spec[(column, row[column])] += 1
+        status = row["status"]
+        if key is not None:
+            statuses[key] = status
+        if status == STATUS_OK:
+            result.rows_ok += 1
+            image_format = row["image_format"]
+            if image_format not in EXTENSIONS:
+                problems.add(f"shard {name}: key {key} has unknown image_format "
+                             f"{_short(image_format)}")
+                continue
+            member = f"{key}.{EXTENSIONS[image_format]}"
+            if row["member"] != member:
+                problems.add(f"shard {name}: key {key} names member {_short(row['member'])}, "
+                             f"expected {member}")
+            if not row["sha256"]:
+                problems.add(f"shard {name}: ok row {key} has no sha256")
+            images[member] = row
+            sidecars[f"{key}.json"] = row
+        else:
+            if status != STATUS_ERROR:
+                problems.add(f"shard {name}: key {key} has unknown status {_short(status)}")
+            if not row["error"] or not str(row["error"]).strip():
+                problems.add(f"shard {name}: error row {key} has no error message")
+            if row["member"] is not None:
+                problems.add(f"shard {name}: error row {key} names member "
+                             f"{_short(row['member'])}; error rows have no image")
+    for other, keys in sorted(misnamed.items(), key=lambda item: str(item[0])):
+        problems.add(f"shard {name}: {len(keys)} row(s) (key {keys[0]}, ...) say shard "
+                     f"{_short(other)}, but their manifest is {manifest_path(name)}")
+    for (column, value), count in sorted(off_spec.items(), key=lambda item: str(item[0])):
+        problems.add(f"shard {name}: {count} row(s) have {column}={_short(value)}, the spec says "
+                     f"{_short(constants[column])}")
+    return images, sidecars, statuses
+
+
+def _check_image(name: str, member: str, data: bytes, row: dict[str, Any],
+                 problems: _Problems) -> bool:
+    """Bytes, digest and decoded size of one image member; True when it decoded."""
+    from PIL import Image
+
+    key = row["key"]
+    if len(data) != row["bytes"]:
+        problems.add(f"shard {name}: member {member} (key {key}) has {len(data)} bytes, the "
+                     f"manifest says {row['bytes']}")
+    digest = hashlib.sha256(data).hexdigest()
+    if row["sha256"] and digest != row["sha256"]:
+        problems.add(f"shard {name}: member {member} (key {key}) has sha256 {digest}, the "
+                     f"manifest says {row['sha256']}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            decoded_format, size = image.format, image.size
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the finding
+        problems.add(f"shard {name}: member {member} (key {key}) does not decode as an image: "
+                     f"{type(exc).__name__}: {exc}")
+        return False
+    if size != (row["width"], row["height"]):
+        problems.add(f"shard {name}: member {member} (key {key}) is {size[0]}x{size[1]}, the "
+                     f"manifest says {row['width']}x{row['height']}")
+    expected_format = PIL_FORMATS.get(row["image_format"])
+    if expected_format and decoded_format != expected_format:
+        problems.add(f"shard {name}: member {member} (key {key}) decodes as {decoded_format}, "
+                     f"the manifest says {row['image_format']}")
+    return True
+
+
+def _check_sidecar(name: str, member: str, data: bytes, row: dict[str, Any],
+                   problems: _Problems) -> None:
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        problems.add(f"shard {name}: sidecar {member} is not valid JSON: {exc}")
+        return
+    if not isinstance(record, dict):
+        problems.add(f"shard {name}: sidecar {member} is not a JSON object")
+        return
+    for column in ("key", "id", "image_index"):
+        if record.get(column) != row[column]:
+            problems.add(f"shard {name}: sidecar {member} has {column}="
+                         f"{_short(record.get(column))}, the manifest says {_short(row[column])}")
+
+
+def _scan_tar(storage: Storage, name: str, images: dict[str, dict[str, Any]],
+              sidecars: dict[str, dict[str, Any]], statuses: dict[str, str],
+              limit: int) -> tuple[_Problems, int]:
+    """Stream the tar once, checking every member; (problems, images decoded)."""
+    problems = _Problems(limit)
+    decoded = 0
+    seen: Counter[str] = Counter()
+    with storage.open_read(tar_path(name)) as handle, \
+            tarfile.open(fileobj=handle, mode="r|") as archive:
+        for info in archive:
+            member = info.name
+            seen[member] += 1
+            if seen[member] == 2:
+                problems.add(f"shard {name}: member {member} appears more than once in "
+                             f"{tar_path(name)}")
+            if seen[member] > 1:
+                continue
+            if not info.isfile():
+                problems.add(f"shard {name}: member {member} of {tar_path(name)} is not a "
+                             "regular file")
+                continue
+            extracted = archive.extractfile(info)
+            data = extracted.read() if extracted is not None else b""
+            if member in images:
+                decoded += _check_image(name, member, data, images[member], problems)
+            elif member in sidecars:
+                _check_sidecar(name, member, data, sidecars[member], problems)
+            else:
+                stem = member.split(".", 1)[0]
+                if statuses.get(stem, STATUS_OK) != STATUS_OK:
+                    problems.add(f"shard {name}: member {member} belongs to error row {stem}, "
+                                 "which has no image")
+                else:
+                    problems.add(f"shard {name}: member {member} of {tar_path(name)} is not "
+                                 "listed in the manifest")
+    for member, row in images.items():
+        if not seen[member]:
+            problems.add(f"shard {name}: key {row['key']}: member {member} is missing from "
+                         f"{tar_path(name)}")
+    for member, row in sidecars.items():
+        if not seen[member]:
+            problems.add(f"shard {name}: key {row['key']}: sidecar {member} is missing from "
+                         f"{tar_path(name)}")
+    return problems, decoded
+
+
+def _check_shard(storage: Storage, name: str, constants: dict[str, Any] | None,
+                 limit: int) -> _ShardResult:
+    result = _ShardResult(name=name, problems=_Problems(limit))
+    problems = result.problems
+    try:
+        data = storage.read_bytes(manifest_path(name))
+        manifest = pq.read_table(io.BytesIO(data))
+    except FileNotFoundError:
+        problems.add(f"shard {name}: manifest {manifest_path(name)} vanished while verifying")
+        return result
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        problems.add(f"shard {name}: manifest {manifest_path(name)} is unreadable: "
+                     f"{type(exc).__name__}: {exc}")
+        return result
+    result.rows = manifest.num_rows
+    tar_present = storage.exists(tar_path(name))
+    if not tar_present:
+        problems.add(f"shard {name}: tar {tar_path(name)} is missing (the manifest lists "
+                     f"{manifest.num_rows} row(s))")
+    if not _check_schema(name, manifest.schema, problems):
+        return result
+    rows = manifest.select(_ROW_COLUMNS).to_pylist()
+    del manifest, data
+    if rows:
+        keys = [row["key"] for row in rows]
+        ordinals = [row["ordinal"] for row in rows]
+        if None not in keys and None not in ordinals:
+            expected_name = shard_name(min(ordinals), keys)
+            if expected_name != name:
+                problems.add(f"shard {name}: its rows would be shard {expected_name} (name from "
+                             "the smallest ordinal and the keys): rows were added, removed or "
+                             "the manifest was renamed")
+    else:
+        problems.add(f"shard {name}: manifest {manifest_path(name)} has no rows")
+    images, sidecars, statuses = _check_rows(name, rows, result, constants)
+    del rows
+    if not tar_present:
+        return result
+    try:
+        tar_problems, decoded = with_retries(
+            lambda: _scan_tar(storage, name, images, sidecars, statuses, limit),
+            f"read {storage.url(tar_path(name))}",
+        )
+    except FileNotFoundError:
+        problems.add(f"shard {name}: tar {tar_path(name)} vanished while verifying")
+        return result
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        problems.add(f"shard {name}: tar {tar_path(name)} is unreadable: "
+                     f"{type(exc).__name__}: {exc}")
+        return result
+    problems.merge(tar_problems)
+    result.images_checked = decoded
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# the whole output
+
+
+def _list_committed(storage: Storage, leftovers: list[str]) -> list[str]:
+    """Committed shard names (those with a manifest); other files go to `leftovers`."""
+    committed = []
+    for file_name in storage.list_files(MANIFESTS_DIR):
+        relative = f"{MANIFESTS_DIR}/{file_name}"
+        if file_name.endswith(".partial"):
+            leftovers.append(f"{relative} (partial write)")
+        elif file_name.endswith(".parquet"):
+            committed.append(file_name[: -len(".parquet")])
+        else:
+            leftovers.append(f"{relative} (not written by koala-batch)")
+    names = set(committed)
+    for file_name in storage.list_files(SHARDS_DIR):
+        relative = f"{SHARDS_DIR}/{file_name}"
+        if file_name.endswith(".partial"):
+            leftovers.append(f"{relative} (partial write)")
+        elif file_name.endswith(".tar"):
+            if file_name[: -len(".tar")] not in names:
+                leftovers.append(f"{relative} (tar without a manifest: not committed)")
+        else:
+            leftovers.append(f"{relative} (not written by koala-batch)")
+    return sorted(committed)
+
+
+def _read_json(storage: Storage, relative: str, problems: _Problems) -> dict[str, Any] | None:
+    try:
+        record = json.loads(storage.read_bytes(relative))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as exc:
+        problems.add(f"{relative} is unreadable: {type(exc).__name__}: {exc}")
+        return None
+    if not isinstance(record, dict):
+        problems.add(f"{relative} is not a JSON object")
+        return None
+    return record
+
+
+def _check_success(record: dict[str, Any], shard_rows: dict[str, tuple[int, int]],
+                   spec: JobSpec | None, problems: _Problems) -> None:
+    """_SUCCESS against the committed shards: {shard: (rows, ok rows)}."""
+    listed_entries = record.get("shards")
+    counts = record.get("counts")
+    if not isinstance(listed_entries, list) or not isinstance(counts, dict):
+        problems.add(f"{SUCCESS_FILE} is not a job record (no 'shards' list or 'counts')")
+        return
+    listed: dict[str, Any] = {}
+    for entry in listed_entries:
+        shard = entry.get("shard") if isinstance(entry, dict) else None
+        if not isinstance(shard, str):
+            problems.add(f"{SUCCESS_FILE} has a shard entry without a name: {_short(entry)}")
+            continue
+        listed[shard] = entry
+    for shard in sorted(set(listed) - set(shard_rows)):
+        problems.add(f"{SUCCESS_FILE} lists shard {shard}, which is not committed (no "
+                     f"{manifest_path(shard)})")
+    for shard in sorted(set(shard_rows) - set(listed)):
+        problems.add(f"shard {shard} is committed but not listed in {SUCCESS_FILE}")
+    for shard in sorted(set(listed) & set(shard_rows)):
+        rows = listed[shard].get("rows")
+        if rows is not None and rows != shard_rows[shard][0]:
+            problems.add(f"{SUCCESS_FILE} says shard {shard} has {rows} row(s), its manifest has "
+                         f"{shard_rows[shard][0]}")
+    total = sum(rows for rows, _ in shard_rows.values())
+    ok = sum(ok for _, ok in shard_rows.values())
+    expected_counts = {"images_committed": total, "images_ok": ok, "images_failed": total - ok,
+                       "shards": len(shard_rows)}
+    for name, value in expected_counts.items():
+        if name == "images_committed" or name in counts:
+            if counts.get(name) != value:
+                problems.add(f"{SUCCESS_FILE} counts {name}={_short(counts.get(name))}, the "
+                             f"manifests hold {value}")
+    if spec is not None and record.get("fingerprint") not in (None, spec.fingerprint()):
+        problems.add(f"{SUCCESS_FILE} records a job with another fingerprint than the spec's: "
+                     "this output was made by a different spec")
+
+
+def _track_identity(key: str | None, row_id: Any, image_index: Any, derived: str | None,
+                    index: int, names: list[str], owner: dict[str, int], pairs: dict[str, int],
+                    problems: _Problems) -> None:
+    """Record one manifest row's key and (id, image_index); report repeats of either."""
+    if key is None:
+        return
+    if key in owner:
+        first = names[owner[key]]
+        where = f"twice in shard {first}" if first == names[index] else \
+            f"in shard {first} and shard {names[index]}"
+        problems.add(f"key {key} (id {_short(row_id)}, image {image_index}) appears {where}")
+    else:
+        owner[key] = index
+    if row_id is None or image_index is None:
+        return
+    # A key that derives from its pair stands for the pair, so among such rows a repeated
+    # pair is a repeated key, reported just above, and `owner` serves as their pair map.
+    # A key that does not derive (itself a problem) files its pair in `pairs`, under the
+    # key the pair should have had.
+    if derived is None:
+        clash = pairs.get(key)
+    else:
+        clash = pairs.get(derived)
+        if clash is None:
+            clash = owner.get(derived)
+        pairs.setdefault(derived, index)
+    if clash is not None:
+        problems.add(f"id {_short(row_id)} image {image_index} appears in shard {names[clash]} "
+                     f"and shard {names[index]} under different keys")
+
+
+def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int):
+    """Yield (key, source, row_index, id, image_index) of every image the input plans."""
+    from koala_batch.read import ReadRowGroups, plan_input
+    from koala_batch.validate import ExpandImages
+
+    plan = plan_input(spec.input, input_filesystem)
+    reader = ReadRowGroups(spec.input, input_filesystem)
+    expand = ExpandImages(spec)
+
+    def expected(unit: dict[str, Any]) -> pa.Table:
+        return expand(reader.read_unit(unit)).select(
+            ["key", "source", "row_index", "id", "image_index"])
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for table in _bounded_map(pool, expected, plan.read_units(), 2 * workers):
+            yield from zip(*(table.column(c).to_pylist() for c in table.column_names))
+
+
+def verify_output(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    spec: JobSpec | None = None,
+    filesystem: Any | None = None,
+    max_problems_listed: int = 50,
+    input_filesystem: Any | None = None,
+    workers: int = 8,
+) -> VerifyReport:
+    """Check every committed shard under `uri`; with `spec`, also that the input is covered.
+
+    `storage_options` default to the spec's output storage options when a spec is given.
+    `filesystem` / `input_filesystem` replace the filesystems built from the URLs (tests).
+    Input problems with a spec (no such file, bad schema, duplicate ids) raise
+    `koala_batch.read.InputError`, as they do for `run`.
+    """
+    if storage_options is None and spec is not None:
+        storage_options = reveal_storage_options(spec.output.storage_options)
+    storage = Storage(uri, storage_options, filesystem)
+    report = VerifyReport(output=storage.url(""))
+    problems = _Problems(max_problems_listed)
+
+    leftovers: list[str] = []
+    names = _list_committed(storage, leftovers)
+    report.leftovers = leftovers
+    job_present = storage.exists(JOB_FILE)
+    report.success_present = storage.exists(SUCCESS_FILE)
+    job_record = _read_json(storage, JOB_FILE, problems) if job_present else None
+    success = _read_json(storage, SUCCESS_FILE, problems) if report.success_present else None
+    if not (names or job_present or report.success_present or leftovers):
+        if not storage.exists(""):
+            problems.add(f"output {storage.url('')} does not exist")
+        else:
+            problems.add(f"output {storage.url('')} holds no koala-batch output "
+                         f"(no {JOB_FILE}, no {MANIFESTS_DIR}/)")
+    elif not job_present:
+        report.notes.append(f"no {JOB_FILE}: a run cannot resume this output")
+    if not report.success_present:
+        report.notes.append(f"no {SUCCESS_FILE}: the job has not finished (or is running)")
+    if spec is not None and job_record is not None \
+            and job_record.get("fingerprint") != spec.fingerprint():
+        problems.add(f"{JOB_FILE} records a job with another fingerprint than the spec's: "
+                     "this output was made by a different spec")
+
+    constants = None
+    if spec is not None:
+        constants = {"steps": spec.resolved_steps, "guidance_scale": spec.resolved_guidance_scale,
+                     "width": spec.generation.width, "height": spec.generation.height,
+                     "model": spec.model.name, "image_format": spec.output.image_format}
+
+    # Every manifest key -> index of its shard in `names` (shared int objects: the map
+    # costs little beyond the keys); see _track_identity for `pairs`.
+    owner: dict[str, int] = {}
+    pairs: dict[str, int] = {}
+    shard_ids = list(range(len(names)))
+    shard_rows: dict[str, tuple[int, int]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = _bounded_map(
+            pool, lambda name: _check_shard(storage, name, constants, max_problems_listed),
+            names, 2 * max(1, workers))
+        for index, result in zip(shard_ids, results):
+            report.shards_checked += 1
+            report.rows_checked += result.rows
+            report.rows_ok += result.rows_ok
+            report.images_checked += result.images_checked
+            shard_rows[result.name] = (result.rows, result.rows_ok)
+            problems.merge(result.problems)
+            for key, row_id, image_index, derived in result.identities:
+                _track_identity(key, row_id, image_index, derived, index, names,
+                                owner, pairs, problems)
+            result.identities.clear()
+    report.rows_failed = report.rows_checked - report.rows_ok
+
+    if success is not None:
+        _check_success(success, shard_rows, spec, problems)
+
+    if spec is not None:
+        matched: set[str] = set()
+        expected_count = 0
+        for key, source, row_index, row_id, image_index in _expected_images(
+                spec, input_filesystem, max(1, workers)):
+            expected_count += 1
+            if key in owner:
+                matched.add(key)
+            else:
+                report.missing_inputs += 1
+                problems.add(f"input row {source} row {row_index} (id {_short(row_id)}) image "
+                             f"{image_index} is missing (key {key})")
+        report.expected_images = expected_count
+        for key, index in owner.items():
+            if key not in matched:
+                problems.add(f"shard {names[index]}: unexpected key {key}: the spec's input "
+                             "plans no such image")
+
+    report.problems = problems.listed
+    report.problems_total = problems.total
+    return report

@@ -1,0 +1,270 @@
+"""The commit protocol on a local directory: claim, resume, refuse, overwrite, leftovers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from koala_batch.commit import (
+    OutputConflictError,
+    claim_output,
+    load_committed,
+    remove_leftovers,
+    write_success,
+)
+from koala_batch.keys import sample_key
+from koala_batch.storage import Storage
+from koala_batch.write import WriteShard
+from tests.unit.conftest import encoded_table, make_spec
+
+
+def all_files(root: Path) -> list[str]:
+    if not root.exists():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def storage(out_dir) -> Storage:
+    return Storage(str(out_dir))
+
+
+def write_shard(spec, ids, first_ordinal=0, errors=frozenset()) -> str:
+    table = encoded_table(spec, ids, first_ordinal=first_ordinal, errors=errors)
+    return WriteShard(spec)(table).column("shard")[0].as_py()
+
+
+# ---------------------------------------------------------------------------------------
+# claim_output
+
+
+def test_claim_of_an_empty_prefix_writes_the_job_file(storage, out_dir):
+    spec = make_spec(out_dir)
+
+    assert claim_output(storage, spec) is False
+    assert all_files(out_dir) == ["_job.json"]
+    record = json.loads((out_dir / "_job.json").read_text())
+    assert record["fingerprint"] == spec.fingerprint()
+    assert record["determined_by"] == spec.fingerprint_fields()
+    assert record["format"] == 1
+    assert "koala_batch_version" in record
+
+
+def test_claim_of_an_existing_empty_directory(storage, out_dir):
+    out_dir.mkdir()
+    (out_dir / "shards").mkdir()  # empty directories are not files
+    assert claim_output(storage, make_spec(out_dir)) is False
+
+
+def test_second_claim_with_the_same_spec_resumes(storage, out_dir):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    shard = write_shard(spec, ["a", "b"])
+
+    assert claim_output(storage, spec) is True
+    # Resuming keeps what was committed.
+    assert all_files(out_dir) == sorted(["_job.json", f"manifests/{shard}.parquet",
+                                         f"shards/{shard}.tar"])
+
+
+def test_resume_ignores_what_does_not_change_the_images(storage, out_dir):
+    claim_output(storage, make_spec(out_dir))
+    assert claim_output(storage, make_spec(out_dir, compute={"batch_size": 16, "actors": 2})) is True
+
+
+def test_resume_removes_an_earlier_success_record(storage, out_dir):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    write_success(storage, {"status": "succeeded"})
+    assert (out_dir / "_SUCCESS").exists()
+
+    assert claim_output(storage, spec) is True
+    assert not (out_dir / "_SUCCESS").exists()
+
+
+def test_claim_with_a_different_seed_is_refused_naming_seed(storage, out_dir):
+    claim_output(storage, make_spec(out_dir))
+    before = (out_dir / "_job.json").read_bytes()
+
+    with pytest.raises(OutputConflictError) as info:
+        claim_output(storage, make_spec(out_dir, generation={"seed": 8}))
+    message = str(info.value)
+    assert "seed" in message
+    assert "steps" not in message  # only what changed is named
+    assert (out_dir / "_job.json").read_bytes() == before  # the other job's record is kept
+
+
+def test_claim_with_several_changes_names_each(storage, out_dir):
+    claim_output(storage, make_spec(out_dir))
+    with pytest.raises(OutputConflictError) as info:
+        claim_output(storage, make_spec(out_dir, generation={"steps": 3},
+                                        output={"image_format": "webp"}))
+    assert "steps" in str(info.value) and "image_format" in str(info.value)
+
+
+def test_overwrite_deletes_own_files_and_claims_afresh(storage, out_dir):
+    old = make_spec(out_dir)
+    claim_output(storage, old)
+    write_shard(old, ["a", "b"])
+    write_success(storage, {"status": "succeeded"})
+    (out_dir / "shards" / "000000000009-deadbeef.tar.1234.partial").write_bytes(b"half")
+    new = make_spec(out_dir, generation={"seed": 8})
+
+    assert claim_output(storage, new, overwrite=True) is False
+
+    assert all_files(out_dir) == ["_job.json"]
+    assert json.loads((out_dir / "_job.json").read_text())["fingerprint"] == new.fingerprint()
+
+
+def test_overwrite_of_an_empty_prefix_is_a_fresh_claim(storage, out_dir):
+    assert claim_output(storage, make_spec(out_dir), overwrite=True) is False
+    assert all_files(out_dir) == ["_job.json"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("foreign", ["notes.txt", "shards/readme.md", "manifests/x.csv",
+                                     "shards/nested/a.tar", "data/part-0.parquet"])
+def test_foreign_files_are_refused_and_left_untouched(storage, out_dir, foreign, overwrite):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    shard = write_shard(spec, ["a"])
+    path = out_dir / foreign
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"someone else's data")
+    before = {name: (out_dir / name).read_bytes() for name in all_files(out_dir)}
+
+    with pytest.raises(OutputConflictError) as info:
+        claim_output(storage, spec, overwrite=overwrite)
+
+    assert foreign in str(info.value)
+    assert {name: (out_dir / name).read_bytes() for name in all_files(out_dir)} == before
+    assert f"shards/{shard}.tar" in before
+
+
+def test_foreign_file_in_an_unclaimed_prefix_writes_nothing(storage, out_dir):
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("mine")
+
+    with pytest.raises(OutputConflictError, match="notes.txt"):
+        claim_output(storage, make_spec(out_dir))
+    assert all_files(out_dir) == ["notes.txt"]
+    assert (out_dir / "notes.txt").read_text() == "mine"
+
+
+def test_koala_files_without_a_job_file_are_refused(storage, out_dir):
+    spec = make_spec(out_dir)
+    write_shard(spec, ["a"])  # shards and manifests, but never claimed
+
+    with pytest.raises(OutputConflictError, match="_job.json"):
+        claim_output(storage, spec)
+    assert "_job.json" not in all_files(out_dir)
+
+
+def test_unreadable_job_file_is_refused(storage, out_dir):
+    out_dir.mkdir()
+    (out_dir / "_job.json").write_text("{not json")
+    with pytest.raises(OutputConflictError, match="unreadable"):
+        claim_output(storage, make_spec(out_dir))
+    assert (out_dir / "_job.json").read_text() == "{not json"
+
+
+def test_half_written_job_file_is_koala_batch_own(storage, out_dir):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    (out_dir / "_job.json.0123abcd.partial").write_text("{")
+    assert claim_output(storage, spec) is True
+
+
+# ---------------------------------------------------------------------------------------
+# load_committed
+
+
+def test_load_committed_reads_keys_and_stats_from_manifests(storage, out_dir):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    first = encoded_table(spec, ["a", "b", "c"], errors={1})
+    second = encoded_table(spec, ["d", "e"], first_ordinal=3)
+    summaries = [WriteShard(spec)(first).to_pylist()[0], WriteShard(spec)(second).to_pylist()[0]]
+
+    state = load_committed(storage)
+
+    assert state.keys == {sample_key(row_id, 0) for row_id in "abcde"}  # error rows included
+    assert set(state.shards) == {s["shard"] for s in summaries}
+    for summary in summaries:
+        assert state.shards[summary["shard"]] == summary
+    assert state.images == 5
+
+
+def test_load_committed_of_an_empty_output(storage, out_dir):
+    state = load_committed(storage)
+    assert state.keys == set()
+    assert state.shards == {}
+    assert state.images == 0
+
+
+def test_tar_without_manifest_is_not_committed(storage, out_dir):
+    spec = make_spec(out_dir)
+    shard = write_shard(spec, ["a", "b"])
+    (out_dir / "manifests" / f"{shard}.parquet").unlink()
+
+    assert load_committed(storage).keys == set()
+
+
+def test_duplicate_keys_across_manifests_are_refused(storage, out_dir):
+    spec = make_spec(out_dir)
+    write_shard(spec, ["a", "b"])
+    write_shard(spec, ["b", "c"], first_ordinal=10)  # another shard name, key of "b" again
+
+    with pytest.raises(OutputConflictError, match="repeats keys"):
+        load_committed(storage)
+
+
+# ---------------------------------------------------------------------------------------
+# remove_leftovers
+
+
+def test_remove_leftovers_deletes_orphans_and_keeps_committed_shards(storage, out_dir):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    kept = write_shard(spec, ["a", "b"])
+    orphan = write_shard(spec, ["c", "d"], first_ordinal=2)
+    (out_dir / "manifests" / f"{orphan}.parquet").unlink()  # a write cut before its manifest
+    partials = ["shards/000000000009-00000000.tar.ab12.partial",
+                "manifests/000000000009-00000000.parquet.cd34.partial",
+                "_job.json.ef56.partial"]
+    for name in partials:
+        (out_dir / name).write_bytes(b"half")
+
+    removed = remove_leftovers(storage, load_committed(storage))
+
+    assert sorted(removed) == sorted([f"shards/{orphan}.tar", *partials])
+    assert all_files(out_dir) == sorted(["_job.json", f"manifests/{kept}.parquet",
+                                         f"shards/{kept}.tar"])
+
+
+def test_remove_leftovers_with_nothing_to_remove(storage, out_dir):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    shard = write_shard(spec, ["a"])
+    before = all_files(out_dir)
+
+    assert remove_leftovers(storage, load_committed(storage)) == []
+    assert all_files(out_dir) == before
+    assert f"shards/{shard}.tar" in before
+
+
+def test_remove_leftovers_never_touches_manifests(storage, out_dir):
+    spec = make_spec(out_dir)
+    shard = write_shard(spec, ["a"])
+    (out_dir / "shards" / f"{shard}.tar").unlink()  # committed manifest, lost tar
+
+    assert remove_leftovers(storage, load_committed(storage)) == []
+    assert (out_dir / "manifests" / f"{shard}.parquet").exists()
+
+
+def test_write_success_is_the_record(storage, out_dir):
+    write_success(storage, {"status": "succeeded", "counts": {"images_ok": 3}})
+    assert json.loads((out_dir / "_SUCCESS").read_text()) == {
+        "status": "succeeded", "counts": {"images_ok": 3}}

@@ -1,0 +1,503 @@
+"""The job spec: strict YAML loading, `--set` overrides, secrets, presets, fingerprint."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import SecretStr, ValidationError
+
+from koala_batch.config import (
+    JobSpec,
+    SpecError,
+    apply_overrides,
+    load_spec,
+    parse_override,
+    reveal_storage_options,
+    spec_from_dict,
+)
+from tests.conftest import tiny_spec
+
+BASE_YAML = """\
+input:
+  uri: prompts.parquet
+  prompt_column: prompt
+model:
+  name: tiny
+generation:
+  width: 64
+  height: 64
+  steps: 2
+  guidance_scale: 5.0
+  seed: 7
+compute:
+  actors: 1
+  batch_size: 4
+output:
+  uri: out/
+  rows_per_shard: 8
+"""
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def base_raw() -> dict:
+    return yaml.safe_load(BASE_YAML)
+
+
+def spec_error(raw: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(raw)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def test_load_spec_parses_every_section(tmp_path):
+    spec = load_spec(write_yaml(tmp_path, BASE_YAML))
+
+    assert isinstance(spec, JobSpec)
+    assert spec.input.uris == ["prompts.parquet"]
+    assert spec.model.name == "tiny"
+    assert (spec.generation.width, spec.generation.height) == (64, 64)
+    assert spec.generation.steps == 2
+    assert spec.generation.guidance_scale == 5.0
+    assert spec.generation.seed == 7
+    assert spec.compute.batch_size == 4
+    assert spec.compute.actor_range == (1, 1)
+    assert spec.output.uri == "out/"
+    assert spec.output.rows_per_shard == 8
+    # Defaults of fields the file leaves out.
+    assert spec.output.image_format == "png"
+    assert spec.generation.images_per_prompt == 1
+    assert spec.model.dtype == "auto"
+
+
+def test_load_spec_accepts_a_list_of_inputs_and_an_actor_range(tmp_path):
+    text = BASE_YAML.replace("uri: prompts.parquet", "uri: [a.parquet, b/]").replace(
+        "actors: 1", "actors: {min: 1, max: 3}")
+    spec = load_spec(write_yaml(tmp_path, text))
+
+    assert spec.input.uris == ["a.parquet", "b/"]
+    assert spec.compute.actor_range == (1, 3)
+
+
+def test_jpg_is_an_alias_of_jpeg(tmp_path):
+    spec = load_spec(write_yaml(tmp_path, BASE_YAML + "  image_format: jpg\n"))
+    assert spec.output.image_format == "jpeg"
+
+
+def test_missing_spec_file_is_a_spec_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError, match="does not exist") as info:
+        load_spec(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_invalid_yaml_is_a_spec_error(tmp_path):
+    path = write_yaml(tmp_path, "input: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = write_yaml(tmp_path, "- just\n- a list\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(path)
+
+
+def test_spec_error_names_the_file(tmp_path):
+    path = write_yaml(tmp_path, BASE_YAML.replace("steps: 2", "steps: '2'"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert "generation.steps" in str(info.value)
+
+
+def test_spec_is_frozen():
+    spec = spec_from_dict(base_raw())
+    with pytest.raises(ValidationError):
+        spec.generation.steps = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------
+# Strictness: every bad field is a SpecError naming its dotted path
+
+
+def test_unknown_field_is_refused_and_named():
+    raw = base_raw()
+    raw["generation"]["stepz"] = 4
+    message = spec_error(raw)
+    assert "generation.stepz" in message
+    assert "unknown field" in message
+
+
+def test_unknown_top_level_section_is_refused():
+    raw = base_raw()
+    raw["extras"] = {"a": 1}
+    assert "extras" in spec_error(raw)
+
+
+def test_steps_given_as_a_string_is_refused():
+    raw = base_raw()
+    raw["generation"]["steps"] = "4"
+    message = spec_error(raw)
+    assert "generation.steps" in message
+    assert "'4'" in message
+
+
+@pytest.mark.parametrize("field", ["width", "height"])
+def test_size_must_be_a_multiple_of_8(field):
+    raw = base_raw()
+    raw["generation"][field] = 65
+    message = spec_error(raw)
+    assert f"generation.{field}" in message
+    assert "multiple of 8" in message
+
+
+def test_zero_actors_is_refused():
+    raw = base_raw()
+    raw["compute"]["actors"] = 0
+    message = spec_error(raw)
+    assert "compute.actors" in message
+    assert "at least 1" in message
+
+
+def test_actor_range_with_min_above_max_is_refused():
+    raw = base_raw()
+    raw["compute"]["actors"] = {"min": 3, "max": 1}
+    message = spec_error(raw)
+    assert "compute.actors" in message
+    assert "min (3) is greater than max (1)" in message
+
+
+def test_missing_output_is_refused():
+    raw = base_raw()
+    del raw["output"]
+    message = spec_error(raw)
+    assert "output" in message
+    assert "required field is missing" in message
+
+
+def test_missing_input_uri_is_refused():
+    raw = base_raw()
+    del raw["input"]["uri"]
+    message = spec_error(raw)
+    assert "input.uri" in message
+
+
+def test_every_bad_field_is_reported_at_once():
+    raw = base_raw()
+    raw["generation"]["steps"] = "4"
+    raw["compute"]["batch_size"] = 0
+    message = spec_error(raw)
+    assert "generation.steps" in message
+    assert "compute.batch_size" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("generation", "seed", -1),
+        ("generation", "seed", 2**63),
+        ("generation", "images_per_prompt", 0),
+        ("generation", "guidance_scale", -0.5),
+        ("output", "image_format", "gif"),
+        ("output", "quality", 0),
+        ("output", "max_failed_fraction", 1.5),
+        ("model", "dtype", "float64"),
+    ],
+)
+def test_out_of_range_values_are_refused(section, field, value):
+    raw = base_raw()
+    raw.setdefault(section, {})[field] = value
+    assert f"{section}.{field}" in spec_error(raw)
+
+
+def test_passthrough_column_clashing_with_manifest_column_is_refused():
+    raw = base_raw()
+    raw["input"]["passthrough_columns"] = ["category", "seed"]
+    message = spec_error(raw)
+    assert "passthrough_columns" in message
+    assert "seed" in message
+
+
+def test_empty_input_list_is_refused():
+    raw = base_raw()
+    raw["input"]["uri"] = []
+    assert "input.uri" in spec_error(raw)
+
+
+# ---------------------------------------------------------------------------------------
+# --set overrides
+
+
+def test_override_is_parsed_as_yaml_and_type_checked(tmp_path):
+    path = write_yaml(tmp_path, BASE_YAML)
+    spec = load_spec(path, ["compute.batch_size=8", "model.name=koala-700m"])
+
+    assert spec.compute.batch_size == 8
+    assert type(spec.compute.batch_size) is int
+    assert spec.model.name == "koala-700m"
+    # The file itself is untouched.
+    assert load_spec(path).compute.batch_size == 4
+
+
+def test_override_with_a_bad_value_names_the_field(tmp_path):
+    path = write_yaml(tmp_path, BASE_YAML)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["generation.seed=abc"])
+    assert "generation.seed" in str(info.value)
+    assert "'abc'" in str(info.value)
+
+
+def test_override_of_an_unknown_field_is_refused(tmp_path):
+    path = write_yaml(tmp_path, BASE_YAML)
+    with pytest.raises(SpecError, match=r"generation\.stepz"):
+        load_spec(path, ["generation.stepz=4"])
+
+
+def test_override_can_create_a_missing_section(tmp_path):
+    text = BASE_YAML.replace("model:\n  name: tiny\n", "")
+    spec = load_spec(write_yaml(tmp_path, text), ["model.dtype=float32"])
+    assert spec.model.dtype == "float32"
+
+
+def test_override_sets_lists_and_nested_mappings():
+    merged = apply_overrides(base_raw(), [
+        "input.passthrough_columns=[category, source_url]",
+        "compute.actors={min: 1, max: 4}",
+    ])
+    spec = spec_from_dict(merged)
+    assert spec.input.passthrough_columns == ["category", "source_url"]
+    assert spec.compute.actor_range == (1, 4)
+
+
+def test_override_into_a_value_that_is_not_a_section_is_refused():
+    with pytest.raises(SpecError) as info:
+        apply_overrides(base_raw(), ["generation.steps.x=1"])
+    assert "generation.steps" in str(info.value)
+    assert "not a section" in str(info.value)
+
+
+def test_override_into_a_string_field_is_refused():
+    with pytest.raises(SpecError, match=r"input\.uri is not a section"):
+        apply_overrides(base_raw(), ["input.uri.bucket=x"])
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    raw = base_raw()
+    merged = apply_overrides(raw, ["generation.seed=99"])
+    assert merged["generation"]["seed"] == 99
+    assert raw["generation"]["seed"] == 7
+
+
+@pytest.mark.parametrize("text", ["compute.batch_size", "compute..batch_size=8", ".x=1"])
+def test_malformed_override_is_refused(text):
+    with pytest.raises(SpecError, match="--set"):
+        apply_overrides(base_raw(), [text])
+
+
+def test_parse_override_splits_the_key_and_parses_the_value():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+    assert parse_override("a.b=") == (["a", "b"], "")
+    assert parse_override("a=null") == (["a"], None)
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets
+
+SECRET_YAML = BASE_YAML.replace(
+    "  prompt_column: prompt\n",
+    "  prompt_column: prompt\n"
+    "  storage_options:\n"
+    "    key: AKIA-INPUT-KEY\n"
+    "    secret: input-secret-value\n"
+    "    endpoint_url: http://127.0.0.1:9000\n"
+    "    client_kwargs: {aws_session_token: nested-session-token}\n",
+).replace(
+    "  rows_per_shard: 8\n",
+    "  rows_per_shard: 8\n"
+    "  storage_options: {key: AKIA-OUTPUT-KEY, secret: output-secret-value, anon: false}\n",
+)
+SECRET_VALUES = ["AKIA-INPUT-KEY", "input-secret-value", "nested-session-token",
+                 "AKIA-OUTPUT-KEY", "output-secret-value"]
+
+
+def test_credentials_become_secret_strings(tmp_path):
+    spec = load_spec(write_yaml(tmp_path, SECRET_YAML))
+
+    options = spec.input.storage_options
+    assert isinstance(options["key"], SecretStr)
+    assert isinstance(options["secret"], SecretStr)
+    assert isinstance(options["client_kwargs"]["aws_session_token"], SecretStr)
+    assert options["endpoint_url"] == "http://127.0.0.1:9000"  # not a credential: plain
+    assert isinstance(spec.output.storage_options["key"], SecretStr)
+    assert isinstance(spec.output.storage_options["secret"], SecretStr)
+    assert spec.output.storage_options["anon"] is False
+
+
+def test_snapshot_masks_every_secret(tmp_path):
+    spec = load_spec(write_yaml(tmp_path, SECRET_YAML))
+    snapshot = spec.snapshot()
+    dumped = json.dumps(snapshot)
+
+    for value in SECRET_VALUES:
+        assert value not in dumped
+        assert value not in repr(spec)
+        assert value not in str(spec)
+    assert snapshot["input"]["storage_options"]["key"] == "**********"
+    assert snapshot["input"]["storage_options"]["client_kwargs"]["aws_session_token"] == "**********"
+    assert snapshot["input"]["storage_options"]["endpoint_url"] == "http://127.0.0.1:9000"
+    assert snapshot["generation"]["seed"] == 7  # the rest is kept
+
+
+def test_reveal_storage_options_returns_the_real_values(tmp_path):
+    spec = load_spec(write_yaml(tmp_path, SECRET_YAML))
+
+    assert reveal_storage_options(spec.input.storage_options) == {
+        "key": "AKIA-INPUT-KEY",
+        "secret": "input-secret-value",
+        "endpoint_url": "http://127.0.0.1:9000",
+        "client_kwargs": {"aws_session_token": "nested-session-token"},
+    }
+    assert reveal_storage_options(spec.output.storage_options) == {
+        "key": "AKIA-OUTPUT-KEY", "secret": "output-secret-value", "anon": False}
+
+
+def test_secret_given_by_override_is_hidden_too(tmp_path):
+    spec = load_spec(write_yaml(tmp_path, BASE_YAML), ["output.storage_options.secret=from-cli"])
+    assert isinstance(spec.output.storage_options["secret"], SecretStr)
+    assert "from-cli" not in json.dumps(spec.snapshot())
+    assert reveal_storage_options(spec.output.storage_options)["secret"] == "from-cli"
+
+
+def test_invalid_secret_is_not_echoed_in_the_error():
+    raw = base_raw()
+    raw["output"]["storage_options"] = {"secret": ["do-not-print-me"]}
+    message = spec_error(raw)
+    assert "output.storage_options.secret" in message
+    assert "do-not-print-me" not in message
+
+
+@pytest.mark.parametrize("name", ["password", "token", "key"])
+def test_invalid_credential_of_any_name_is_not_echoed_in_the_error(name):
+    raw = base_raw()
+    raw["input"]["storage_options"] = {name: ["hunter2-do-not-print"]}
+    message = spec_error(raw)
+    assert f"input.storage_options.{name}" in message
+    assert "hunter2-do-not-print" not in message
+
+
+def test_numeric_credential_is_masked_in_the_snapshot(tmp_path):
+    text = BASE_YAML + "  storage_options: {password: 987654321}\n"
+    spec = load_spec(write_yaml(tmp_path, text))
+    assert "987654321" not in json.dumps(spec.snapshot())
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+
+
+def with_model(name: str, **generation) -> JobSpec:
+    raw = base_raw()
+    raw["model"] = {"name": name}
+    raw["generation"] = {"width": 64, "height": 64, **generation}
+    return spec_from_dict(raw)
+
+
+def test_lightning_preset_defaults():
+    spec = with_model("koala-lightning-700m")
+    assert spec.resolved_steps == 10
+    assert spec.resolved_guidance_scale == 3.5
+
+
+def test_koala_700m_preset_defaults():
+    from koala_batch.model import PRESETS
+
+    spec = with_model("koala-700m")
+    assert spec.resolved_steps == 25
+    assert spec.resolved_guidance_scale == PRESETS["koala-700m"].guidance_scale
+
+
+def test_tiny_preset_defaults():
+    spec = with_model("tiny")
+    assert spec.resolved_steps == 4
+    assert spec.resolved_guidance_scale == 5.0
+
+
+def test_explicit_settings_beat_the_preset():
+    spec = with_model("koala-lightning-700m", steps=3, guidance_scale=0.0)
+    assert spec.resolved_steps == 3
+    assert spec.resolved_guidance_scale == 0.0  # zero is a setting, not "unset"
+
+
+def test_unknown_model_gets_generic_defaults():
+    spec = with_model("/models/my-sdxl")
+    assert spec.resolved_steps == 25
+    assert spec.resolved_guidance_scale == 5.0
+
+
+# ---------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def fingerprint_with(**sections) -> str:
+    return spec_from_dict(tiny_spec("in.parquet", "out", **sections)).fingerprint()
+
+
+def test_fingerprint_is_stable():
+    assert fingerprint_with() == fingerprint_with()
+    assert len(fingerprint_with()) == 64
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"generation": {"steps": 3}},
+        {"generation": {"seed": 8}},
+        {"generation": {"guidance_scale": 6.0}},
+        {"generation": {"width": 128}},
+        {"generation": {"images_per_prompt": 2}},
+        {"model": {"name": "koala-700m"}},
+        {"model": {"dtype": "bfloat16"}},
+        {"input": {"id_column": "id"}},
+        {"output": {"image_format": "jpeg"}},
+    ],
+    ids=lambda s: ".".join([*s, *next(iter(s.values()))]),
+)
+def test_fingerprint_changes_with_what_decides_the_images(sections):
+    assert fingerprint_with(**sections) != fingerprint_with()
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"compute": {"batch_size": 16}},
+        {"compute": {"actors": {"min": 1, "max": 4}}},
+        {"output": {"uri": "elsewhere/"}},
+        {"output": {"rows_per_shard": 100}},
+        {"input": {"uri": "other.parquet"}},
+    ],
+    ids=lambda s: ".".join([*s, *next(iter(s.values()))]),
+)
+def test_fingerprint_ignores_what_does_not_decide_the_images(sections):
+    assert fingerprint_with(**sections) == fingerprint_with()
+
+
+def test_fingerprint_sees_a_preset_default_change():
+    # Same spec text, different preset: the resolved steps differ, so must the fingerprint.
+    lightning = with_model("koala-lightning-700m").fingerprint_fields()
+    koala = with_model("koala-700m").fingerprint_fields()
+    assert lightning["steps"] == 10 and koala["steps"] == 25
+    assert lightning["scheduler_timestep_spacing"] == "trailing"
