@@ -82,3 +82,19 @@ def test_run_smoke_job_then_resume(model_cache, tmp_path):
     again = koala_batch("run", SMOKE, *overrides)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["images_written_this_run"] == 0
+
+
+def test_run_joins_the_cluster_named_by_ray_address(ray_local, tmp_path):
+    import os
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    result = subprocess.run(
+        [CLI, "run", SMOKE, "--set", f"output.uri={tmp_path / 'out'}", "--set", "generation.width=64",
+         "--set", "generation.height=64"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr
+    assert json.loads(result.stdout)["images_ok"] == 64
