@@ -134,43 +134,36 @@ class Storage:
 
     # writes --------------------------------------------------------------------------
 
-    def write_bytes(self, relative: str, data: bytes) -> None:
-        """Write a whole object atomically: readers see the old object or the new, never part."""
+    def _put_atomically(self, relative: str, put: Callable[[str], None], verb: str) -> None:
+        """Run `put(path)` so that readers see the old object or the new one, never part.
+
+        An object store's PUT (multipart included) is already atomic; a local file is
+        written aside and renamed into place.
+        """
         target = self.path(relative)
-        if is_local(self.fs):
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            aside = f"{target}.{uuid.uuid4().hex}.partial"
+        if not is_local(self.fs):
+            with_retries(lambda: put(target), f"{verb} {self.url(relative)}")
+            return
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        aside = f"{target}.{uuid.uuid4().hex}.partial"
 
-            def local_write() -> None:
-                try:
-                    self.fs.pipe_file(aside, data)
-                    self.fs.mv(aside, target)
-                finally:
-                    if self.fs.exists(aside):
-                        self.fs.rm(aside)
+        def write_aside_and_rename() -> None:
+            try:
+                put(aside)
+                self.fs.mv(aside, target)
+            finally:
+                if self.fs.exists(aside):
+                    self.fs.rm(aside)
 
-            with_retries(local_write, f"write {self.url(relative)}")
-        else:
-            with_retries(lambda: self.fs.pipe_file(target, data), f"write {self.url(relative)}")
+        with_retries(write_aside_and_rename, f"{verb} {self.url(relative)}")
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write a whole object atomically."""
+        self._put_atomically(relative, lambda path: self.fs.pipe_file(path, data), "write")
 
     def upload_file(self, local_path: str, relative: str) -> None:
-        """Copy a local file to a relative path atomically (multipart uploads appear on completion)."""
-        target = self.path(relative)
-        if is_local(self.fs):
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            aside = f"{target}.{uuid.uuid4().hex}.partial"
-
-            def local_copy() -> None:
-                try:
-                    self.fs.put_file(local_path, aside)
-                    self.fs.mv(aside, target)
-                finally:
-                    if self.fs.exists(aside):
-                        self.fs.rm(aside)
-
-            with_retries(local_copy, f"upload {self.url(relative)}")
-        else:
-            with_retries(lambda: self.fs.put_file(local_path, target), f"upload {self.url(relative)}")
+        """Copy a local file to a relative path atomically."""
+        self._put_atomically(relative, lambda path: self.fs.put_file(local_path, path), "upload")
 
     def remove(self, relative: str) -> None:
         target = self.path(relative)
