@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec
-from koala_batch.storage import Storage
+from koala_batch.storage import Storage, with_retries
 from koala_batch.write import (
     JOB_FILE,
     MANIFESTS_DIR,
@@ -52,10 +52,14 @@ class CommittedState:
 def _tree(storage: Storage) -> list[str]:
     """Every file under the output prefix, relative to it."""
     root = storage.path("")
-    try:
-        found = storage.fs.find(root)
-    except FileNotFoundError:
-        return []
+
+    def find() -> list[str]:
+        try:
+            return storage.fs.find(root)
+        except FileNotFoundError:
+            return []
+
+    found = with_retries(find, f"list {storage.url('')}")
     return sorted(posixpath.relpath(path, root) for path in found)
 
 

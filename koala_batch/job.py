@@ -23,7 +23,7 @@ from koala_batch.commit import (
 from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
 from koala_batch.encode import EncodeImages
 from koala_batch.generate import GenerateImages
-from koala_batch.read import InputPlan, ReadRowGroups, plan_input
+from koala_batch.read import InputError, InputPlan, ReadRowGroups, plan_input
 from koala_batch.storage import Storage
 from koala_batch.validate import ExpandImages
 from koala_batch.write import SUMMARY_SCHEMA, WriteShard
@@ -41,6 +41,26 @@ QUIET_WORKER_ENV = {
 
 class JobFailedError(RuntimeError):
     """The job ran but its result is not acceptable (too many failed images, say)."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The original exception inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One readable line for a failed task: the root cause and the notes naming its target."""
+    cause = root_cause(exc)
+    notes = "; ".join(getattr(cause, "__notes__", []))
+    text = f"{type(cause).__name__}: {cause}".strip()
+    return f"{text} ({notes})" if notes else text
 
 
 def coerce_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
@@ -168,6 +188,9 @@ def _configure_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = os.environ.get("KOALA_BATCH_PROGRESS", "0") == "1"
     context.execution_options.preserve_order = False
+    # Surface a stage's own exception (with its notes naming the file) rather than
+    # Ray's generic UserCodeException, which keeps only its text.
+    context.raise_original_map_exception = True
 
 
 def run(
@@ -214,13 +237,24 @@ def run(
                                     input_filesystem=input_filesystem,
                                     output_filesystem=output_filesystem,
                                     generator_cls=generator_cls)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
-                    shards[shard["shard"]] = shard
-                    written_this_run += shard["rows"]
-                    logger.info("committed shard %s: %d images (%d errors); %d of %d this run",
-                                shard["shard"], shard["rows"], shard["errors"],
-                                written_this_run, remaining)
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
+                        shards[shard["shard"]] = shard
+                        written_this_run += shard["rows"]
+                        logger.info("committed shard %s: %d images (%d errors); %d of %d this run",
+                                    shard["shard"], shard["rows"], shard["errors"],
+                                    written_this_run, remaining)
+            except (InputError, JobFailedError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the cause in layers of text
+                cause = root_cause(exc)
+                if isinstance(cause, InputError):
+                    raise cause from None
+                raise JobFailedError(
+                    f"{describe_failure(exc)}; {written_this_run} images were committed this run "
+                    "and are kept: rerun the same spec to resume"
+                ) from exc
         finally:
             if started_ray:
                 import ray

@@ -100,18 +100,20 @@ def list_input_files(
     found: list[tuple[Any, str, str, str]] = []
     for uri in spec.uris:
         fs, path = _input_filesystem(uri, options, filesystem)
-        try:
+
+        def listing(fs=fs, path=path, uri=uri) -> tuple[str, list[str]]:
+            """(root, sorted Parquet paths); retried whole on a transient fault."""
             if _has_glob(path):
-                root = _glob_root(path)
-                paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            elif fs.isdir(path):
-                root = path.rstrip("/")
-                paths = sorted(p for p in fs.find(path) if p.endswith(PARQUET_SUFFIXES))
-            elif fs.isfile(path):
-                root = posixpath.dirname(path)
-                paths = [path]
-            else:
-                raise InputError(f"input {uri}: no such file, directory or prefix")
+                return _glob_root(path), sorted(p for p in fs.glob(path) if fs.isfile(p))
+            if fs.isdir(path):
+                return path.rstrip("/"), sorted(
+                    p for p in fs.find(path) if p.endswith(PARQUET_SUFFIXES))
+            if fs.isfile(path):
+                return posixpath.dirname(path), [path]
+            raise InputError(f"input {uri}: no such file, directory or prefix")
+
+        try:
+            root, paths = with_retries(listing, f"list input {uri}")
         except InputError:
             raise
         except FileNotFoundError:

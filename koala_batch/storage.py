@@ -52,6 +52,11 @@ def with_retries(
             return operation()
         except Exception as exc:  # noqa: BLE001 - classified just below
             if not is_transient(exc) or attempt == attempts:
+                if isinstance(exc, OSError):
+                    # Name what failed: the error often does not (an object store's
+                    # "Access Denied" names no key). A note keeps the exception's type.
+                    tries = f"after {attempt} attempts" if attempt > 1 else "not retried"
+                    exc.add_note(f"koala-batch storage: {describe} failed ({tries})")
                 raise
             logger.warning("%s failed (%s: %s); retry %d of %d in %.1fs", describe,
                            type(exc).__name__, exc, attempt, attempts - 1, delay)
@@ -144,7 +149,8 @@ class Storage:
         if not is_local(self.fs):
             with_retries(lambda: put(target), f"{verb} {self.url(relative)}")
             return
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        directory = posixpath.dirname(target)
+        with_retries(lambda: self.fs.makedirs(directory, exist_ok=True), f"mkdir {directory}")
         aside = f"{target}.{uuid.uuid4().hex}.partial"
 
         def write_aside_and_rename() -> None:
