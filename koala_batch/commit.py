@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec
+from koala_batch.keys import KeySet, key_digest
 from koala_batch.storage import Storage, with_retries
 from koala_batch.write import (
     JOB_FILE,
@@ -42,7 +44,7 @@ class CommittedState:
     """What earlier runs committed to an output: per-shard stats and every key."""
 
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
-    keys: set[str] = field(default_factory=set)
+    keys: KeySet = field(default_factory=KeySet)
 
     @property
     def images(self) -> int:
@@ -154,19 +156,33 @@ def load_committed(storage: Storage) -> CommittedState:
         data = storage.read_bytes(manifest_path(shard))
         return shard, pq.read_table(io.BytesIO(data), columns=["key", "status", "bytes", "ordinal"])
 
-    state = CommittedState()
+    shards: dict[str, dict[str, Any]] = {}
+    digests: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for shard, manifest in pool.map(read, names):
             keys = manifest.column("key").to_pylist()
-            before = len(state.keys)
-            state.keys.update(keys)
-            if len(state.keys) != before + len(keys):
-                raise OutputConflictError(
-                    f"committed manifest {storage.url(manifest_path(shard))} repeats keys "
-                    "committed by another shard; run `koala-batch verify` on the output"
-                )
-            state.shards[shard] = summary_from_manifest(storage, shard, manifest)
-    return state
+            digests.append(np.array([key_digest(key) for key in keys], dtype="S16"))
+            shards[shard] = summary_from_manifest(storage, shard, manifest)
+    everything = np.concatenate(digests) if digests else np.empty(0, "S16")
+    keys = KeySet(everything)
+    if len(keys) != len(everything):
+        raise OutputConflictError(
+            f"committed manifests under {storage.url(MANIFESTS_DIR)} repeat keys "
+            f"({', '.join(_shards_sharing_keys(list(shards), digests))} share some); "
+            "run `koala-batch verify` on the output"
+        )
+    return CommittedState(shards=shards, keys=keys)
+
+
+def _shards_sharing_keys(names: list[str], digests: list[np.ndarray]) -> list[str]:
+    owners: dict[bytes, str] = {}
+    sharing: list[str] = []
+    for name, shard_digests in zip(names, digests):
+        for digest in shard_digests.tolist():
+            if digest in owners and owners[digest] != name:
+                sharing.extend(n for n in (owners[digest], name) if n not in sharing)
+            owners.setdefault(digest, name)
+    return sharing[:4]
 
 
 def remove_leftovers(storage: Storage, committed: CommittedState) -> list[str]:

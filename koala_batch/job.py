@@ -23,6 +23,7 @@ from koala_batch.commit import (
 from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
 from koala_batch.encode import EncodeImages
 from koala_batch.generate import GenerateImages
+from koala_batch.keys import KeySet
 from koala_batch.read import InputError, InputPlan, ReadRowGroups, plan_input
 from koala_batch.storage import Storage
 from koala_batch.validate import ExpandImages
@@ -103,7 +104,7 @@ def resolve_gpus_per_actor(spec: JobSpec) -> float:
 def build_dataset(
     spec: JobSpec,
     plan: InputPlan,
-    committed_keys: frozenset[str] = frozenset(),
+    committed_keys: KeySet | None = None,
     *,
     input_filesystem: Any | None = None,
     output_filesystem: Any | None = None,
@@ -233,7 +234,7 @@ def run(
         started_ray = connect_ray(spec)
         try:
             _configure_ray_data()
-            dataset = build_dataset(spec, plan, frozenset(committed.keys),
+            dataset = build_dataset(spec, plan, committed.keys,
                                     input_filesystem=input_filesystem,
                                     output_filesystem=output_filesystem,
                                     generator_cls=generator_cls)

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from koala_batch.config import InputSpec, JobSpec
-from koala_batch.keys import SEED_MODULUS, derived_row_id, image_seed, sample_key
+from koala_batch.keys import SEED_MODULUS, KeySet, derived_row_id, image_seed, sample_key
 from koala_batch.read import InputError
 
 STATUS_OK = "ok"
@@ -130,12 +130,16 @@ class ExpandImages:
     cannot be generated. Rows whose key is already committed are left out (resume).
     """
 
-    def __init__(self, spec: JobSpec, committed_keys: frozenset[str] | None = None):
+    def __init__(self, spec: JobSpec, committed_keys: KeySet | Iterable[str] | None = None):
         self.input = spec.input
         self.images_per_prompt = spec.generation.images_per_prompt
         self.job_seed = spec.generation.seed
         self.default_negative = spec.generation.negative_prompt
-        self.committed_keys = committed_keys or frozenset()
+        if committed_keys is None:
+            committed_keys = KeySet()
+        elif not isinstance(committed_keys, KeySet):
+            committed_keys = KeySet.from_keys(committed_keys)
+        self.committed_keys = committed_keys
 
     def __call__(self, table: pa.Table) -> pa.Table:
         spec = self.input
@@ -168,13 +172,10 @@ class ExpandImages:
                 problems.append(seed_problem)
             negative = negatives[row] if negatives[row] is not None else self.default_negative
             for image_index in range(self.images_per_prompt):
-                key = sample_key(row_id, image_index)
-                if key in self.committed_keys:
-                    continue
                 take.append(row)
                 out["id"].append(row_id)
                 out["image_index"].append(image_index)
-                out["key"].append(key)
+                out["key"].append(sample_key(row_id, image_index))
                 out["seed"].append(image_seed(row_seed, self.job_seed, row_id, image_index))
                 out["ordinal"].append(row_ordinals[row] * self.images_per_prompt + image_index)
                 out["prompt"].append(prompts[row])
@@ -190,4 +191,6 @@ class ExpandImages:
         indices = pa.array(take, pa.int64())
         for column in spec.passthrough_columns:
             columns[column] = table.column(column).take(indices)
-        return pa.table(columns)
+        work = pa.table(columns)
+        committed = self.committed_keys.contains_many(out["key"])
+        return work.filter(pa.array(~committed)) if committed.any() else work

@@ -135,3 +135,16 @@ def test_shard_name_depends_on_the_keys_and_the_ordinal():
 def test_shard_names_sort_by_first_ordinal():
     names = [shard_name(ordinal, [str(ordinal)]) for ordinal in (5, 1000, 20, 3_000_000)]
     assert sorted(names) == [shard_name(o, [str(o)]) for o in (5, 20, 1000, 3_000_000)]
+
+
+def test_key_set_membership_matches_a_python_set():
+    from koala_batch.keys import KeySet
+
+    members = [sample_key(f"row-{i}", i % 3) for i in range(500)]
+    others = [sample_key(f"row-{i}", 3) for i in range(500)] + [sample_key("x", 0)]
+    keys = KeySet.from_keys(members + members[:10])  # repeats collapse
+    assert len(keys) == 500
+    assert keys.contains_many(members).all()
+    assert not keys.contains_many(others).any()
+    assert members[7] in keys and others[7] not in keys
+    assert not KeySet().contains_many(members).any() and len(KeySet()) == 0
