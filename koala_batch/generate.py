@@ -123,14 +123,22 @@ class GenerateImages:
             reason = f"{type(exc).__name__}: {exc}".strip()
             results[indices[0]] = ImageGenerationError(reason[:2000])
             return
+        non_finite = []
         for position, index in enumerate(indices):
             image = images[position]
-            if not np.isfinite(image).all():
-                results[index] = ImageGenerationError(
-                    "generated image has NaN or infinite values (would decode as black)"
-                )
-            else:
+            if np.isfinite(image).all():
                 results[index] = to_uint8(image)
+            else:
+                non_finite.append(index)
+        if len(indices) > 1:
+            # NaN latents can come from the batch (an fp16 overflow, say): retry each alone.
+            for index in non_finite:
+                self._generate_split([index], prompts, negatives, seeds, results)
+            return
+        for index in non_finite:
+            results[index] = ImageGenerationError(
+                "generated image has NaN or infinite values (would decode as black)"
+            )
 
     def _release_memory(self) -> None:
         import torch

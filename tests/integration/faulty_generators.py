@@ -7,6 +7,7 @@ only the named faults are added.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -23,7 +24,7 @@ KILL_PROMPT = "kill-the-actor"
 
 def fault_injecting_generator(calls_dir: Path) -> type[GenerateImages]:
     """Out of memory for any batch > 1 holding OOM_PROMPT, an error for FAILING_PROMPT,
-    NaN latents for NAN_PROMPT. Every pipeline call's size is logged to calls_dir."""
+    NaN latents for NAN_PROMPT. Every pipeline call's prompts are logged to calls_dir."""
     calls_dir = str(calls_dir)
 
     class FaultInjectingGenerator(GenerateImages):
@@ -32,7 +33,7 @@ def fault_injecting_generator(calls_dir: Path) -> type[GenerateImages]:
 
             log = Path(calls_dir) / f"{os.getpid()}.log"
             with log.open("a") as handle:
-                handle.write(f"{len(prompts)}\n")
+                handle.write(json.dumps(prompts) + "\n")
             if len(prompts) > 1 and OOM_PROMPT in prompts:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             if FAILING_PROMPT in prompts:

@@ -83,6 +83,20 @@ def test_run_smoke_job_then_resume(model_cache, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["images_written_this_run"] == 0
 
+    verified = koala_batch("verify", str(output), "--spec", SMOKE, *overrides)
+    assert verified.returncode == 0, verified.stdout[-3000:]
+    assert verified.stdout.rstrip().splitlines()[-1].startswith("OK")
+
+    # One flipped byte inside an image: verify exits 1 naming the shard and the key.
+    tar_path = sorted((output / "shards").glob("*.tar"))[0]
+    data = bytearray(tar_path.read_bytes())
+    data[1024] ^= 0xFF  # inside the first member's bytes (after its 512-byte header)
+    tar_path.write_bytes(bytes(data))
+    broken = koala_batch("verify", str(output))
+    assert broken.returncode == 1
+    assert tar_path.stem in broken.stdout and "sha256" in broken.stdout
+    assert broken.stdout.rstrip().splitlines()[-1].startswith("FAILED")
+
 
 def test_run_joins_the_cluster_named_by_ray_address(ray_local, tmp_path):
     import os

@@ -60,8 +60,13 @@ def test_failing_batches_are_split_and_failures_recorded(tmp_path):
     assert rows["row-5"]["member"] is None and rows["row-5"]["sha256"] is None
     assert all(rows[f"row-{i}"]["status"] == "ok" for i in (0, 1, 3, 4, 6, 8, 9))
     assert record["counts"]["images_failed"] == 2 and record["counts"]["images_ok"] == 8
-    sizes = [int(line) for log in calls.glob("*.log") for line in log.read_text().split()]
-    assert 1 in sizes and max(sizes) == 4  # batches of 4 were split down to single prompts
+    calls_made = [json.loads(line) for log in calls.glob("*.log")
+                  for line in log.read_text().splitlines()]
+    assert max(len(call) for call in calls_made) == 4
+    # Every failing prompt was retried alone before being recorded as an error.
+    for prompt in (OOM_PROMPT, FAILING_PROMPT, NAN_PROMPT):
+        assert [prompt] in calls_made, prompt
+        assert any(prompt in call and len(call) > 1 for call in calls_made), prompt
 
 
 def test_job_fails_when_too_many_images_fail(tmp_path):
