@@ -61,10 +61,15 @@ def _load(args: argparse.Namespace):
 
 
 def command_validate(args: argparse.Namespace) -> int:
+    from koala_batch.commit import check_output
+    from koala_batch.config import reveal_storage_options
     from koala_batch.read import plan_input
+    from koala_batch.storage import Storage
 
     spec = _load(args)
     plan = plan_input(spec.input)
+    storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options))
+    output_state, output_files = check_output(storage, spec, spec.output.overwrite)
     print("# resolved spec (secrets masked)")
     print(yaml.safe_dump(spec.snapshot(), sort_keys=False).rstrip())
     print(f"# steps: {spec.resolved_steps}, guidance_scale: {spec.resolved_guidance_scale}")
@@ -76,6 +81,12 @@ def command_validate(args: argparse.Namespace) -> int:
     print("# input schema (first file)")
     for field in plan.files[0].schema:
         print(f"#   {field.name}: {field.type}")
+    committed = sum(1 for f in output_files if f.startswith("manifests/") and f.endswith(".parquet"))
+    print(f"# output {storage.url('')}: " + {
+        "new": "new (nothing there yet)",
+        "resume": f"resumes an earlier run of this spec ({committed} shard(s) committed)",
+        "overwrite": f"will be overwritten ({len(output_files)} koala-batch file(s) deleted)",
+    }[output_state])
     return EXIT_OK
 
 

@@ -94,12 +94,12 @@ def job_file_contents(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bool:
-    """Make the output prefix this job's; True when an earlier run of the same job is resumed.
+def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> tuple[str, list[str]]:
+    """Read-only: what a run would do with the output prefix, and the files there now.
 
-    Refuses (OutputConflictError) a prefix holding files koala-batch did not write, or
-    the output of a job whose images would differ (another fingerprint), unless
-    `overwrite` is set, which deletes koala-batch's own files first and never others.
+    Returns ("new" | "resume" | "overwrite", files). Refuses (OutputConflictError) a prefix
+    holding files koala-batch did not write, or the output of a job whose images would
+    differ (another fingerprint) unless `overwrite` is set.
     """
     try:
         files = _tree(storage)
@@ -115,37 +115,48 @@ def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bo
             f"output {storage.url('')} holds files koala-batch did not write ({listed}); "
             "choose an empty or new output prefix. Nothing was written."
         )
-    resumed = False
     if overwrite:
+        return ("overwrite" if files else "new"), files
+    if JOB_FILE not in files:
+        if files:
+            raise OutputConflictError(
+                f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a "
+                "new output prefix or pass --overwrite"
+            )
+        return "new", files
+    try:
+        existing = json.loads(storage.read_bytes(JOB_FILE))
+    except (ValueError, OSError) as exc:
+        raise OutputConflictError(
+            f"output {storage.url(JOB_FILE)} is unreadable ({exc}); choose a new output "
+            "prefix or pass --overwrite"
+        ) from None
+    if existing.get("fingerprint") != spec.fingerprint():
+        theirs = existing.get("determined_by", {})
+        ours = spec.fingerprint_fields()
+        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise OutputConflictError(
+            f"output {storage.url('')} holds a job whose images would differ from this spec "
+            f"(changed: {', '.join(changed) or 'format'}); resuming would mix them. Write to a "
+            "new output prefix, or pass --overwrite (output.overwrite: true) to delete that "
+            "job's output first."
+        )
+    return "resume", files
+
+
+def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bool:
+    """Make the output prefix this job's; True when an earlier run of the same job is resumed.
+
+    Checks it first (`check_output`); `overwrite` deletes koala-batch's own files, never
+    others. Then writes `_job.json` and removes a stale `_SUCCESS`.
+    """
+    state, files = check_output(storage, spec, overwrite)
+    if state == "overwrite":
         for relative in files:
             storage.remove(relative)
-    elif JOB_FILE in files:
-        try:
-            existing = json.loads(storage.read_bytes(JOB_FILE))
-        except (ValueError, OSError) as exc:
-            raise OutputConflictError(
-                f"output {storage.url(JOB_FILE)} is unreadable ({exc}); choose a new output "
-                "prefix or pass --overwrite"
-            ) from None
-        if existing.get("fingerprint") != spec.fingerprint():
-            theirs = existing.get("determined_by", {})
-            ours = spec.fingerprint_fields()
-            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise OutputConflictError(
-                f"output {storage.url('')} holds a job whose images would differ from this spec "
-                f"(changed: {', '.join(changed) or 'format'}); resuming would mix them. Write to a "
-                "new output prefix, or pass --overwrite (output.overwrite: true) to delete that "
-                "job's output first."
-            )
-        resumed = True
-    elif files:
-        raise OutputConflictError(
-            f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a new "
-            "output prefix or pass --overwrite"
-        )
     storage.write_bytes(JOB_FILE, json.dumps(job_file_contents(spec), indent=2).encode())
     storage.remove(SUCCESS_FILE)
-    return resumed
+    return state == "resume"
 
 
 def load_committed(storage: Storage) -> CommittedState:

@@ -28,12 +28,14 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
-def test_validate_prints_spec_schema_and_row_count(model_cache):
-    result = koala_batch("validate", SMOKE, "--set", "generation.images_per_prompt=3")
+def test_validate_prints_spec_schema_and_row_count(model_cache, tmp_path):
+    result = koala_batch("validate", SMOKE, "--set", "generation.images_per_prompt=3",
+                         "--set", f"output.uri={tmp_path / 'fresh'}")
     assert result.returncode == 0, result.stderr
     assert "64 row(s), 192 image(s) planned" in result.stdout
     assert "prompt: string" in result.stdout
     assert "images_per_prompt: 3" in result.stdout
+    assert "fresh: new (nothing there yet)" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,11 @@ def test_run_smoke_job_then_resume(model_cache, tmp_path):
     assert record["counts"]["shards"] == 4
     manifests = sorted((output / "manifests").glob("*.parquet"))
     assert sum(pq.read_metadata(m).num_rows for m in manifests) == 64
+
+    checked = koala_batch("validate", SMOKE, *overrides)
+    assert "resumes an earlier run of this spec (4 shard(s) committed)" in checked.stdout
+    refused = koala_batch("validate", SMOKE, *overrides, "--set", "generation.seed=1")
+    assert refused.returncode == 2 and "changed: seed" in refused.stderr
 
     again = koala_batch("run", SMOKE, *overrides)
     assert again.returncode == 0, again.stderr[-3000:]
