@@ -194,6 +194,47 @@ def _configure_ray_data() -> None:
     context.raise_original_map_exception = True
 
 
+def generate_remaining(
+    spec: JobSpec,
+    plan: InputPlan,
+    committed: CommittedState,
+    *,
+    input_filesystem: Any | None = None,
+    output_filesystem: Any | None = None,
+    generator_cls: type[GenerateImages] = GenerateImages,
+) -> list[dict[str, Any]]:
+    """Run the Ray Data graph over what is not committed; the stats of the shards it wrote."""
+    started_ray = connect_ray(spec)
+    written: list[dict[str, Any]] = []
+    try:
+        _configure_ray_data()
+        dataset = build_dataset(spec, plan, committed.keys, input_filesystem=input_filesystem,
+                                output_filesystem=output_filesystem, generator_cls=generator_cls)
+        remaining = plan.num_rows * spec.generation.images_per_prompt - len(committed.keys)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
+                written.append(shard)
+                logger.info("committed shard %s: %d images (%d errors); %d of %d this run",
+                            shard["shard"], shard["rows"], shard["errors"],
+                            sum(s["rows"] for s in written), remaining)
+    except (InputError, JobFailedError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps the cause in layers of text
+        cause = root_cause(exc)
+        if isinstance(cause, InputError):
+            raise cause from None
+        raise JobFailedError(
+            f"{describe_failure(exc)}; {sum(s['rows'] for s in written)} images were committed "
+            "this run and are kept: rerun the same spec to resume"
+        ) from exc
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return written
+
+
 def run(
     spec: JobSpec | dict[str, Any] | str | Path,
     *,
@@ -212,7 +253,8 @@ def run(
     started = time.time()
     started_at = datetime.now(timezone.utc).isoformat()
 
-    plan = plan_input(spec.input, input_filesystem)  # schema problems fail here, before Ray or any model
+    # Input problems fail here, before Ray starts or any model loads.
+    plan = plan_input(spec.input, input_filesystem)
     planned_images = plan.num_rows * spec.generation.images_per_prompt
     logger.info("input: %d files, %d rows, %d images planned", len(plan.files), plan.num_rows,
                 planned_images)
@@ -226,46 +268,17 @@ def run(
         logger.info("resuming: %d images in %d shards already committed; %d leftovers removed",
                     committed.images, len(committed.shards), len(removed))
 
-    remaining = planned_images - len(committed.keys)
-    shards = dict(committed.shards)
-    written_this_run = 0
-    started_ray = False
-    if remaining > 0:
-        started_ray = connect_ray(spec)
-        try:
-            _configure_ray_data()
-            dataset = build_dataset(spec, plan, committed.keys,
-                                    input_filesystem=input_filesystem,
-                                    output_filesystem=output_filesystem,
-                                    generator_cls=generator_cls)
-            try:
-                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
-                        shards[shard["shard"]] = shard
-                        written_this_run += shard["rows"]
-                        logger.info("committed shard %s: %d images (%d errors); %d of %d this run",
-                                    shard["shard"], shard["rows"], shard["errors"],
-                                    written_this_run, remaining)
-            except (InputError, JobFailedError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - Ray wraps the cause in layers of text
-                cause = root_cause(exc)
-                if isinstance(cause, InputError):
-                    raise cause from None
-                raise JobFailedError(
-                    f"{describe_failure(exc)}; {written_this_run} images were committed this run "
-                    "and are kept: rerun the same spec to resume"
-                ) from exc
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+    written: list[dict[str, Any]] = []
+    if planned_images > len(committed.keys):
+        written = generate_remaining(spec, plan, committed, input_filesystem=input_filesystem,
+                                     output_filesystem=output_filesystem,
+                                     generator_cls=generator_cls)
+    shards = {**committed.shards, **{shard["shard"]: shard for shard in written}}
+    written_this_run = sum(shard["rows"] for shard in written)
 
     wall_time = time.time() - started
     total_rows = sum(shard["rows"] for shard in shards.values())
     failed = sum(shard["errors"] for shard in shards.values())
-    ok = total_rows - failed
     record = {
         "status": "succeeded",
         "started_at": started_at,
@@ -278,7 +291,7 @@ def run(
             "input_rows": plan.num_rows,
             "images_planned": planned_images,
             "images_committed": total_rows,
-            "images_ok": ok,
+            "images_ok": total_rows - failed,
             "images_failed": failed,
             "images_written_this_run": written_this_run,
             "shards": len(shards),
