@@ -83,7 +83,7 @@ def _is_own_file(relative: str) -> bool:
     return False
 
 
-def job_file_contents(spec: JobSpec) -> dict[str, Any]:
+def job_file_contents(spec: JobSpec, run_id: str | None = None) -> dict[str, Any]:
     from koala_batch import __version__
 
     return {
@@ -91,6 +91,9 @@ def job_file_contents(spec: JobSpec) -> dict[str, Any]:
         "koala_batch_version": __version__,
         "fingerprint": spec.fingerprint(),
         "determined_by": spec.fingerprint_fields(),
+        # The run that owns the output now: writers of an earlier run, still alive after
+        # their driver was killed, see another id and stop before committing.
+        "run_id": run_id,
     }
 
 
@@ -144,7 +147,9 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> tu
     return "resume", files
 
 
-def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bool:
+def claim_output(
+    storage: Storage, spec: JobSpec, overwrite: bool = False, run_id: str | None = None
+) -> bool:
     """Make the output prefix this job's; True when an earlier run of the same job is resumed.
 
     Checks it first (`check_output`); `overwrite` deletes koala-batch's own files, never
@@ -154,7 +159,7 @@ def claim_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> bo
     if state == "overwrite":
         for relative in files:
             storage.remove(relative)
-    storage.write_bytes(JOB_FILE, json.dumps(job_file_contents(spec), indent=2).encode())
+    storage.write_bytes(JOB_FILE, json.dumps(job_file_contents(spec, run_id), indent=2).encode())
     storage.remove(SUCCESS_FILE)
     return state == "resume"
 
@@ -194,6 +199,40 @@ def _shards_sharing_keys(names: list[str], digests: list[np.ndarray]) -> list[st
                 sharing.extend(n for n in (owners[digest], name) if n not in sharing)
             owners.setdefault(digest, name)
     return sharing[:4]
+
+
+def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
+    """Uncommit shards that appeared during this run from outside it and duplicate its rows.
+
+    A writer of a killed run can outlive its driver by a moment and commit a shard after
+    this run read the committed state; this run then generated those rows again. Such a
+    late shard is retired (manifest first, then tar) when every one of its keys is
+    committed by another shard. Returns the retired shard names.
+    """
+    names = {name[: -len(".parquet")] for name in storage.list_files(MANIFESTS_DIR, ".parquet")}
+    late = sorted(names - known)
+    if not late:
+        return []
+
+    def keys_of(shard: str) -> tuple[str, list[str]]:
+        data = storage.read_bytes(manifest_path(shard))
+        return shard, pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = dict(pool.map(keys_of, sorted(names)))
+    owned = set().union(*(keys[name] for name in names if name not in late))
+    retired = []
+    for shard in late:
+        if not set(keys[shard]) <= owned:
+            raise OutputConflictError(
+                f"shard {storage.url(manifest_path(shard))} was committed by another process "
+                "during this run and holds images this run did not produce; is another job "
+                "writing to this output? Run `koala-batch verify` on it"
+            )
+        storage.remove(manifest_path(shard))
+        storage.remove(tar_path(shard))
+        retired.append(shard)
+    return retired
 
 
 def remove_leftovers(storage: Storage, committed: CommittedState) -> list[str]:

@@ -62,6 +62,10 @@ MANIFEST_FIELDS = [
 ]
 MANIFEST_COLUMNS = [field.name for field in MANIFEST_FIELDS]
 
+class RunSupersededError(RuntimeError):
+    """Another run claimed the output: a writer of the old run must not commit."""
+
+
 SUMMARY_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.string()),
@@ -128,12 +132,14 @@ def summary_from_manifest(storage: Storage, shard: str, manifest: pa.Table) -> d
 class WriteShard:
     """Task stage: one block of encoded rows in, one committed shard and its stats row out."""
 
-    def __init__(self, spec: JobSpec, output_filesystem: Any | None = None):
+    def __init__(self, spec: JobSpec, output_filesystem: Any | None = None,
+                 run_id: str | None = None):
         from koala_batch.config import reveal_storage_options
 
         self.output_uri = spec.output.uri
         self.output_options = reveal_storage_options(spec.output.storage_options)
         self.output_filesystem = output_filesystem
+        self.run_id = run_id
         self.extension = EXTENSIONS[spec.output.image_format]
         self.passthrough = list(spec.input.passthrough_columns)
         self.constants = {
@@ -151,6 +157,17 @@ class WriteShard:
         if self._storage is None:
             self._storage = Storage(self.output_uri, self.output_options, self.output_filesystem)
         return self._storage
+
+    def check_still_owner(self) -> None:
+        """Raise RunSupersededError if another run has claimed the output since this one."""
+        if self.run_id is None:
+            return
+        owner = json.loads(self.storage.read_bytes(JOB_FILE)).get("run_id")
+        if owner != self.run_id:
+            raise RunSupersededError(
+                f"output {self.storage.url('')} now belongs to run {owner}, not {self.run_id}: "
+                "this writer stops without committing"
+            )
 
     def build_manifest(self, table: pa.Table, shard: str) -> pa.Table:
         count = table.num_rows
@@ -198,9 +215,13 @@ class WriteShard:
         with tempfile.TemporaryDirectory(prefix="koala-shard-") as scratch:
             local_tar = os.path.join(scratch, f"{shard}.tar")
             self.write_tar(manifest, images, local_tar)
+            self.check_still_owner()
             storage.upload_file(local_tar, tar_path(shard))
         buffer = io.BytesIO()
         pq.write_table(manifest, buffer, compression="zstd")
+        # Checked again right before the commit point: the window for a writer of a
+        # superseded run is this one PUT (and the driver retires what slips through).
+        self.check_still_owner()
         storage.write_bytes(manifest_path(shard), buffer.getvalue())
         return pa.Table.from_pylist([summary_from_manifest(storage, shard, manifest)],
                                     schema=SUMMARY_SCHEMA)

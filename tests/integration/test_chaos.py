@@ -38,9 +38,10 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
     rng = random.Random(seed)
     print(f"chaos seed {seed} (rerun with CHAOS_SEED={seed})")
 
-    ids = [f"chaos-{i:03d}" for i in range(48)]
+    ids = [f"chaos-{i:03d}" for i in range(96)]
+    shards = len(ids) // 4
     table = write_prompt_table(tmp_path / "in" / "prompts.parquet",
-                               [f"an owl on a branch, variant {i}" for i in range(48)], id=ids)
+                               [f"an owl on a branch, variant {i}" for i in range(96)], id=ids)
     output = tmp_path / "out"
     spec_path = tmp_path / "chaos.yaml"
     spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
@@ -52,17 +53,20 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
     kills = []
     for attempt in range(3):
         job = start_job(spec_path, log)
-        target = committed(output) + rng.randint(0, 3)
+        # Anywhere from start-up (no new shard) to a few shards in, always leaving work
+        # for the next attempts.
+        remaining = shards - committed(output)
+        target = committed(output) + rng.randint(0, max(0, remaining // 4 - 1))
         deadline = time.time() + 180
         while time.time() < deadline and job.poll() is None and committed(output) < target:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0, 1.5))
+        time.sleep(rng.uniform(0, 0.5))
         assert job.poll() is None, f"attempt {attempt}: the job ended before it could be killed"
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
         kills.append(committed(output))
     assert not (output / "_SUCCESS").exists()
-    assert kills[-1] < 12, "every shard was committed before the last kill"
+    assert kills[-1] < shards, "every shard was committed before the last kill"
 
     final = subprocess.run([CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=300)
@@ -76,5 +80,8 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
             for row in pq.read_table(path).to_pylist()]
     assert sorted(row["id"] for row in rows) == ids
     assert all(row["status"] == "ok" for row in rows)
-    tars = sorted(p.stem for p in (output / "shards").glob("*.tar"))
-    assert tars == sorted(p.stem for p in (output / "manifests").glob("*.parquet"))
+    tars = {p.stem for p in (output / "shards").glob("*.tar")}
+    assert tars >= {p.stem for p in (output / "manifests").glob("*.parquet")}
+    # A tar without a manifest can only be a write cut short: uncommitted, and listed.
+    for leftover in tars - {p.stem for p in (output / "manifests").glob("*.parquet")}:
+        assert f"shards/{leftover}.tar" in verify.stdout

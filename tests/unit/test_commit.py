@@ -272,3 +272,42 @@ def test_write_success_is_the_record(storage, out_dir):
     write_success(storage, {"status": "succeeded", "counts": {"images_ok": 3}})
     assert json.loads((out_dir / "_SUCCESS").read_text()) == {
         "status": "succeeded", "counts": {"images_ok": 3}}
+
+
+# ---------------------------------------------------------------------------------------
+# Fencing writers of a superseded run, and retiring what slips through
+
+
+def test_writer_of_a_superseded_run_commits_nothing(storage, out_dir):
+    from koala_batch.write import RunSupersededError
+
+    spec = make_spec(out_dir)
+    claim_output(storage, spec, run_id="run-1")
+    claim_output(storage, spec, run_id="run-2")  # a rerun took the output over
+
+    with pytest.raises(RunSupersededError, match="belongs to run run-2, not run-1"):
+        WriteShard(spec, run_id="run-1")(encoded_table(spec, ["a", "b"]))
+    assert all_files(out_dir) == ["_job.json"]
+
+    summary = WriteShard(spec, run_id="run-2")(encoded_table(spec, ["a", "b"]))
+    assert summary.column("rows")[0].as_py() == 2
+
+
+def test_late_duplicate_shard_is_retired_and_a_late_stranger_refused(storage, out_dir):
+    from koala_batch.commit import retire_late_duplicates
+
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    known = {write_shard(spec, ["a", "b"]), write_shard(spec, ["c", "d"], first_ordinal=2)}
+    late = write_shard(spec, ["b", "c"], first_ordinal=1)  # rows this run also committed
+
+    assert retire_late_duplicates(storage, known) == [late]
+    assert not (out_dir / "manifests" / f"{late}.parquet").exists()
+    assert not (out_dir / "shards" / f"{late}.tar").exists()
+    assert sorted(p.stem for p in (out_dir / "manifests").glob("*.parquet")) == sorted(known)
+    assert retire_late_duplicates(storage, known) == []
+
+    stranger = write_shard(spec, ["d", "e"], first_ordinal=3)  # "e" is in no known shard
+    with pytest.raises(OutputConflictError, match="holds images this run did not produce"):
+        retire_late_duplicates(storage, known)
+    assert (out_dir / "manifests" / f"{stranger}.parquet").exists()
