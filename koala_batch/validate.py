@@ -8,6 +8,7 @@ that row's images manifest rows with status=error and the reason; nothing is dro
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa

@@ -63,7 +63,7 @@ def test_row_level_problems_become_error_rows(tmp_path):
     rows = {row["id"]: row for path in sorted((output / "manifests").glob("*.parquet"))
             for row in pq.read_table(path).to_pylist()}
     assert sorted(rows) == sorted(ids)  # nothing dropped, nothing doubled
-    for row_id, prompt, seed, status, error in ROW_CASES:
+    for row_id, prompt, _seed, status, error in ROW_CASES:
         row = rows[row_id]
         assert row["status"] == status, (row_id, row["error"])
         assert row["prompt"] == prompt  # stored exactly as given
