@@ -73,14 +73,18 @@ class GenerateImages:
             )
         return np.asarray(result.images)
 
-    def prompt_is_truncated(self, prompt: str) -> bool:
-        """Whether CLIP will cut the prompt at its 77-token limit."""
+    def truncated_prompts(self, prompts: list[str | None]) -> list[bool]:
+        """For each prompt, whether CLIP will cut it at its 77-token limit (one tokenizer
+        call per tokenizer for the whole batch)."""
+        present = [i for i, prompt in enumerate(prompts) if prompt is not None]
+        truncated = [False] * len(prompts)
         for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
-            if tokenizer is not None:
-                ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
-                if len(ids) > tokenizer.model_max_length:
-                    return True
-        return False
+            if tokenizer is None or not present:
+                continue
+            encoded = tokenizer([prompts[i] for i in present], truncation=False, verbose=False)
+            for i, ids in zip(present, encoded.input_ids):
+                truncated[i] = truncated[i] or len(ids) > tokenizer.model_max_length
+        return truncated
 
     def generate(
         self, prompts: list[str], negatives: list[str | None], seeds: list[int]
@@ -154,7 +158,6 @@ class GenerateImages:
         seeds = table.column("seed").to_pylist()
         todo = [i for i, status in enumerate(statuses) if status == STATUS_OK]
         pixels: list[bytes] = [b""] * table.num_rows
-        truncated = [False] * table.num_rows
         if todo:
             outcomes = self.generate(
                 [prompts[i] for i in todo], [negatives[i] for i in todo], [seeds[i] for i in todo]
@@ -165,8 +168,7 @@ class GenerateImages:
                     errors[row] = str(outcome)
                 else:
                     pixels[row] = outcome.tobytes()
-        for row, prompt in enumerate(prompts):
-            truncated[row] = prompt is not None and self.prompt_is_truncated(prompt)
+        truncated = self.truncated_prompts(prompts)
         table = table.set_column(table.schema.get_field_index("status"), "status",
                                  pa.array(statuses, pa.string()))
         table = table.set_column(table.schema.get_field_index("error"), "error",
