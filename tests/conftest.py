@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
 SAMPLE_PROMPTS = REPO_ROOT / "jobs" / "data" / "parti-sample.parquet"
 
 

@@ -1,7 +1,7 @@
 """Offline checks of infra/: the KubeRay manifests, the job specs they carry, the Dockerfile.
 
 No Ray, no cluster, no network. Each RayJob, RayCronJob and RayCluster `spec` is validated
-against the KubeRay v1.7.0 CRD schema of its kind (../shared/schemas/kuberay/), made strict
+against the KubeRay v1.7.0 CRD schema of its kind (vendored in tests/data/kuberay/), made strict
 the way the API server is: a field the schema does not declare is rejected, as
 `kubectl apply` (server-side strict field validation) does, instead of being silently
 pruned. The negative tests prove the validation can fail.
@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+from collections.abc import Iterator
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import pytest
@@ -23,13 +24,14 @@ import yaml
 
 from koala_batch.cli import build_parser
 from koala_batch.config import SECRET_OPTION_NAMES, JobSpec, apply_overrides, spec_from_dict
-from tests.conftest import REPO_ROOT, SHARED_DIR
+from tests.conftest import REPO_ROOT
 
 INFRA_DIR = REPO_ROOT / "infra"
 KUBERAY_DIR = INFRA_DIR / "kuberay"
 DOCKERFILE = INFRA_DIR / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
-CRD_DIR = SHARED_DIR / "schemas" / "kuberay"
+KUBERAY_VERSION = "v1.7.0"
+CRD_DIR = REPO_ROOT / "tests" / "data" / "kuberay"
 CRD_FILES = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayCronJob": "ray.io_raycronjobs.yaml",
@@ -39,8 +41,9 @@ RAY_KINDS = tuple(CRD_FILES)
 MANIFEST_FILES = sorted(KUBERAY_DIR.glob("*.yaml"))
 GPU = "nvidia.com/gpu"
 # Env var names that carry credentials: only ever from a Secret (valueFrom.secretKeyRef).
-SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL",
-                             re.IGNORECASE)
+SECRET_ENV_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE
+)
 AWS_KEY_ID_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # The largest CPU request of koala-batch's light stages (encode: num_cpus=1, job.py). With no
@@ -54,7 +57,7 @@ ATTEMPT_STARTUP_S = 30 * 60
 # Loading
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_documents(path: Path) -> tuple[dict[str, Any], ...]:
     with path.open() as handle:
         return tuple(doc for doc in yaml.safe_load_all(handle) if doc is not None)
@@ -81,8 +84,11 @@ JOB_DOC_IDS = [doc_id(path, doc) for path, doc in JOB_DOCS]
 
 
 def configmaps(path: Path) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"]: doc for doc in load_documents(path)
-            if doc.get("kind") == "ConfigMap"}
+    return {
+        doc["metadata"]["name"]: doc
+        for doc in load_documents(path)
+        if doc.get("kind") == "ConfigMap"
+    }
 
 
 def job_spec_of(doc: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +114,8 @@ def worker_groups(cluster: dict[str, Any]) -> list[dict[str, Any]]:
 
 def all_pods(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [("head", head_pod(cluster))] + [
-        (group["groupName"], group["template"]["spec"]) for group in worker_groups(cluster)]
+        (group["groupName"], group["template"]["spec"]) for group in worker_groups(cluster)
+    ]
 
 
 def quantity(value: Any) -> Fraction:
@@ -135,8 +142,9 @@ def ray_resource(group: dict[str, Any], param: str, resource: str) -> Fraction:
     return container_amount(ray_container(group["template"]["spec"]), resource)
 
 
-def read_mounted_file(pod_spec: dict[str, Any], file_path: str,
-                      maps: dict[str, dict[str, Any]]) -> str | None:
+def read_mounted_file(
+    pod_spec: dict[str, Any], file_path: str, maps: dict[str, dict[str, Any]]
+) -> str | None:
     """The text a pod sees at file_path when a ConfigMap volume provides it, else None."""
     volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
     for mount in ray_container(pod_spec).get("volumeMounts", []):
@@ -149,7 +157,7 @@ def read_mounted_file(pod_spec: dict[str, Any], file_path: str,
                 continue
             relative = mount["subPath"]
         elif file_path.startswith(mount_path + "/"):
-            relative = file_path[len(mount_path) + 1:]
+            relative = file_path[len(mount_path) + 1 :]
         else:
             continue
         key = relative
@@ -164,8 +172,7 @@ def read_mounted_file(pod_spec: dict[str, Any], file_path: str,
     return None
 
 
-def mounted_job_files(pod_spec: dict[str, Any],
-                      maps: dict[str, dict[str, Any]]) -> dict[str, str]:
+def mounted_job_files(pod_spec: dict[str, Any], maps: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Every *.yaml file that a ConfigMap volume mounts into the pod: {path: text}."""
     volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
     files = {}
@@ -184,7 +191,8 @@ def parse_entrypoint(entrypoint: str):
     """The entrypoint through koala-batch's own argument parser (argv[0] must be koala-batch)."""
     argv = shlex.split(entrypoint)
     assert argv[:2] == ["koala-batch", "run"], (
-        f"entrypoint must run `koala-batch run SPEC ...`, got {argv[:2]}")
+        f"entrypoint must run `koala-batch run SPEC ...`, got {argv[:2]}"
+    )
     try:
         return build_parser().parse_args(argv[1:])
     except SystemExit:
@@ -197,7 +205,8 @@ def resolved_job_spec(path: Path, doc: dict[str, Any]) -> tuple[JobSpec, Any]:
     assert args.spec.startswith("/"), f"use an absolute spec path, got {args.spec}"
     text = read_mounted_file(head_pod(cluster_spec_of(doc)), args.spec, configmaps(path))
     assert text is not None, (
-        f"{args.spec} is not provided to the head pod by a ConfigMap in {path.name}")
+        f"{args.spec} is not provided to the head pod by a ConfigMap in {path.name}"
+    )
     overrides = list(args.overrides)
     if args.overwrite:  # as koala_batch.cli._load does
         overrides.append("output.overwrite=true")
@@ -211,20 +220,17 @@ def job_specs_of(path: Path, doc: dict[str, Any]) -> list[tuple[str, JobSpec]]:
         spec, args = resolved_job_spec(path, doc)
         return [(f"{args.spec} with the entrypoint's --set", spec)]
     files = mounted_job_files(head_pod(cluster_spec_of(doc)), configmaps(path))
-    return [(file_path, spec_from_dict(yaml.safe_load(text), source=file_path))
-            for file_path, text in files.items()]
+    return [
+        (file_path, spec_from_dict(yaml.safe_load(text), source=file_path))
+        for file_path, text in files.items()
+    ]
 
 
 # ---------------------------------------------------------------------------------------
 # CRD schemas
 
 
-def require_crds() -> None:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR}")
-
-
-@lru_cache(maxsize=None)
+@cache
 def crd_spec_schema(kind: str) -> dict[str, Any]:
     """spec.versions[name=v1].schema.openAPIV3Schema.properties.spec of the kind's CRD."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large
@@ -248,23 +254,29 @@ def strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     closed = {key: strict(value) for key, value in schema.items()}
-    if (schema.get("type") == "object" and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        schema.get("type") == "object"
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         closed["additionalProperties"] = False
     return closed
 
 
-@lru_cache(maxsize=None)
+@cache
 def validator(kind: str, strict_fields: bool = True) -> jsonschema.Draft7Validator:
     schema = crd_spec_schema(kind)
     return jsonschema.Draft7Validator(strict(schema) if strict_fields else schema)
 
 
 def schema_errors(kind: str, spec: dict[str, Any], strict_fields: bool = True) -> list[str]:
-    errors = sorted(validator(kind, strict_fields).iter_errors(spec),
-                    key=lambda error: list(map(str, error.absolute_path)))
-    return [f"{'.'.join(['spec', *map(str, error.absolute_path)])}: {error.message}"
-            for error in errors]
+    errors = sorted(
+        validator(kind, strict_fields).iter_errors(spec),
+        key=lambda error: list(map(str, error.absolute_path)),
+    )
+    return [
+        f"{'.'.join(['spec', *map(str, error.absolute_path)])}: {error.message}" for error in errors
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,8 +284,9 @@ def schema_errors(kind: str, spec: dict[str, Any], strict_fields: bool = True) -
 
 
 def test_manifests_hold_the_expected_resources():
-    kinds = {path.name: sorted(doc["kind"] for doc in load_documents(path))
-             for path in MANIFEST_FILES}
+    kinds = {
+        path.name: sorted(doc["kind"] for doc in load_documents(path)) for path in MANIFEST_FILES
+    }
     assert kinds == {
         "raycluster.yaml": ["ConfigMap", "RayCluster"],
         "raycronjob-nightly.yaml": ["ConfigMap", "RayCronJob"],
@@ -297,12 +310,10 @@ def test_documents_have_api_version_kind_and_dns_name(path):
 
 @pytest.mark.parametrize(("path", "doc"), RAY_DOCS, ids=RAY_DOC_IDS)
 def test_spec_is_valid_for_the_kuberay_crd(path, doc):
-    require_crds()
     assert schema_errors(doc["kind"], doc["spec"]) == []
 
 
 def test_crd_schemas_are_valid_json_schemas():
-    require_crds()
     for kind in RAY_KINDS:
         jsonschema.Draft7Validator.check_schema(strict(crd_spec_schema(kind)))
 
@@ -317,48 +328,94 @@ def _rename(mapping: dict[str, Any], old: str, new: str) -> None:
 
 # (kind, what is broken, mutation of a copy of the spec, text an error must contain)
 BROKEN = [
-    ("RayJob", "boolean given as a string",
-     lambda s: s.update(shutdownAfterJobFinishes="yes"), "spec.shutdownAfterJobFinishes"),
-    ("RayJob", "misspelled field",
-     lambda s: _rename(s, "shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
-     "spec: Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)"),
-    ("RayJob", "integer given as a string",
-     lambda s: s.update(backoffLimit="2"), "spec.backoffLimit"),
-    ("RayJob", "rayStartParams value not a string",
-     lambda s: s["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}),
-     "spec.rayClusterSpec.headGroupSpec.rayStartParams.num-gpus"),
-    ("RayJob", "worker group without maxReplicas",
-     lambda s: s["rayClusterSpec"]["workerGroupSpecs"][0].pop("maxReplicas"),
-     "spec.rayClusterSpec.workerGroupSpecs.0"),
-    ("RayJob", "GPU limit that is not a quantity",
-     lambda s: ray_container(s["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"])
-     ["resources"]["limits"].update({GPU: "one"}),
-     "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.resources.limits"),
-    ("RayJob", "secretKeyRef without key",
-     lambda s: ray_container(head_pod(s["rayClusterSpec"]))["env"][0]["valueFrom"]
-     ["secretKeyRef"].pop("key"),
-     "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.env.0.valueFrom.secretKeyRef"),
-    ("RayJob", "misspelled container field",
-     lambda s: _rename(ray_container(head_pod(s["rayClusterSpec"])), "volumeMounts", "volumeMount"),
-     "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0"),
-    ("RayCronJob", "jobTemplate wrapped in spec: as in a batch/v1 CronJob",
-     lambda s: s.update(jobTemplate={"spec": s["jobTemplate"]}), "spec.jobTemplate"),
-    ("RayCronJob", "schedule missing", lambda s: s.pop("schedule"),
-     "spec: 'schedule' is a required property"),
+    (
+        "RayJob",
+        "boolean given as a string",
+        lambda s: s.update(shutdownAfterJobFinishes="yes"),
+        "spec.shutdownAfterJobFinishes",
+    ),
+    (
+        "RayJob",
+        "misspelled field",
+        lambda s: _rename(s, "shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
+        "spec: Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)",
+    ),
+    (
+        "RayJob",
+        "integer given as a string",
+        lambda s: s.update(backoffLimit="2"),
+        "spec.backoffLimit",
+    ),
+    (
+        "RayJob",
+        "rayStartParams value not a string",
+        lambda s: s["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}),
+        "spec.rayClusterSpec.headGroupSpec.rayStartParams.num-gpus",
+    ),
+    (
+        "RayJob",
+        "worker group without maxReplicas",
+        lambda s: s["rayClusterSpec"]["workerGroupSpecs"][0].pop("maxReplicas"),
+        "spec.rayClusterSpec.workerGroupSpecs.0",
+    ),
+    (
+        "RayJob",
+        "GPU limit that is not a quantity",
+        lambda s: ray_container(s["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"])[
+            "resources"
+        ]["limits"].update({GPU: "one"}),
+        "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.resources.limits",
+    ),
+    (
+        "RayJob",
+        "secretKeyRef without key",
+        lambda s: ray_container(head_pod(s["rayClusterSpec"]))["env"][0]["valueFrom"][
+            "secretKeyRef"
+        ].pop("key"),
+        "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.env.0.valueFrom.secretKeyRef",
+    ),
+    (
+        "RayJob",
+        "misspelled container field",
+        lambda s: _rename(
+            ray_container(head_pod(s["rayClusterSpec"])), "volumeMounts", "volumeMount"
+        ),
+        "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0",
+    ),
+    (
+        "RayCronJob",
+        "jobTemplate wrapped in spec: as in a batch/v1 CronJob",
+        lambda s: s.update(jobTemplate={"spec": s["jobTemplate"]}),
+        "spec.jobTemplate",
+    ),
+    (
+        "RayCronJob",
+        "schedule missing",
+        lambda s: s.pop("schedule"),
+        "spec: 'schedule' is a required property",
+    ),
     ("RayCronJob", "schedule not a string", lambda s: s.update(schedule=2), "spec.schedule"),
-    ("RayCluster", "misspelled rayStartParams",
-     lambda s: _rename(s["headGroupSpec"], "rayStartParams", "rayStartParam"),
-     "spec.headGroupSpec"),
-    ("RayCluster", "autoscaler upscalingMode outside its enum",
-     lambda s: s["autoscalerOptions"].update(upscalingMode="Fast"),
-     "spec.autoscalerOptions.upscalingMode"),
+    (
+        "RayCluster",
+        "misspelled rayStartParams",
+        lambda s: _rename(s["headGroupSpec"], "rayStartParams", "rayStartParam"),
+        "spec.headGroupSpec",
+    ),
+    (
+        "RayCluster",
+        "autoscaler upscalingMode outside its enum",
+        lambda s: s["autoscalerOptions"].update(upscalingMode="Fast"),
+        "spec.autoscalerOptions.upscalingMode",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("kind", "what", "mutate", "expected"), BROKEN,
-                         ids=[f"{kind}-{what}" for kind, what, _, _ in BROKEN])
+@pytest.mark.parametrize(
+    ("kind", "what", "mutate", "expected"),
+    BROKEN,
+    ids=[f"{kind}-{what}" for kind, what, _, _ in BROKEN],
+)
 def test_broken_copy_of_a_manifest_is_rejected(kind, what, mutate, expected):
-    require_crds()
     _, doc = _first(kind)
     spec = copy.deepcopy(doc["spec"])
     mutate(spec)
@@ -368,7 +425,6 @@ def test_broken_copy_of_a_manifest_is_rejected(kind, what, mutate, expected):
 
 
 def test_type_errors_fail_even_without_strict_fields():
-    require_crds()
     _, doc = _first("RayJob")
     spec = copy.deepcopy(doc["spec"])
     spec["shutdownAfterJobFinishes"] = "yes"
@@ -377,7 +433,6 @@ def test_type_errors_fail_even_without_strict_fields():
 
 def test_the_crd_alone_lets_unknown_fields_through_so_the_test_closes_them():
     """Why `strict`: the CRD schema sets no additionalProperties: a typo would pass unseen."""
-    require_crds()
     _, doc = _first("RayJob")
     spec = copy.deepcopy(doc["spec"])
     _rename(spec, "shutdownAfterJobFinishes", "shutdownAfterJobFinish")
@@ -409,8 +464,9 @@ def test_driver_runs_where_the_spec_is_mounted(path, doc):
     """Without entrypoint resources Ray places the driver on the head; with them, anywhere."""
     job = job_spec_of(doc)
     args = parse_entrypoint(job["entrypoint"])
-    if any(job.get(key) for key in ("entrypointNumCpus", "entrypointNumGpus",
-                                    "entrypointResources")):
+    if any(
+        job.get(key) for key in ("entrypointNumCpus", "entrypointNumGpus", "entrypointResources")
+    ):
         for name, pod in all_pods(cluster_spec_of(doc)):
             assert read_mounted_file(pod, args.spec, configmaps(path)) is not None, name
 
@@ -418,8 +474,11 @@ def test_driver_runs_where_the_spec_is_mounted(path, doc):
 @pytest.mark.parametrize("path", MANIFEST_FILES, ids=lambda p: p.name)
 def test_every_configmap_job_spec_is_valid(path):
     for name, configmap in configmaps(path).items():
-        specs = {key: text for key, text in configmap.get("data", {}).items()
-                 if key.endswith((".yaml", ".yml"))}
+        specs = {
+            key: text
+            for key, text in configmap.get("data", {}).items()
+            if key.endswith((".yaml", ".yml"))
+        }
         assert specs, f"ConfigMap {name} holds no job spec"
         for key, text in specs.items():
             spec = spec_from_dict(yaml.safe_load(text), source=f"{name}/{key}")
@@ -435,8 +494,11 @@ def test_generator_actors_fit_the_gpu_workers(path, doc):
 
 
 def check_actors_fit(where: str, spec: JobSpec, cluster: dict[str, Any]) -> None:
-    gpus_per_actor = (Fraction(1) if spec.compute.num_gpus_per_actor == "auto"
-                      else Fraction(spec.compute.num_gpus_per_actor))
+    gpus_per_actor = (
+        Fraction(1)
+        if spec.compute.num_gpus_per_actor == "auto"
+        else Fraction(spec.compute.num_gpus_per_actor)
+    )
     cpus_per_actor = Fraction(spec.compute.num_cpus_per_actor)
     assert gpus_per_actor > 0, f"{where}: a KOALA job on GPU workers should ask for GPUs"
     capacity = 0
@@ -449,12 +511,14 @@ def check_actors_fit(where: str, spec: JobSpec, cluster: dict[str, Any]) -> None
         # The actors' CPUs plus room for the read/encode/write tasks (the head has no CPUs).
         assert per_pod * cpus_per_actor + LIGHT_STAGE_CPUS <= cpus, (
             f"{where}: {group['groupName']}: {per_pod} actor(s) x {cpus_per_actor} CPU leave "
-            f"no room for the light stages on {cpus} CPUs")
+            f"no room for the light stages on {cpus} CPUs"
+        )
         capacity += per_pod * group["maxReplicas"]
     min_actors, max_actors = spec.compute.actor_range
     assert capacity >= max_actors >= min_actors, (
         f"{where}: compute.actors asks for up to {max_actors} actors; the GPU workers hold "
-        f"{capacity}")
+        f"{capacity}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -511,7 +575,7 @@ def test_workers_mount_the_model_cache_at_hf_home(path, doc):
 
 
 def test_rayjob_retries_and_cleans_up():
-    (_, doc), = [(p, d) for p, d in RAY_DOCS if d["kind"] == "RayJob"]
+    ((_, doc),) = [(p, d) for p, d in RAY_DOCS if d["kind"] == "RayJob"]
     spec = doc["spec"]
     assert spec["backoffLimit"] >= 1  # a failed attempt is rerun: resume makes that safe
     assert spec["shutdownAfterJobFinishes"] is True
@@ -519,7 +583,7 @@ def test_rayjob_retries_and_cleans_up():
 
 
 def test_nightly_attempts_cannot_overlap_the_next_night():
-    (_, doc), = [(p, d) for p, d in RAY_DOCS if d["kind"] == "RayCronJob"]
+    ((_, doc),) = [(p, d) for p, d in RAY_DOCS if d["kind"] == "RayCronJob"]
     schedule = doc["spec"]["schedule"]
     assert re.fullmatch(r"\d{1,2} \d{1,2} \* \* \*", schedule), f"not daily: {schedule}"
     job = doc["spec"]["jobTemplate"]
@@ -570,7 +634,7 @@ def test_job_specs_carry_no_credentials():
             for key, text in configmap.get("data", {}).items():
                 raw = yaml.safe_load(text)
                 assert not _storage_option_names(raw) & SECRET_OPTION_NAMES, f"{name}/{key}"
-    for path, doc in JOB_DOCS:
+    for _path, doc in JOB_DOCS:
         args = parse_entrypoint(job_spec_of(doc)["entrypoint"])
         for override in args.overrides:
             assert "storage_options" not in override.split("=", 1)[0], override
@@ -583,7 +647,8 @@ def test_aws_credentials_reach_every_ray_container_from_a_secret(path, doc):
         for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert variable in env, f"{name} lacks {variable}"
             assert "secretKeyRef" in env[variable].get("valueFrom", {}), (
-                f"{name}: {variable} is not taken from a Secret")
+                f"{name}: {variable} is not taken from a Secret"
+            )
             reference = env[variable]["valueFrom"]["secretKeyRef"]
             assert reference["name"] and reference["key"]
             assert not reference.get("optional", False), f"{name}: {variable} is optional"
@@ -632,13 +697,18 @@ def test_dockerfile_builds_on_the_matching_ray_gpu_image():
 
 def test_dockerfile_installs_with_the_constraints():
     runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
-    installs = [command for run in runs for command in re.split(r"&&|;", run)
-                if re.search(r"\bpip3? install\b", command)]
+    installs = [
+        command
+        for run in runs
+        for command in re.split(r"&&|;", run)
+        if re.search(r"\bpip3? install\b", command)
+    ]
     assert installs
     for command in installs:
         assert re.search(r"(-c|--constraint)\s+constraints\.txt\b", command), command
     assert any(re.search(r"\s\.$", command.strip()) for command in installs), (
-        "no `pip install -c constraints.txt .`")
+        "no `pip install -c constraints.txt .`"
+    )
     copied = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "COPY")
     assert "constraints.txt" in copied and "pyproject.toml" in copied
 
@@ -649,6 +719,9 @@ def test_dockerfile_sets_hf_home_and_bakes_no_weights_by_default():
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
-    entries = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    entries = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", "out", ".git"} <= entries
