@@ -38,8 +38,12 @@ SDXL_UNET: dict[str, Any] = {
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "sdxl": SDXL_UNET,
     "koala-1b": {**SDXL_UNET, "layers_per_block": 1, "transformer_layers_per_block": [1, 2, 6]},
-    "koala-700m": {**SDXL_UNET, "layers_per_block": 1, "transformer_layers_per_block": [1, 2, 5],
-                   "mid_block_type": None},
+    "koala-700m": {
+        **SDXL_UNET,
+        "layers_per_block": 1,
+        "transformer_layers_per_block": [1, 2, 5],
+        "mid_block_type": None,
+    },
 }
 UNET_CONFIGS["koala-lightning-1b"] = UNET_CONFIGS["koala-1b"]
 UNET_CONFIGS["koala-lightning-700m"] = UNET_CONFIGS["koala-700m"]
@@ -47,10 +51,22 @@ UNET_CONFIGS["koala-lightning-700m"] = UNET_CONFIGS["koala-700m"]
 # Parameter counts of the published U-Nets, which these configs rebuild exactly.
 UNET_PARAMETERS = {"sdxl": 2_567_463_684, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724}
 
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768}
-CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-             "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
 SDXL_VAE = {
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -91,12 +107,21 @@ def build_random_pipeline(
 
     timestep_spacing = "trailing" if "lightning" in name else "leading"
     tokenizer = build_clip_tokenizer()
-    common = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
-              "eos_token_id": 2, "pad_token_id": 1}
+    common = {
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }
     # The scheduler computes its tables with numpy: build it outside the device context.
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing=timestep_spacing)
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing=timestep_spacing,
+    )
     with torch.device(device):  # weights are created where they will run
         pipeline = StableDiffusionXLPipeline(
             vae=AutoencoderKL(**SDXL_VAE),

@@ -12,15 +12,17 @@ import sys
 
 import yaml
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
+from koala_batch.errors import EXIT_FAILED, EXIT_OK, KoalaBatchError
 
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="job spec YAML file")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a spec field, e.g. --set compute.batch_size=8 (repeatable)",
     )
 
@@ -35,19 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a job (resumes an earlier run on the same output)")
     _add_spec_arguments(run)
-    run.add_argument("--overwrite", action="store_true",
-                     help="delete koala-batch's own files under the output first, instead of resuming")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete koala-batch's own files under the output first, instead of resuming",
+    )
 
     validate = commands.add_parser(
-        "validate", help="check a spec and its input (schema, row count); generates nothing")
+        "validate", help="check a spec and its input (schema, row count); generates nothing"
+    )
     _add_spec_arguments(validate)
 
     verify = commands.add_parser(
-        "verify", help="check a job's output: images, checksums, sizes, unique keys, coverage")
+        "verify", help="check a job's output: images, checksums, sizes, unique keys, coverage"
+    )
     verify.add_argument("output", help="output prefix (local path or URL)")
     verify.add_argument("--spec", help="job spec: also check that every input row is covered")
-    verify.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a field of --spec (repeatable)")
+    verify.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of --spec (repeatable)",
+    )
     return parser
 
 
@@ -69,24 +82,33 @@ def command_validate(args: argparse.Namespace) -> int:
     spec = _load(args)
     plan = plan_input(spec.input)
     storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options))
-    output_state, output_files = check_output(storage, spec, spec.output.overwrite)
+    state = check_output(storage, spec, spec.output.overwrite)
     print("# resolved spec (secrets masked)")
     print(yaml.safe_dump(spec.snapshot(), sort_keys=False).rstrip())
     print(f"# steps: {spec.resolved_steps}, guidance_scale: {spec.resolved_guidance_scale}")
-    print(f"# input: {len(plan.files)} file(s), {plan.num_rows} row(s), "
-          f"{plan.num_rows * spec.generation.images_per_prompt} image(s) planned")
+    print(
+        f"# input: {len(plan.files)} file(s), {plan.num_rows} row(s), "
+        f"{plan.num_rows * spec.generation.images_per_prompt} image(s) planned"
+    )
     for input_file in plan.files:
-        print(f"#   {input_file.url}: {input_file.num_rows} rows, "
-              f"{len(input_file.row_group_rows)} row group(s)")
+        print(
+            f"#   {input_file.url}: {input_file.num_rows} rows, "
+            f"{len(input_file.row_group_rows)} row group(s)"
+        )
     print("# input schema (first file)")
     for field in plan.files[0].schema:
         print(f"#   {field.name}: {field.type}")
-    committed = sum(1 for f in output_files if f.startswith("manifests/") and f.endswith(".parquet"))
-    print(f"# output {storage.url('')}: " + {
-        "new": "new (nothing there yet)",
-        "resume": f"resumes an earlier run of this spec ({committed} shard(s) committed)",
-        "overwrite": f"will be overwritten ({len(output_files)} koala-batch file(s) deleted)",
-    }[output_state])
+    listing = state.listing
+    print(
+        f"# output {storage.url('')}: "
+        + {
+            "new": "new (nothing there yet)",
+            "resume": f"resumes an earlier run of this spec ({len(listing.committed)} shard(s) "
+            "committed)",
+            "overwrite": f"will be overwritten ({len(listing.own_files)} koala-batch file(s) "
+            "deleted)",
+        }[state.action]
+    )
     return EXIT_OK
 
 
@@ -95,9 +117,17 @@ def command_run(args: argparse.Namespace) -> int:
 
     record = run(_load(args))
     counts = record["counts"]
-    print(json.dumps({"output": record["spec"]["output"]["uri"], **counts,
-                      "wall_time_s": record["wall_time_s"],
-                      "images_per_s": record["images_per_s"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "output": record["spec"]["output"]["uri"],
+                **counts,
+                "wall_time_s": record["wall_time_s"],
+                "images_per_s": record["images_per_s"],
+            },
+            indent=2,
+        )
+    )
     return EXIT_OK
 
 
@@ -118,35 +148,32 @@ CHATTY_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "bot
 
 def configure_logging(verbose: bool) -> None:
     """INFO for everything; DEBUG for koala-batch alone with -v; storage clients quiet."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("koala_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from koala_batch.commit import OutputConflictError
-    from koala_batch.config import SpecError
-    from koala_batch.job import JobFailedError
-    from koala_batch.read import InputError
-
+    """Run the command line; returns the exit code (0 ok, 1 failed, 2 invalid)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     handlers = {"run": command_run, "validate": command_validate, "verify": command_verify}
     try:
         return handlers[args.command](args)
-    except (SpecError, InputError, OutputConflictError) as exc:
-        print(f"koala-batch: error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except JobFailedError as exc:
-        print(f"koala-batch: job failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001 - one readable line; the traceback with -v
+    except KoalaBatchError as exc:
+        print(f"koala-batch: {exc.headline or args.command + ' failed'}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
         if args.verbose:
             raise
-        print(f"koala-batch: {args.command} failed: {type(exc).__name__}: {exc}\n"
-              "(run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"koala-batch: {args.command} failed: {type(exc).__name__}: {exc}\n"
+            "(run with -v for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 

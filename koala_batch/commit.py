@@ -3,40 +3,44 @@
 - `claim_output` writes `_job.json` (the fingerprint of what decides the images) before
   anything else, and refuses an output prefix that holds another job or foreign files.
 - `load_committed` reads the committed manifests: their keys are skipped on resume.
-- `remove_leftovers` deletes tars without a manifest (a write cut short).
-- `write_success` writes `_SUCCESS`, the job record, as the job's last write.
+- `remove_leftovers` deletes what a write cut short (tars without a manifest, partials).
+- `build_job_record` and `write_success` write `_SUCCESS`, the job record, last.
+
+What a committed shard is, and where each file lives: `layout.py`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import posixpath
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec
+from koala_batch.errors import OutputConflictError
 from koala_batch.keys import KeySet, key_digest
-from koala_batch.storage import Storage, with_retries
-from koala_batch.write import (
+from koala_batch.layout import (
     JOB_FILE,
     MANIFESTS_DIR,
-    SHARDS_DIR,
     SUCCESS_FILE,
+    OutputListing,
+    list_output,
     manifest_path,
     summary_from_manifest,
     tar_path,
 )
+from koala_batch.schemas import Col
+from koala_batch.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 JOB_FILE_FORMAT = 1
-
-
-class OutputConflictError(RuntimeError):
-    """The output prefix holds something this job must not touch or resume."""
 
 
 @dataclass
@@ -51,82 +55,107 @@ class CommittedState:
         return sum(shard["rows"] for shard in self.shards.values())
 
 
-def _tree(storage: Storage) -> list[str]:
-    """Every file under the output prefix, relative to it."""
-    root = storage.path("")
+# Libraries whose upgrade can move pixels by a few levels without changing the spec.
+PIXEL_LIBRARIES = ("torch", "diffusers", "transformers")
 
-    def find() -> list[str]:
+
+def package_versions(
+    names: tuple[str, ...] = (
+        "koala-batch",
+        "ray",
+        "torch",
+        "diffusers",
+        "transformers",
+        "pyarrow",
+        "fsspec",
+        "s3fs",
+        "pydantic",
+        "pillow",
+        "numpy",
+    ),
+) -> dict[str, str]:
+    """Installed versions of the named distributions (those not installed are left out)."""
+    versions = {}
+    for name in names:
         try:
-            return storage.fs.find(root)
-        except FileNotFoundError:
-            return []
-
-    found = with_retries(find, f"list {storage.url('')}")
-    return sorted(posixpath.relpath(path, root) for path in found)
-
-
-def _is_root_partial(relative: str) -> bool:
-    """A half-written `_job.json` or `_SUCCESS` (local filesystems write aside, then rename)."""
-    return relative.startswith((f"{JOB_FILE}.", f"{SUCCESS_FILE}.")) and relative.endswith(".partial")
-
-
-def _is_own_file(relative: str) -> bool:
-    if relative in (JOB_FILE, SUCCESS_FILE) or _is_root_partial(relative):
-        return True
-    directory, _, name = relative.partition("/")
-    if "/" in name:
-        return False
-    if directory == SHARDS_DIR:
-        return name.endswith((".tar", ".partial"))
-    if directory == MANIFESTS_DIR:
-        return name.endswith((".parquet", ".partial"))
-    return False
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
 
 
 def job_file_contents(spec: JobSpec, run_id: str | None = None) -> dict[str, Any]:
-    from koala_batch import __version__
-
+    """What `_job.json` holds: the fingerprint, what it covers, the owning run."""
     return {
         "format": JOB_FILE_FORMAT,
-        "koala_batch_version": __version__,
+        "koala_batch_version": package_versions(("koala-batch",)).get(
+            "koala-batch", "0.0.0+unknown"
+        ),
         "fingerprint": spec.fingerprint(),
         "determined_by": spec.fingerprint_fields(),
+        # Not in the fingerprint (an upgrade must not block a resume), but a resume under
+        # other versions says so: its images may differ from the committed ones.
+        "versions": package_versions(PIXEL_LIBRARIES),
         # The run that owns the output now: writers of an earlier run, still alive after
         # their driver was killed, see another id and stop before committing.
         "run_id": run_id,
     }
 
 
-def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> tuple[str, list[str]]:
-    """Read-only: what a run would do with the output prefix, and the files there now.
+def version_changes(previous_job: dict[str, Any]) -> list[str]:
+    """'torch 2.12.0 -> 2.13.0' for each pixel library whose version differs from the
+    one `_job.json` recorded (nothing for a `_job.json` that recorded none)."""
+    before = previous_job.get("versions")
+    if not isinstance(before, dict):
+        return []
+    now = package_versions(PIXEL_LIBRARIES)
+    return [
+        f"{name} {before[name]} -> {now.get(name, 'not installed')}"
+        for name in PIXEL_LIBRARIES
+        if name in before and before[name] != now.get(name)
+    ]
 
-    Returns ("new" | "resume" | "overwrite", files). Refuses (OutputConflictError) a prefix
-    holding files koala-batch did not write, or the output of a job whose images would
-    differ (another fingerprint) unless `overwrite` is set.
+
+@dataclass(frozen=True)
+class OutputState:
+    """What a run would do with an output prefix, and what is there now."""
+
+    action: str  # "new", "resume" or "overwrite"
+    listing: OutputListing
+    previous_job: dict[str, Any] | None = None  # the `_job.json` a resume continues
+
+
+def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> OutputState:
+    """Read-only: what a run would do with the output prefix.
+
+    Refuses (OutputConflictError) a prefix holding files koala-batch did not write, or the
+    output of a job whose images would differ (another fingerprint) unless `overwrite`
+    is set.
     """
     try:
-        files = _tree(storage)
+        listing = list_output(storage)
     except PermissionError as exc:
         raise OutputConflictError(f"output {storage.url('')}: access denied ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - unreachable endpoint, bad config, ...
         raise OutputConflictError(
-            f"output {storage.url('')}: cannot list it ({type(exc).__name__}: {exc})") from None
-    foreign = [f for f in files if not _is_own_file(f)]
-    if foreign:
+            f"output {storage.url('')}: cannot list it ({type(exc).__name__}: {exc})"
+        ) from None
+    if listing.foreign:
+        foreign = listing.foreign
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise OutputConflictError(
             f"output {storage.url('')} holds files koala-batch did not write ({listed}); "
             "choose an empty or new output prefix. Nothing was written."
         )
     if overwrite:
-        return ("overwrite" if files else "new"), files
-    if JOB_FILE not in files:
-        if files:
+        return OutputState("overwrite" if listing.files else "new", listing)
+    if not listing.has_job_file:
+        if listing.files:
             raise OutputConflictError(
                 f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a "
                 "new output prefix or pass --overwrite"
             )
-        return "new", files
+        return OutputState("new", listing)
     try:
         existing = json.loads(storage.read_bytes(JOB_FILE))
     except (ValueError, OSError) as exc:
@@ -144,7 +173,7 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> tu
             "new output prefix, or pass --overwrite (output.overwrite: true) to delete that "
             "job's output first."
         )
-    return "resume", files
+    return OutputState("resume", listing, previous_job=existing)
 
 
 def claim_output(
@@ -155,28 +184,37 @@ def claim_output(
     Checks it first (`check_output`); `overwrite` deletes koala-batch's own files, never
     others. Then writes `_job.json` and removes a stale `_SUCCESS`.
     """
-    state, files = check_output(storage, spec, overwrite)
-    if state == "overwrite":
-        for relative in files:
+    state = check_output(storage, spec, overwrite)
+    if state.action == "overwrite":
+        for relative in state.listing.own_files:
             storage.remove(relative)
+    if state.previous_job is not None:
+        changes = version_changes(state.previous_job)
+        if changes:
+            logger.warning(
+                "resuming an output made with other library versions (%s): images "
+                "generated now may differ from the committed ones by a few levels",
+                ", ".join(changes),
+            )
     storage.write_bytes(JOB_FILE, json.dumps(job_file_contents(spec, run_id), indent=2).encode())
     storage.remove(SUCCESS_FILE)
-    return state == "resume"
+    return state.action == "resume"
 
 
 def load_committed(storage: Storage) -> CommittedState:
     """Committed shards (those with a manifest) and their keys; fails on any duplicate key."""
-    names = [name[: -len(".parquet")] for name in storage.list_files(MANIFESTS_DIR, ".parquet")]
+    names = list_output(storage).committed
 
     def read(shard: str):
         data = storage.read_bytes(manifest_path(shard))
-        return shard, pq.read_table(io.BytesIO(data), columns=["key", "status", "bytes", "ordinal"])
+        columns = [Col.KEY, Col.STATUS, Col.BYTES, Col.ORDINAL]
+        return shard, pq.read_table(io.BytesIO(data), columns=columns)
 
     shards: dict[str, dict[str, Any]] = {}
     digests: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for shard, manifest in pool.map(read, names):
-            keys = manifest.column("key").to_pylist()
+            keys = manifest.column(Col.KEY).to_pylist()
             digests.append(np.array([key_digest(key) for key in keys], dtype="S16"))
             shards[shard] = summary_from_manifest(storage, shard, manifest)
     everything = np.concatenate(digests) if digests else np.empty(0, "S16")
@@ -193,7 +231,7 @@ def load_committed(storage: Storage) -> CommittedState:
 def _shards_sharing_keys(names: list[str], digests: list[np.ndarray]) -> list[str]:
     owners: dict[bytes, str] = {}
     sharing: list[str] = []
-    for name, shard_digests in zip(names, digests):
+    for name, shard_digests in zip(names, digests, strict=True):
         for digest in shard_digests.tolist():
             if digest in owners and owners[digest] != name:
                 sharing.extend(n for n in (owners[digest], name) if n not in sharing)
@@ -209,14 +247,14 @@ def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
     late shard is retired (manifest first, then tar) when every one of its keys is
     committed by another shard. Returns the retired shard names.
     """
-    names = {name[: -len(".parquet")] for name in storage.list_files(MANIFESTS_DIR, ".parquet")}
+    names = set(list_output(storage).committed)
     late = sorted(names - known)
     if not late:
         return []
 
     def keys_of(shard: str) -> tuple[str, list[str]]:
         data = storage.read_bytes(manifest_path(shard))
-        return shard, pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()
+        return shard, pq.read_table(io.BytesIO(data), columns=[Col.KEY]).column(Col.KEY).to_pylist()
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         keys = dict(pool.map(keys_of, sorted(names)))
@@ -235,28 +273,55 @@ def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
     return retired
 
 
-def remove_leftovers(storage: Storage, committed: CommittedState) -> list[str]:
+def remove_leftovers(storage: Storage) -> list[str]:
     """Delete tars without a manifest and half-written files; return what was removed."""
     removed = []
-    for name in storage.list_files(SHARDS_DIR):
-        shard = name[: -len(".tar")] if name.endswith(".tar") else None
-        if shard is None or shard not in committed.shards:
-            storage.remove(f"{SHARDS_DIR}/{name}")
-            removed.append(f"{SHARDS_DIR}/{name}")
-    for name in storage.list_files(MANIFESTS_DIR, ".partial"):
-        storage.remove(f"{MANIFESTS_DIR}/{name}")
-        removed.append(f"{MANIFESTS_DIR}/{name}")
-    for name in storage.list_files("", ".partial"):
-        if _is_root_partial(name):
-            storage.remove(name)
-            removed.append(name)
+    for relative, _ in list_output(storage).leftovers:
+        storage.remove(relative)
+        removed.append(relative)
     return removed
+
+
+def build_job_record(
+    spec: JobSpec,
+    *,
+    started_at: str,
+    finished_at: str,
+    wall_time_s: float,
+    resumed: bool,
+    input_files: int,
+    input_rows: int,
+    shards: dict[str, dict[str, Any]],
+    written_this_run: int,
+) -> dict[str, Any]:
+    """The job record (`_SUCCESS`): what ran, with what, and every committed shard."""
+    planned = input_rows * spec.generation.images_per_prompt
+    total = sum(shard["rows"] for shard in shards.values())
+    failed = sum(shard["errors"] for shard in shards.values())
+    return {
+        "status": "succeeded",
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "wall_time_s": round(wall_time_s, 3),
+        "images_per_s": round(written_this_run / wall_time_s, 4) if wall_time_s > 0 else 0.0,
+        "resumed": resumed,
+        "counts": {
+            "input_files": input_files,
+            "input_rows": input_rows,
+            "images_planned": planned,
+            "images_committed": total,
+            "images_ok": total - failed,
+            "images_failed": failed,
+            "images_written_this_run": written_this_run,
+            "shards": len(shards),
+        },
+        "fingerprint": spec.fingerprint(),
+        "spec": spec.snapshot(),
+        "versions": package_versions(),
+        "shards": sorted(shards.values(), key=lambda shard: shard["first_ordinal"]),
+    }
 
 
 def write_success(storage: Storage, record: dict[str, Any]) -> None:
     """Write the job record as `_SUCCESS`: the job's last write."""
     storage.write_bytes(SUCCESS_FILE, json.dumps(record, indent=2, sort_keys=False).encode())
-
-
-def shard_paths(storage: Storage, shard: str) -> dict[str, str]:
-    return {"tar": storage.url(tar_path(shard)), "manifest": storage.url(manifest_path(shard))}

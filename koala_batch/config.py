@@ -19,9 +19,11 @@ from pydantic import (
     model_validator,
 )
 
+from koala_batch.errors import SpecError
+from koala_batch.model import preset_for
+from koala_batch.schemas import READ_COLUMNS, RESERVED_COLUMNS, Col
 
-class SpecError(ValueError):
-    """The job spec is invalid; the message names the field (and the file)."""
+__all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict"]
 
 
 class _Section(BaseModel):
@@ -33,9 +35,21 @@ StorageOptionValue = Annotated[
 ]
 
 SECRET_OPTION_NAMES = frozenset(
-    {"key", "secret", "token", "password", "aws_secret_access_key", "aws_session_token",
-     "session_token", "secret_key", "access_key", "aws_access_key_id", "sas_token",
-     "account_key", "client_secret"}
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "secret_key",
+        "access_key",
+        "aws_access_key_id",
+        "sas_token",
+        "account_key",
+        "client_secret",
+    }
 )
 
 
@@ -80,7 +94,8 @@ class InputSpec(_Section):
         "the file path and row index.",
     )
     negative_prompt_column: str | None = Field(
-        None, description="Optional per-row negative prompt; null rows use generation.negative_prompt."
+        None,
+        description="Optional per-row negative prompt; null rows use generation.negative_prompt.",
     )
     seed_column: str | None = Field(
         None,
@@ -109,14 +124,26 @@ class InputSpec(_Section):
     def _columns_are_distinct(self) -> InputSpec:
         if isinstance(self.uri, list) and not self.uri:
             raise ValueError("input.uri: the list of inputs is empty")
-        reserved = {"key", "image_index", "status", "error", "shard", "member", "sha256",
-                    "bytes", "seed", "steps", "guidance_scale", "width", "height", "model",
-                    "id", "prompt", "negative_prompt"}
-        clash = sorted(set(self.passthrough_columns) & reserved)
+        clash = sorted(set(self.passthrough_columns) & RESERVED_COLUMNS)
         if clash:
             raise ValueError(
-                f"input.passthrough_columns: {clash} clash with manifest columns of the same name"
+                f"input.passthrough_columns: {clash} clash with columns koala-batch writes "
+                "(manifest or internal columns of the same name); leave them out or rename "
+                "them in the input"
             )
+        roles = {
+            "prompt_column": self.prompt_column,
+            "id_column": self.id_column,
+            "negative_prompt_column": self.negative_prompt_column,
+            "seed_column": self.seed_column,
+        }
+        for role, column in roles.items():
+            if column in READ_COLUMNS:
+                # The read stage adds these next to the input columns it reads.
+                raise ValueError(
+                    f"input.{role}: {column!r} is a name koala-batch gives its own "
+                    f"provenance columns ({', '.join(READ_COLUMNS)}); rename it in the input"
+                )
         return self
 
 
@@ -147,7 +174,10 @@ class GenerationSpec(_Section):
     negative_prompt: str | None = Field(None, description="Negative prompt for every row.")
     images_per_prompt: int = Field(1, ge=1, le=1000, description="Images generated per row.")
     seed: int = Field(
-        0, ge=0, lt=2**63, description="Job seed; with the row id and image index it fixes each image."
+        0,
+        ge=0,
+        lt=2**63,
+        description="Job seed; with the row id and image index it fixes each image.",
     )
 
     @field_validator("width", "height")
@@ -287,8 +317,6 @@ class JobSpec(_Section):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the image bytes: model, dtype, sampler, seed policy, encoding."""
-        from koala_batch.model import preset_for
-
         preset = preset_for(self.model.name)
         return {
             "model": self.model.name,
@@ -313,20 +341,30 @@ class JobSpec(_Section):
             "quality": self.output.quality,
         }
 
+    def spec_constants(self) -> dict[str, Any]:
+        """The manifest columns whose value this spec fixes for every row."""
+        return {
+            Col.STEPS: self.resolved_steps,
+            Col.GUIDANCE_SCALE: self.resolved_guidance_scale,
+            Col.WIDTH: self.generation.width,
+            Col.HEIGHT: self.generation.height,
+            Col.MODEL: self.model.name,
+            Col.IMAGE_FORMAT: self.output.image_format,
+        }
+
     def fingerprint(self) -> str:
+        """sha256 of `fingerprint_fields`: equal fingerprints give equal images."""
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     @property
     def resolved_steps(self) -> int:
-        from koala_batch.model import preset_for
-
+        """generation.steps, or the model preset's."""
         return self.generation.steps or preset_for(self.model.name).steps
 
     @property
     def resolved_guidance_scale(self) -> float:
-        from koala_batch.model import preset_for
-
+        """generation.guidance_scale, or the model preset's."""
         if self.generation.guidance_scale is not None:
             return self.generation.guidance_scale
         return preset_for(self.model.name).guidance_scale
@@ -380,9 +418,8 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             message = "required field is missing"
         got = error.get("input")
         detail = ""
-        if (
-            error["type"] not in ("missing", "extra_forbidden", "value_error")
-            and not isinstance(got, dict)
+        if error["type"] not in ("missing", "extra_forbidden", "value_error") and not isinstance(
+            got, dict
         ):
             # Never echo what was given for a storage option: it may be a credential.
             detail = "" if "storage_options" in where else f" (got {got!r})"

@@ -12,9 +12,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from koala_batch.validate import STATUS_OK
-
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+from koala_batch.schemas import STATUS_OK, Col, require_columns
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -41,12 +39,13 @@ class EncodeImages:
         self.shape = (height, width, 3)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        statuses = table.column("status").to_pylist()
-        raw = table.column("pixels").to_pylist()
+        require_columns(table, (Col.STATUS, Col.PIXELS), "encode")
+        statuses = table.column(Col.STATUS).to_pylist()
+        raw = table.column(Col.PIXELS).to_pylist()
         encoded: list[bytes | None] = []
         digests: list[str | None] = []
         sizes: list[int] = []
-        for status, pixels in zip(statuses, raw):
+        for status, pixels in zip(statuses, raw, strict=True):
             if status != STATUS_OK:
                 encoded.append(None)
                 digests.append(None)
@@ -57,7 +56,7 @@ class EncodeImages:
             encoded.append(data)
             digests.append(hashlib.sha256(data).hexdigest())
             sizes.append(len(data))
-        table = table.drop_columns(["pixels"])
-        table = table.append_column("image", pa.array(encoded, pa.binary()))
-        table = table.append_column("sha256", pa.array(digests, pa.string()))
-        return table.append_column("bytes", pa.array(sizes, pa.int64()))
+        table = table.drop_columns([Col.PIXELS])
+        table = table.append_column(Col.IMAGE, pa.array(encoded, pa.binary()))
+        table = table.append_column(Col.SHA256, pa.array(digests, pa.string()))
+        return table.append_column(Col.BYTES, pa.array(sizes, pa.int64()))

@@ -17,9 +17,12 @@ import pyarrow as pa
 
 from koala_batch.config import JobSpec
 from koala_batch.model import load_pipeline, pick_device
-from koala_batch.validate import STATUS_ERROR, STATUS_OK
+from koala_batch.schemas import STATUS_ERROR, STATUS_OK, Col, require_columns
 
 logger = logging.getLogger(__name__)
+
+
+_NEEDED_COLUMNS = (Col.STATUS, Col.ERROR, Col.PROMPT, Col.NEGATIVE_PROMPT, Col.SEED)
 
 
 class ImageGenerationError(RuntimeError):
@@ -55,7 +58,7 @@ class GenerateImages:
 
     # One call of the pipeline: the part tests and fault injection replace.
     def run_pipeline(
-        self, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int]
+        self, prompts: list[str], negative_prompts: list[str | None] | None, seeds: list[int]
     ) -> np.ndarray:
         import torch
 
@@ -82,7 +85,7 @@ class GenerateImages:
             if tokenizer is None or not present:
                 continue
             encoded = tokenizer([prompts[i] for i in present], truncation=False, verbose=False)
-            for i, ids in zip(present, encoded.input_ids):
+            for i, ids in zip(present, encoded.input_ids, strict=True):
                 truncated[i] = truncated[i] or len(ids) > tokenizer.model_max_length
         return truncated
 
@@ -98,14 +101,16 @@ class GenerateImages:
         for index, negative in enumerate(negatives):
             groups.setdefault(negative is not None, []).append(index)
         for has_negative, indices in groups.items():
-            self._generate_split(indices, prompts, negatives if has_negative else None, seeds, results)
+            self._generate_split(
+                indices, prompts, negatives if has_negative else None, seeds, results
+            )
         return results
 
     def _generate_split(
         self,
         indices: Sequence[int],
         prompts: list[str],
-        negatives: list[str | None] | None,
+        negatives: Sequence[str | None] | None,
         seeds: list[int],
         results: list[Any],
     ) -> None:
@@ -118,8 +123,12 @@ class GenerateImages:
         except Exception as exc:  # noqa: BLE001 - every failure is retried smaller or recorded
             self._release_memory()
             if len(indices) > 1:
-                logger.warning("batch of %d failed (%s: %s); retrying in halves",
-                               len(indices), type(exc).__name__, exc)
+                logger.warning(
+                    "batch of %d failed (%s: %s); retrying in halves",
+                    len(indices),
+                    type(exc).__name__,
+                    exc,
+                )
                 middle = len(indices) // 2
                 self._generate_split(indices[:middle], prompts, negatives, seeds, results)
                 self._generate_split(indices[middle:], prompts, negatives, seeds, results)
@@ -151,27 +160,30 @@ class GenerateImages:
             torch.cuda.empty_cache()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        statuses = table.column("status").to_pylist()
-        errors = table.column("error").to_pylist()
-        prompts = table.column("prompt").to_pylist()
-        negatives = table.column("negative_prompt").to_pylist()
-        seeds = table.column("seed").to_pylist()
+        require_columns(table, _NEEDED_COLUMNS, "generate")
+        statuses = table.column(Col.STATUS).to_pylist()
+        errors = table.column(Col.ERROR).to_pylist()
+        prompts = table.column(Col.PROMPT).to_pylist()
+        negatives = table.column(Col.NEGATIVE_PROMPT).to_pylist()
+        seeds = table.column(Col.SEED).to_pylist()
         todo = [i for i, status in enumerate(statuses) if status == STATUS_OK]
         pixels: list[bytes] = [b""] * table.num_rows
         if todo:
             outcomes = self.generate(
                 [prompts[i] for i in todo], [negatives[i] for i in todo], [seeds[i] for i in todo]
             )
-            for row, outcome in zip(todo, outcomes):
+            for row, outcome in zip(todo, outcomes, strict=True):
                 if isinstance(outcome, ImageGenerationError):
                     statuses[row] = STATUS_ERROR
                     errors[row] = str(outcome)
                 else:
                     pixels[row] = outcome.tobytes()
         truncated = self.truncated_prompts(prompts)
-        table = table.set_column(table.schema.get_field_index("status"), "status",
-                                 pa.array(statuses, pa.string()))
-        table = table.set_column(table.schema.get_field_index("error"), "error",
-                                 pa.array(errors, pa.string()))
-        table = table.append_column("prompt_truncated", pa.array(truncated, pa.bool_()))
-        return table.append_column("pixels", pa.array(pixels, pa.binary()))
+        table = table.set_column(
+            table.schema.get_field_index(Col.STATUS), Col.STATUS, pa.array(statuses, pa.string())
+        )
+        table = table.set_column(
+            table.schema.get_field_index(Col.ERROR), Col.ERROR, pa.array(errors, pa.string())
+        )
+        table = table.append_column(Col.PROMPT_TRUNCATED, pa.array(truncated, pa.bool_()))
+        return table.append_column(Col.PIXELS, pa.array(pixels, pa.binary()))

@@ -2,6 +2,8 @@
 
 `build_dataset` assembles the whole graph top to bottom:
 read -> validate -> generate (GPU actors) -> encode -> write and commit.
+This module also owns the Ray session; the commit protocol and the job record live in
+`commit.py`.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import logging
 import os
 import time
 import uuid
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from koala_batch.commit import (
     CommittedState,
+    build_job_record,
     claim_output,
     load_committed,
     remove_leftovers,
@@ -24,14 +28,31 @@ from koala_batch.commit import (
 )
 from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
 from koala_batch.encode import EncodeImages
+from koala_batch.errors import InputError, JobFailedError, UsageError
 from koala_batch.generate import GenerateImages
 from koala_batch.keys import KeySet
-from koala_batch.read import InputError, InputPlan, ReadRowGroups, plan_input
+from koala_batch.layout import MANIFESTS_DIR
+from koala_batch.read import InputPlan, ReadRowGroups, plan_input
+from koala_batch.schemas import SUMMARY_SCHEMA
 from koala_batch.storage import Storage
 from koala_batch.validate import ExpandImages
-from koala_batch.write import SUMMARY_SCHEMA, WriteShard
+from koala_batch.write import WriteShard
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a caller (a test, a benchmark) puts in place of the spec's own parts.
+
+    The filesystems replace those built from the input and output URLs and their storage
+    options; they travel to the Ray workers, so they must pickle. `generator_cls`
+    replaces the generation stage (same constructor, same table in and out).
+    """
+
+    input_filesystem: Any | None = None
+    output_filesystem: Any | None = None
+    generator_cls: type[GenerateImages] = GenerateImages
 
 
 QUIET_WORKER_ENV = {
@@ -40,10 +61,6 @@ QUIET_WORKER_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-
-
-class JobFailedError(RuntimeError):
-    """The job ran but its result is not acceptable (too many failed images, say)."""
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -108,14 +125,13 @@ def build_dataset(
     plan: InputPlan,
     committed_keys: KeySet | None = None,
     *,
-    input_filesystem: Any | None = None,
-    output_filesystem: Any | None = None,
-    generator_cls: type[GenerateImages] = GenerateImages,
     run_id: str | None = None,
+    overrides: Overrides | None = None,
 ):
     """The Ray Data graph of a job, top to bottom; its rows are per-shard stats."""
     import ray.data
 
+    overrides = overrides or Overrides()
     compute = spec.compute
     task_args: dict[str, Any] = {}
     actor_args: dict[str, Any] = {}
@@ -135,17 +151,24 @@ def build_dataset(
     # Light stages run as tasks: their instances are built here and shipped to each task.
     dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     dataset = dataset.map_batches(
-        ReadRowGroups(spec.input, input_filesystem), batch_size=1, batch_format="pyarrow", num_cpus=0.25, **task_args
+        ReadRowGroups(spec.input, overrides.input_filesystem),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        **task_args,
     )
     dataset = dataset.map_batches(
-        ExpandImages(spec, committed_keys), batch_size=None, batch_format="pyarrow",
-        num_cpus=0.25, **task_args,
+        ExpandImages(spec, committed_keys),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        **task_args,
     )
     # Blocks of exactly one pipeline call, so every actor gets work (a whole Parquet
     # file would otherwise feed a single actor).
     dataset = dataset.repartition(target_num_rows_per_block=compute.batch_size, strict=True)
     dataset = dataset.map_batches(
-        generator_cls,
+        overrides.generator_cls,
         fn_constructor_kwargs={
             "spec": spec,
             "torch_threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
@@ -160,30 +183,27 @@ def build_dataset(
         **actor_args,
     )
     dataset = dataset.map_batches(
-        EncodeImages(spec.output.image_format, spec.output.quality, spec.generation.width,
-                     spec.generation.height),
-        batch_size=None, batch_format="pyarrow", num_cpus=1, **task_args,
+        EncodeImages(
+            spec.output.image_format,
+            spec.output.quality,
+            spec.generation.width,
+            spec.generation.height,
+        ),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+        **task_args,
     )
     # Blocks of exactly rows_per_shard images: one block, one shard.
     dataset = dataset.repartition(target_num_rows_per_block=spec.output.rows_per_shard, strict=True)
     dataset = dataset.map_batches(
-        WriteShard(spec, output_filesystem, run_id), batch_size=None, batch_format="pyarrow",
-        num_cpus=0.5, **task_args,
+        WriteShard(spec, overrides.output_filesystem, run_id),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        **task_args,
     )
     return dataset
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("koala-batch", "ray", "torch", "diffusers", "transformers", "pyarrow",
-                 "fsspec", "s3fs", "pydantic", "pillow", "numpy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return versions
 
 
 def _configure_ray_data() -> None:
@@ -202,29 +222,29 @@ def generate_remaining(
     plan: InputPlan,
     committed: CommittedState,
     run_id: str | None = None,
-    *,
-    input_filesystem: Any | None = None,
-    output_filesystem: Any | None = None,
-    generator_cls: type[GenerateImages] = GenerateImages,
+    overrides: Overrides | None = None,
 ) -> list[dict[str, Any]]:
     """Run the Ray Data graph over what is not committed; the stats of the shards it wrote."""
     started_ray = connect_ray(spec)
     written: list[dict[str, Any]] = []
     try:
         _configure_ray_data()
-        dataset = build_dataset(spec, plan, committed.keys, input_filesystem=input_filesystem,
-                                output_filesystem=output_filesystem, generator_cls=generator_cls,
-                                run_id=run_id)
+        dataset = build_dataset(spec, plan, committed.keys, run_id=run_id, overrides=overrides)
         remaining = plan.num_rows * spec.generation.images_per_prompt - len(committed.keys)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
                 written.append(shard)
-                logger.info("committed shard %s: %d images (%d errors); %d of %d this run",
-                            shard["shard"], shard["rows"], shard["errors"],
-                            sum(s["rows"] for s in written), remaining)
-    except (InputError, JobFailedError):
+                logger.info(
+                    "committed shard %s: %d images (%d errors); %d of %d this run",
+                    shard["shard"],
+                    shard["rows"],
+                    shard["errors"],
+                    sum(s["rows"] for s in written),
+                    remaining,
+                )
+    except (UsageError, JobFailedError):
         raise
-    except Exception as exc:  # noqa: BLE001 - Ray wraps the cause in layers of text
+    except Exception as exc:
         cause = root_cause(exc)
         if isinstance(cause, InputError):
             raise cause from None
@@ -242,86 +262,82 @@ def generate_remaining(
 
 def run(
     spec: JobSpec | dict[str, Any] | str | Path,
-    *,
-    input_filesystem: Any | None = None,
-    output_filesystem: Any | None = None,
-    generator_cls: type[GenerateImages] = GenerateImages,
+    overrides: Overrides | None = None,
 ) -> dict[str, Any]:
     """Run a job to completion and return its record (also written as OUTPUT/_SUCCESS).
 
     Resumes an earlier run of the same spec on the same output: only images not yet
-    committed are generated. `input_filesystem`/`output_filesystem` replace the
-    filesystems built from the spec's URLs and storage options (they must pickle: they
-    travel to the Ray workers).
+    committed are generated. `overrides` replaces the filesystems or the generator
+    (tests, benchmarks).
     """
     spec = coerce_spec(spec)
+    overrides = overrides or Overrides()
     started = time.time()
-    started_at = datetime.now(timezone.utc).isoformat()
+    started_at = datetime.now(UTC).isoformat()
 
     # Input problems fail here, before Ray starts or any model loads.
-    plan = plan_input(spec.input, input_filesystem)
+    plan = plan_input(spec.input, overrides.input_filesystem)
     planned_images = plan.num_rows * spec.generation.images_per_prompt
-    logger.info("input: %d files, %d rows, %d images planned", len(plan.files), plan.num_rows,
-                planned_images)
+    logger.info(
+        "input: %d files, %d rows, %d images planned",
+        len(plan.files),
+        plan.num_rows,
+        planned_images,
+    )
 
-    storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options),
-                      output_filesystem)
+    storage = Storage(
+        spec.output.uri,
+        reveal_storage_options(spec.output.storage_options),
+        overrides.output_filesystem,
+    )
     run_id = uuid.uuid4().hex
     resumed = claim_output(storage, spec, overwrite=spec.output.overwrite, run_id=run_id)
     committed = load_committed(storage) if resumed else CommittedState()
     if resumed:
-        removed = remove_leftovers(storage, committed)
-        logger.info("resuming: %d images in %d shards already committed; %d leftovers removed",
-                    committed.images, len(committed.shards), len(removed))
+        removed = remove_leftovers(storage)
+        logger.info(
+            "resuming: %d images in %d shards already committed; %d leftovers removed",
+            committed.images,
+            len(committed.shards),
+            len(removed),
+        )
 
     written: list[dict[str, Any]] = []
     if planned_images > len(committed.keys):
-        written = generate_remaining(spec, plan, committed, run_id,
-                                     input_filesystem=input_filesystem,
-                                     output_filesystem=output_filesystem,
-                                     generator_cls=generator_cls)
+        written = generate_remaining(spec, plan, committed, run_id, overrides)
     shards = {**committed.shards, **{shard["shard"]: shard for shard in written}}
     retired = retire_late_duplicates(storage, set(shards))
     if retired:
-        logger.warning("retired %d shard(s) committed late by a killed earlier run and "
-                       "regenerated by this one: %s", len(retired), ", ".join(retired))
-    written_this_run = sum(shard["rows"] for shard in written)
-
-    wall_time = time.time() - started
-    total_rows = sum(shard["rows"] for shard in shards.values())
-    failed = sum(shard["errors"] for shard in shards.values())
-    record = {
-        "status": "succeeded",
-        "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "wall_time_s": round(wall_time, 3),
-        "images_per_s": round(written_this_run / wall_time, 4) if wall_time > 0 else 0.0,
-        "resumed": resumed,
-        "counts": {
-            "input_files": len(plan.files),
-            "input_rows": plan.num_rows,
-            "images_planned": planned_images,
-            "images_committed": total_rows,
-            "images_ok": total_rows - failed,
-            "images_failed": failed,
-            "images_written_this_run": written_this_run,
-            "shards": len(shards),
-        },
-        "fingerprint": spec.fingerprint(),
-        "spec": spec.snapshot(),
-        "versions": package_versions(),
-        "shards": sorted(shards.values(), key=lambda shard: shard["first_ordinal"]),
-    }
-    if total_rows != planned_images:
-        raise JobFailedError(
-            f"{total_rows} images are committed but {planned_images} were planned; "
-            "rerun the job to resume, then run `koala-batch verify`"
+        logger.warning(
+            "retired %d shard(s) committed late by a killed earlier run and "
+            "regenerated by this one: %s",
+            len(retired),
+            ", ".join(retired),
         )
+
+    record = build_job_record(
+        spec,
+        started_at=started_at,
+        finished_at=datetime.now(UTC).isoformat(),
+        wall_time_s=time.time() - started,
+        resumed=resumed,
+        input_files=len(plan.files),
+        input_rows=plan.num_rows,
+        shards=shards,
+        written_this_run=sum(shard["rows"] for shard in written),
+    )
+    counts = record["counts"]
+    if counts["images_committed"] != planned_images:
+        raise JobFailedError(
+            f"{counts['images_committed']} images are committed but {planned_images} were "
+            "planned; rerun the job to resume, then run `koala-batch verify`"
+        )
+    failed = counts["images_failed"]
     if planned_images and failed / planned_images > spec.output.max_failed_fraction:
         raise JobFailedError(
             f"{failed} of {planned_images} images failed ({failed / planned_images:.1%}), more "
             f"than output.max_failed_fraction={spec.output.max_failed_fraction}; see the "
-            f"manifests' error column under {storage.url('manifests')}"
+            f"manifests' error column under {storage.url(MANIFESTS_DIR)}"
         )
     write_success(storage, record)
     return record

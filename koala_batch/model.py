@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from koala_batch.errors import UnsafeWeightsError
+
 if TYPE_CHECKING:  # torch and diffusers are heavy: import them where the model is built
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -96,7 +98,7 @@ def _byte_to_unicode_table() -> dict[int, str]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
 
 
 def build_clip_tokenizer():
@@ -219,10 +221,6 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------
 # Loading
-
-
-class UnsafeWeightsError(ValueError):
-    """The model directory holds pickle weights only; they are never loaded."""
 
 
 def resolve_model_source(name: str, cache_dir: Path | None = None) -> str:

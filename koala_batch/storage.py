@@ -12,24 +12,31 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from koala_batch.errors import StorageError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Suffix of a local file being written aside before its rename into place.
+PARTIAL_SUFFIX = ".partial"
+
 # Errors that mean "the request did not go through, try again"; a missing file or a
 # refused permission is an answer, not a fault, and is never retried.
-_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-                     NotADirectoryError)
-
-
-class StorageError(OSError):
-    """A storage operation failed for good; the message names the URL."""
+_PERMANENT_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    StorageError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -50,7 +57,7 @@ def with_retries(
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except Exception as exc:  # noqa: BLE001 - classified just below
+        except Exception as exc:
             if not is_transient(exc) or attempt == attempts:
                 if isinstance(exc, OSError):
                     # Name what failed: the error often does not (an object store's
@@ -58,8 +65,15 @@ def with_retries(
                     tries = f"after {attempt} attempts" if attempt > 1 else "not retried"
                     exc.add_note(f"koala-batch storage: {describe} failed ({tries})")
                 raise
-            logger.warning("%s failed (%s: %s); retry %d of %d in %.1fs", describe,
-                           type(exc).__name__, exc, attempt, attempts - 1, delay)
+            logger.warning(
+                "%s failed (%s: %s); retry %d of %d in %.1fs",
+                describe,
+                type(exc).__name__,
+                exc,
+                attempt,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
@@ -79,8 +93,9 @@ def is_local(fs: Any) -> bool:
 class Storage:
     """A filesystem and a root prefix; all paths given to it are relative to the root."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None,
-                 filesystem: Any | None = None):
+    def __init__(
+        self, uri: str, storage_options: dict[str, Any] | None = None, filesystem: Any | None = None
+    ):
         if filesystem is not None:
             self.fs = filesystem
             self.root = filesystem._strip_protocol(uri).rstrip("/")
@@ -96,7 +111,9 @@ class Storage:
 
     def path(self, relative: str) -> str:
         """Absolute filesystem path of a relative one; refuses anything leaving the root."""
-        normalized = posixpath.normpath(posixpath.join(self.root, relative)) if relative else self.root
+        normalized = (
+            posixpath.normpath(posixpath.join(self.root, relative)) if relative else self.root
+        )
         if not self.root:
             return normalized
         if normalized != self.root and not normalized.startswith(self.root + "/"):
@@ -110,10 +127,14 @@ class Storage:
     # reads ---------------------------------------------------------------------------
 
     def exists(self, relative: str) -> bool:
-        return with_retries(lambda: self.fs.exists(self.path(relative)), f"exists {self.url(relative)}")
+        return with_retries(
+            lambda: self.fs.exists(self.path(relative)), f"exists {self.url(relative)}"
+        )
 
     def read_bytes(self, relative: str) -> bytes:
-        return with_retries(lambda: self.fs.cat_file(self.path(relative)), f"read {self.url(relative)}")
+        return with_retries(
+            lambda: self.fs.cat_file(self.path(relative)), f"read {self.url(relative)}"
+        )
 
     def list_files(self, relative_dir: str, suffix: str = "") -> list[str]:
         """Names (not paths) of the files directly under a directory, sorted; [] if absent."""
@@ -151,7 +172,7 @@ class Storage:
             return
         directory = posixpath.dirname(target)
         with_retries(lambda: self.fs.makedirs(directory, exist_ok=True), f"mkdir {directory}")
-        aside = f"{target}.{uuid.uuid4().hex}.partial"
+        aside = f"{target}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
 
         def write_aside_and_rename() -> None:
             try:
@@ -175,9 +196,7 @@ class Storage:
         target = self.path(relative)
 
         def remove_if_present() -> None:
-            try:
+            with suppress(FileNotFoundError):
                 self.fs.rm_file(target)
-            except FileNotFoundError:
-                pass
 
         with_retries(remove_if_present, f"remove {self.url(relative)}")

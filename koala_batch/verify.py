@@ -39,20 +39,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec, reveal_storage_options
-from koala_batch.encode import EXTENSIONS
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.storage import Storage, with_retries
-from koala_batch.validate import STATUS_ERROR, STATUS_OK
-from koala_batch.write import (
+from koala_batch.layout import (
+    EXTENSIONS,
     JOB_FILE,
-    MANIFEST_COLUMNS,
-    MANIFEST_FIELDS,
     MANIFESTS_DIR,
-    SHARDS_DIR,
     SUCCESS_FILE,
+    image_member,
+    list_output,
     manifest_path,
+    sidecar_member,
     tar_path,
 )
+from koala_batch.read import ReadRowGroups, plan_input
+from koala_batch.schemas import (
+    MANIFEST_COLUMNS,
+    MANIFEST_FIELDS,
+    SPEC_CONSTANT_COLUMNS,
+    STATUS_ERROR,
+    STATUS_OK,
+    Col,
+)
+from koala_batch.storage import Storage, with_retries
+from koala_batch.validate import ExpandImages
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,8 +70,19 @@ R = TypeVar("R")
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 # Manifest columns each row check reads.
-_ROW_COLUMNS = ["key", "id", "image_index", "width", "height", "image_format", "shard", "member",
-                "sha256", "bytes", "status", "error", "ordinal", "steps", "guidance_scale", "model"]
+_ROW_COLUMNS = [
+    Col.KEY,
+    Col.ID,
+    Col.IMAGE_INDEX,
+    Col.SHARD,
+    Col.MEMBER,
+    Col.SHA256,
+    Col.BYTES,
+    Col.STATUS,
+    Col.ERROR,
+    Col.ORDINAL,
+    *SPEC_CONSTANT_COLUMNS,
+]
 
 
 @dataclass
@@ -96,14 +116,17 @@ class VerifyReport:
             f"{self.images_checked}"
         )
         if self.expected_images is not None:
-            lines.append(f"  input: {self.expected_images} image(s) planned, "
-                         f"{self.missing_inputs} missing")
+            lines.append(
+                f"  input: {self.expected_images} image(s) planned, {self.missing_inputs} missing"
+            )
         lines.append(f"  {SUCCESS_FILE}: {'present' if self.success_present else 'absent'}")
         for note in self.notes:
             lines.append(f"  note: {note}")
         if self.leftovers:
-            lines.append(f"  leftovers ({len(self.leftovers)}; not committed, ignored by readers, "
-                         "removed by a resumed run):")
+            lines.append(
+                f"  leftovers ({len(self.leftovers)}; not committed, ignored by readers, "
+                "removed by a resumed run):"
+            )
             lines.extend(f"    {leftover}" for leftover in self.leftovers)
         total = max(self.problems_total, len(self.problems))
         if total:
@@ -113,8 +136,10 @@ class VerifyReport:
                 lines.append(f"    ... and {total - len(self.problems)} more")
             lines.append(f"FAILED: {total} problem(s)")
         else:
-            lines.append(f"OK: {self.shards_checked} shard(s), {self.rows_checked} row(s), "
-                         f"{self.images_checked} image(s) verified")
+            lines.append(
+                f"OK: {self.shards_checked} shard(s), {self.rows_checked} row(s), "
+                f"{self.images_checked} image(s) verified"
+            )
         return "\n".join(lines)
 
 
@@ -148,8 +173,9 @@ class _ShardResult:
     identities: list[tuple[str | None, Any, Any, str | None]] = field(default_factory=list)
 
 
-def _bounded_map(pool: ThreadPoolExecutor, function: Callable[[T], R], items: list[T],
-                 in_flight: int) -> Iterator[R]:
+def _bounded_map(
+    pool: ThreadPoolExecutor, function: Callable[[T], R], items: list[T], in_flight: int
+) -> Iterator[R]:
     """`pool.map` in order, with at most `in_flight` items started and not yet consumed,
     so memory stays a few shards (or row groups) however large the output."""
     pending: deque[Future[R]] = deque()
@@ -174,14 +200,17 @@ def _check_schema(name: str, schema: pa.Schema, problems: _Problems) -> bool:
     """Problems for missing or mistyped manifest columns; False when rows cannot be checked."""
     missing = [column for column in MANIFEST_COLUMNS if column not in schema.names]
     if missing:
-        problems.add(f"shard {name}: manifest {manifest_path(name)} lacks column(s) "
-                     f"{', '.join(missing)}")
+        problems.add(
+            f"shard {name}: manifest {manifest_path(name)} lacks column(s) {', '.join(missing)}"
+        )
         return False
     for expected in MANIFEST_FIELDS:
         actual = schema.field(expected.name).type
         if actual != expected.type:
-            problems.add(f"shard {name}: manifest column {expected.name!r} has type {actual}, "
-                         f"expected {expected.type}")
+            problems.add(
+                f"shard {name}: manifest column {expected.name!r} has type {actual}, "
+                f"expected {expected.type}"
+            )
     return True
 
 
@@ -200,92 +229,118 @@ def _check_rows(
     off_spec: Counter[tuple[str, Any]] = Counter()
     misnamed: dict[Any, list[str | None]] = {}
     for row in rows:
-        key, row_id, image_index = row["key"], row["id"], row["image_index"]
+        key, row_id, image_index = row[Col.KEY], row[Col.ID], row[Col.IMAGE_INDEX]
         derived = None
         if key is None or row_id is None or image_index is None:
-            problems.add(f"shard {name}: a row has a null key, id or image_index "
-                         f"(key={_short(key)}, id={_short(row_id)}, image_index={image_index})")
+            problems.add(
+                f"shard {name}: a row has a null key, id or image_index "
+                f"(key={_short(key)}, id={_short(row_id)}, image_index={image_index})"
+            )
         else:
             expected_key = sample_key(str(row_id), int(image_index))
             if key != expected_key:
                 derived = expected_key
-                problems.add(f"shard {name}: key {key} does not derive from its id "
-                             f"{_short(row_id)} and image {image_index} (expected {expected_key})")
+                problems.add(
+                    f"shard {name}: key {key} does not derive from its id "
+                    f"{_short(row_id)} and image {image_index} (expected {expected_key})"
+                )
         result.identities.append((key, row_id, image_index, derived))
-        if row["shard"] != name:
-            misnamed.setdefault(row["shard"], []).append(key)
+        if row[Col.SHARD] != name:
+            misnamed.setdefault(row[Col.SHARD], []).append(key)
         if constants:
             for column, value in constants.items():
                 if row[column] != value:
                     off_spec[(column, row[column])] += 1
-        status = row["status"]
+        status = row[Col.STATUS]
         if key is not None:
             statuses[key] = status
         if status == STATUS_OK:
             result.rows_ok += 1
-            image_format = row["image_format"]
+            image_format = row[Col.IMAGE_FORMAT]
             if image_format not in EXTENSIONS:
-                problems.add(f"shard {name}: key {key} has unknown image_format "
-                             f"{_short(image_format)}")
+                problems.add(
+                    f"shard {name}: key {key} has unknown image_format {_short(image_format)}"
+                )
                 continue
-            member = f"{key}.{EXTENSIONS[image_format]}"
-            if row["member"] != member:
-                problems.add(f"shard {name}: key {key} names member {_short(row['member'])}, "
-                             f"expected {member}")
-            if not row["sha256"]:
+            member = image_member(key, image_format)
+            if row[Col.MEMBER] != member:
+                problems.add(
+                    f"shard {name}: key {key} names member {_short(row[Col.MEMBER])}, "
+                    f"expected {member}"
+                )
+            if not row[Col.SHA256]:
                 problems.add(f"shard {name}: ok row {key} has no sha256")
             images[member] = row
-            sidecars[f"{key}.json"] = row
+            sidecars[sidecar_member(key)] = row
         else:
             if status != STATUS_ERROR:
                 problems.add(f"shard {name}: key {key} has unknown status {_short(status)}")
-            if not row["error"] or not str(row["error"]).strip():
+            if not row[Col.ERROR] or not str(row[Col.ERROR]).strip():
                 problems.add(f"shard {name}: error row {key} has no error message")
-            if row["member"] is not None:
-                problems.add(f"shard {name}: error row {key} names member "
-                             f"{_short(row['member'])}; error rows have no image")
+            if row[Col.MEMBER] is not None:
+                problems.add(
+                    f"shard {name}: error row {key} names member "
+                    f"{_short(row[Col.MEMBER])}; error rows have no image"
+                )
     for other, keys in sorted(misnamed.items(), key=lambda item: str(item[0])):
-        problems.add(f"shard {name}: {len(keys)} row(s) (key {keys[0]}, ...) say shard "
-                     f"{_short(other)}, but their manifest is {manifest_path(name)}")
+        problems.add(
+            f"shard {name}: {len(keys)} row(s) (key {keys[0]}, ...) say shard "
+            f"{_short(other)}, but their manifest is {manifest_path(name)}"
+        )
     for (column, value), count in sorted(off_spec.items(), key=lambda item: str(item[0])):
-        problems.add(f"shard {name}: {count} row(s) have {column}={_short(value)}, the spec says "
-                     f"{_short(constants[column])}")
+        expected = constants[column] if constants else None
+        problems.add(
+            f"shard {name}: {count} row(s) have {column}={_short(value)}, the spec says "
+            f"{_short(expected)}"
+        )
     return images, sidecars, statuses
 
 
-def _check_image(name: str, member: str, data: bytes, row: dict[str, Any],
-                 problems: _Problems) -> bool:
+def _check_image(
+    name: str, member: str, data: bytes, row: dict[str, Any], problems: _Problems
+) -> bool:
     """Bytes, digest and decoded size of one image member; True when it decoded."""
     from PIL import Image
 
-    key = row["key"]
-    if len(data) != row["bytes"]:
-        problems.add(f"shard {name}: member {member} (key {key}) has {len(data)} bytes, the "
-                     f"manifest says {row['bytes']}")
+    key = row[Col.KEY]
+    if len(data) != row[Col.BYTES]:
+        problems.add(
+            f"shard {name}: member {member} (key {key}) has {len(data)} bytes, the "
+            f"manifest says {row[Col.BYTES]}"
+        )
     digest = hashlib.sha256(data).hexdigest()
-    if row["sha256"] and digest != row["sha256"]:
-        problems.add(f"shard {name}: member {member} (key {key}) has sha256 {digest}, the "
-                     f"manifest says {row['sha256']}")
+    if row[Col.SHA256] and digest != row[Col.SHA256]:
+        problems.add(
+            f"shard {name}: member {member} (key {key}) has sha256 {digest}, the "
+            f"manifest says {row[Col.SHA256]}"
+        )
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             decoded_format, size = image.format, image.size
     except Exception as exc:  # noqa: BLE001 - any decode failure is the finding
-        problems.add(f"shard {name}: member {member} (key {key}) does not decode as an image: "
-                     f"{type(exc).__name__}: {exc}")
+        problems.add(
+            f"shard {name}: member {member} (key {key}) does not decode as an image: "
+            f"{type(exc).__name__}: {exc}"
+        )
         return False
-    if size != (row["width"], row["height"]):
-        problems.add(f"shard {name}: member {member} (key {key}) is {size[0]}x{size[1]}, the "
-                     f"manifest says {row['width']}x{row['height']}")
-    expected_format = PIL_FORMATS.get(row["image_format"])
+    if size != (row[Col.WIDTH], row[Col.HEIGHT]):
+        problems.add(
+            f"shard {name}: member {member} (key {key}) is {size[0]}x{size[1]}, the "
+            f"manifest says {row[Col.WIDTH]}x{row[Col.HEIGHT]}"
+        )
+    expected_format = PIL_FORMATS.get(row[Col.IMAGE_FORMAT])
     if expected_format and decoded_format != expected_format:
-        problems.add(f"shard {name}: member {member} (key {key}) decodes as {decoded_format}, "
-                     f"the manifest says {row['image_format']}")
+        problems.add(
+            f"shard {name}: member {member} (key {key}) decodes as {decoded_format}, "
+            f"the manifest says {row[Col.IMAGE_FORMAT]}"
+        )
     return True
 
 
-def _check_sidecar(name: str, member: str, data: bytes, row: dict[str, Any],
-                   problems: _Problems) -> None:
+def _check_sidecar(
+    name: str, member: str, data: bytes, row: dict[str, Any], problems: _Problems
+) -> None:
     try:
         record = json.loads(data)
     except ValueError as exc:
@@ -294,32 +349,43 @@ def _check_sidecar(name: str, member: str, data: bytes, row: dict[str, Any],
     if not isinstance(record, dict):
         problems.add(f"shard {name}: sidecar {member} is not a JSON object")
         return
-    for column in ("key", "id", "image_index"):
+    for column in (Col.KEY, Col.ID, Col.IMAGE_INDEX):
         if record.get(column) != row[column]:
-            problems.add(f"shard {name}: sidecar {member} has {column}="
-                         f"{_short(record.get(column))}, the manifest says {_short(row[column])}")
+            problems.add(
+                f"shard {name}: sidecar {member} has {column}="
+                f"{_short(record.get(column))}, the manifest says {_short(row[column])}"
+            )
 
 
-def _scan_tar(storage: Storage, name: str, images: dict[str, dict[str, Any]],
-              sidecars: dict[str, dict[str, Any]], statuses: dict[str, str],
-              limit: int) -> tuple[_Problems, int]:
+def _scan_tar(
+    storage: Storage,
+    name: str,
+    images: dict[str, dict[str, Any]],
+    sidecars: dict[str, dict[str, Any]],
+    statuses: dict[str, str],
+    limit: int,
+) -> tuple[_Problems, int]:
     """Stream the tar once, checking every member; (problems, images decoded)."""
     problems = _Problems(limit)
     decoded = 0
     seen: Counter[str] = Counter()
-    with storage.open_read(tar_path(name)) as handle, \
-            tarfile.open(fileobj=handle, mode="r|") as archive:
+    with (
+        storage.open_read(tar_path(name)) as handle,
+        tarfile.open(fileobj=handle, mode="r|") as archive,
+    ):
         for info in archive:
             member = info.name
             seen[member] += 1
             if seen[member] == 2:
-                problems.add(f"shard {name}: member {member} appears more than once in "
-                             f"{tar_path(name)}")
+                problems.add(
+                    f"shard {name}: member {member} appears more than once in {tar_path(name)}"
+                )
             if seen[member] > 1:
                 continue
             if not info.isfile():
-                problems.add(f"shard {name}: member {member} of {tar_path(name)} is not a "
-                             "regular file")
+                problems.add(
+                    f"shard {name}: member {member} of {tar_path(name)} is not a regular file"
+                )
                 continue
             extracted = archive.extractfile(info)
             data = extracted.read() if extracted is not None else b""
@@ -330,24 +396,33 @@ def _scan_tar(storage: Storage, name: str, images: dict[str, dict[str, Any]],
             else:
                 stem = member.split(".", 1)[0]
                 if statuses.get(stem, STATUS_OK) != STATUS_OK:
-                    problems.add(f"shard {name}: member {member} belongs to error row {stem}, "
-                                 "which has no image")
+                    problems.add(
+                        f"shard {name}: member {member} belongs to error row {stem}, "
+                        "which has no image"
+                    )
                 else:
-                    problems.add(f"shard {name}: member {member} of {tar_path(name)} is not "
-                                 "listed in the manifest")
+                    problems.add(
+                        f"shard {name}: member {member} of {tar_path(name)} is not "
+                        "listed in the manifest"
+                    )
     for member, row in images.items():
         if not seen[member]:
-            problems.add(f"shard {name}: key {row['key']}: member {member} is missing from "
-                         f"{tar_path(name)}")
+            problems.add(
+                f"shard {name}: key {row[Col.KEY]}: member {member} is missing from "
+                f"{tar_path(name)}"
+            )
     for member, row in sidecars.items():
         if not seen[member]:
-            problems.add(f"shard {name}: key {row['key']}: sidecar {member} is missing from "
-                         f"{tar_path(name)}")
+            problems.add(
+                f"shard {name}: key {row[Col.KEY]}: sidecar {member} is missing from "
+                f"{tar_path(name)}"
+            )
     return problems, decoded
 
 
-def _check_shard(storage: Storage, name: str, constants: dict[str, Any] | None,
-                 limit: int) -> _ShardResult:
+def _check_shard(
+    storage: Storage, name: str, constants: dict[str, Any] | None, limit: int
+) -> _ShardResult:
     result = _ShardResult(name=name, problems=_Problems(limit))
     problems = result.problems
     try:
@@ -357,27 +432,33 @@ def _check_shard(storage: Storage, name: str, constants: dict[str, Any] | None,
         problems.add(f"shard {name}: manifest {manifest_path(name)} vanished while verifying")
         return result
     except (pa.ArrowException, OSError, ValueError) as exc:
-        problems.add(f"shard {name}: manifest {manifest_path(name)} is unreadable: "
-                     f"{type(exc).__name__}: {exc}")
+        problems.add(
+            f"shard {name}: manifest {manifest_path(name)} is unreadable: "
+            f"{type(exc).__name__}: {exc}"
+        )
         return result
     result.rows = manifest.num_rows
     tar_present = storage.exists(tar_path(name))
     if not tar_present:
-        problems.add(f"shard {name}: tar {tar_path(name)} is missing (the manifest lists "
-                     f"{manifest.num_rows} row(s))")
+        problems.add(
+            f"shard {name}: tar {tar_path(name)} is missing (the manifest lists "
+            f"{manifest.num_rows} row(s))"
+        )
     if not _check_schema(name, manifest.schema, problems):
         return result
     rows = manifest.select(_ROW_COLUMNS).to_pylist()
     del manifest, data
     if rows:
-        keys = [row["key"] for row in rows]
-        ordinals = [row["ordinal"] for row in rows]
+        keys = [row[Col.KEY] for row in rows]
+        ordinals = [row[Col.ORDINAL] for row in rows]
         if None not in keys and None not in ordinals:
             expected_name = shard_name(min(ordinals), keys)
             if expected_name != name:
-                problems.add(f"shard {name}: its rows would be shard {expected_name} (name from "
-                             "the smallest ordinal and the keys): rows were added, removed or "
-                             "the manifest was renamed")
+                problems.add(
+                    f"shard {name}: its rows would be shard {expected_name} (name from "
+                    "the smallest ordinal and the keys): rows were added, removed or "
+                    "the manifest was renamed"
+                )
     else:
         problems.add(f"shard {name}: manifest {manifest_path(name)} has no rows")
     images, sidecars, statuses = _check_rows(name, rows, result, constants)
@@ -393,8 +474,9 @@ def _check_shard(storage: Storage, name: str, constants: dict[str, Any] | None,
         problems.add(f"shard {name}: tar {tar_path(name)} vanished while verifying")
         return result
     except (tarfile.TarError, EOFError, OSError) as exc:
-        problems.add(f"shard {name}: tar {tar_path(name)} is unreadable: "
-                     f"{type(exc).__name__}: {exc}")
+        problems.add(
+            f"shard {name}: tar {tar_path(name)} is unreadable: {type(exc).__name__}: {exc}"
+        )
         return result
     problems.merge(tar_problems)
     result.images_checked = decoded
@@ -403,30 +485,6 @@ def _check_shard(storage: Storage, name: str, constants: dict[str, Any] | None,
 
 # ---------------------------------------------------------------------------------------
 # the whole output
-
-
-def _list_committed(storage: Storage, leftovers: list[str]) -> list[str]:
-    """Committed shard names (those with a manifest); other files go to `leftovers`."""
-    committed = []
-    for file_name in storage.list_files(MANIFESTS_DIR):
-        relative = f"{MANIFESTS_DIR}/{file_name}"
-        if file_name.endswith(".partial"):
-            leftovers.append(f"{relative} (partial write)")
-        elif file_name.endswith(".parquet"):
-            committed.append(file_name[: -len(".parquet")])
-        else:
-            leftovers.append(f"{relative} (not written by koala-batch)")
-    names = set(committed)
-    for file_name in storage.list_files(SHARDS_DIR):
-        relative = f"{SHARDS_DIR}/{file_name}"
-        if file_name.endswith(".partial"):
-            leftovers.append(f"{relative} (partial write)")
-        elif file_name.endswith(".tar"):
-            if file_name[: -len(".tar")] not in names:
-                leftovers.append(f"{relative} (tar without a manifest: not committed)")
-        else:
-            leftovers.append(f"{relative} (not written by koala-batch)")
-    return sorted(committed)
 
 
 def _read_json(storage: Storage, relative: str, problems: _Problems) -> dict[str, Any] | None:
@@ -443,8 +501,12 @@ def _read_json(storage: Storage, relative: str, problems: _Problems) -> dict[str
     return record
 
 
-def _check_success(record: dict[str, Any], shard_rows: dict[str, tuple[int, int]],
-                   spec: JobSpec | None, problems: _Problems) -> None:
+def _check_success(
+    record: dict[str, Any],
+    shard_rows: dict[str, tuple[int, int]],
+    spec: JobSpec | None,
+    problems: _Problems,
+) -> None:
     """_SUCCESS against the committed shards: {shard: (rows, ok rows)}."""
     listed_entries = record.get("shards")
     counts = record.get("counts")
@@ -459,39 +521,61 @@ def _check_success(record: dict[str, Any], shard_rows: dict[str, tuple[int, int]
             continue
         listed[shard] = entry
     for shard in sorted(set(listed) - set(shard_rows)):
-        problems.add(f"{SUCCESS_FILE} lists shard {shard}, which is not committed (no "
-                     f"{manifest_path(shard)})")
+        problems.add(
+            f"{SUCCESS_FILE} lists shard {shard}, which is not committed (no "
+            f"{manifest_path(shard)})"
+        )
     for shard in sorted(set(shard_rows) - set(listed)):
         problems.add(f"shard {shard} is committed but not listed in {SUCCESS_FILE}")
     for shard in sorted(set(listed) & set(shard_rows)):
         rows = listed[shard].get("rows")
         if rows is not None and rows != shard_rows[shard][0]:
-            problems.add(f"{SUCCESS_FILE} says shard {shard} has {rows} row(s), its manifest has "
-                         f"{shard_rows[shard][0]}")
+            problems.add(
+                f"{SUCCESS_FILE} says shard {shard} has {rows} row(s), its manifest has "
+                f"{shard_rows[shard][0]}"
+            )
     total = sum(rows for rows, _ in shard_rows.values())
     ok = sum(ok for _, ok in shard_rows.values())
-    expected_counts = {"images_committed": total, "images_ok": ok, "images_failed": total - ok,
-                       "shards": len(shard_rows)}
+    expected_counts = {
+        "images_committed": total,
+        "images_ok": ok,
+        "images_failed": total - ok,
+        "shards": len(shard_rows),
+    }
     for name, value in expected_counts.items():
-        if name == "images_committed" or name in counts:
-            if counts.get(name) != value:
-                problems.add(f"{SUCCESS_FILE} counts {name}={_short(counts.get(name))}, the "
-                             f"manifests hold {value}")
+        if (name == "images_committed" or name in counts) and counts.get(name) != value:
+            problems.add(
+                f"{SUCCESS_FILE} counts {name}={_short(counts.get(name))}, the "
+                f"manifests hold {value}"
+            )
     if spec is not None and record.get("fingerprint") not in (None, spec.fingerprint()):
-        problems.add(f"{SUCCESS_FILE} records a job with another fingerprint than the spec's: "
-                     "this output was made by a different spec")
+        problems.add(
+            f"{SUCCESS_FILE} records a job with another fingerprint than the spec's: "
+            "this output was made by a different spec"
+        )
 
 
-def _track_identity(key: str | None, row_id: Any, image_index: Any, derived: str | None,
-                    index: int, names: list[str], owner: dict[str, int], pairs: dict[str, int],
-                    problems: _Problems) -> None:
+def _track_identity(
+    key: str | None,
+    row_id: Any,
+    image_index: Any,
+    derived: str | None,
+    index: int,
+    names: list[str],
+    owner: dict[str, int],
+    pairs: dict[str, int],
+    problems: _Problems,
+) -> None:
     """Record one manifest row's key and (id, image_index); report repeats of either."""
     if key is None:
         return
     if key in owner:
         first = names[owner[key]]
-        where = f"twice in shard {first}" if first == names[index] else \
-            f"in shard {first} and shard {names[index]}"
+        where = (
+            f"twice in shard {first}"
+            if first == names[index]
+            else f"in shard {first} and shard {names[index]}"
+        )
         problems.add(f"key {key} (id {_short(row_id)}, image {image_index}) appears {where}")
     else:
         owner[key] = index
@@ -509,26 +593,26 @@ def _track_identity(key: str | None, row_id: Any, image_index: Any, derived: str
             clash = owner.get(derived)
         pairs.setdefault(derived, index)
     if clash is not None:
-        problems.add(f"id {_short(row_id)} image {image_index} appears in shard {names[clash]} "
-                     f"and shard {names[index]} under different keys")
+        problems.add(
+            f"id {_short(row_id)} image {image_index} appears in shard {names[clash]} "
+            f"and shard {names[index]} under different keys"
+        )
 
 
 def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int):
     """Yield (key, source, row_index, id, image_index) of every image the input plans."""
-    from koala_batch.read import ReadRowGroups, plan_input
-    from koala_batch.validate import ExpandImages
-
     plan = plan_input(spec.input, input_filesystem)
     reader = ReadRowGroups(spec.input, input_filesystem)
     expand = ExpandImages(spec)
 
     def expected(unit: dict[str, Any]) -> pa.Table:
         return expand(reader.read_unit(unit)).select(
-            ["key", "source", "row_index", "id", "image_index"])
+            [Col.KEY, Col.SOURCE, Col.ROW_INDEX, Col.ID, Col.IMAGE_INDEX]
+        )
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for table in _bounded_map(pool, expected, plan.read_units(), 2 * workers):
-            yield from zip(*(table.column(c).to_pylist() for c in table.column_names))
+            yield from zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
 
 
 def verify_output(
@@ -554,33 +638,40 @@ def verify_output(
     report = VerifyReport(output=storage.url(""))
     problems = _Problems(max_problems_listed)
 
-    leftovers: list[str] = []
-    names = _list_committed(storage, leftovers)
-    report.leftovers = leftovers
-    job_present = storage.exists(JOB_FILE)
-    report.success_present = storage.exists(SUCCESS_FILE)
+    listing = list_output(storage)
+    names = list(listing.committed)
+    report.leftovers = sorted(
+        [f"{relative} ({why})" for relative, why in listing.leftovers]
+        + [f"{relative} (not written by koala-batch)" for relative in listing.foreign]
+    )
+    leftovers = report.leftovers
+    job_present = listing.has_job_file
+    report.success_present = listing.has_success
     job_record = _read_json(storage, JOB_FILE, problems) if job_present else None
     success = _read_json(storage, SUCCESS_FILE, problems) if report.success_present else None
     if not (names or job_present or report.success_present or leftovers):
         if not storage.exists(""):
             problems.add(f"output {storage.url('')} does not exist")
         else:
-            problems.add(f"output {storage.url('')} holds no koala-batch output "
-                         f"(no {JOB_FILE}, no {MANIFESTS_DIR}/)")
+            problems.add(
+                f"output {storage.url('')} holds no koala-batch output "
+                f"(no {JOB_FILE}, no {MANIFESTS_DIR}/)"
+            )
     elif not job_present:
         report.notes.append(f"no {JOB_FILE}: a run cannot resume this output")
     if not report.success_present:
         report.notes.append(f"no {SUCCESS_FILE}: the job has not finished (or is running)")
-    if spec is not None and job_record is not None \
-            and job_record.get("fingerprint") != spec.fingerprint():
-        problems.add(f"{JOB_FILE} records a job with another fingerprint than the spec's: "
-                     "this output was made by a different spec")
+    if (
+        spec is not None
+        and job_record is not None
+        and job_record.get("fingerprint") != spec.fingerprint()
+    ):
+        problems.add(
+            f"{JOB_FILE} records a job with another fingerprint than the spec's: "
+            "this output was made by a different spec"
+        )
 
-    constants = None
-    if spec is not None:
-        constants = {"steps": spec.resolved_steps, "guidance_scale": spec.resolved_guidance_scale,
-                     "width": spec.generation.width, "height": spec.generation.height,
-                     "model": spec.model.name, "image_format": spec.output.image_format}
+    constants = spec.spec_constants() if spec is not None else None
 
     # Every manifest key -> index of its shard in `names` (shared int objects: the map
     # costs little beyond the keys); see _track_identity for `pairs`.
@@ -590,9 +681,12 @@ def verify_output(
     shard_rows: dict[str, tuple[int, int]] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = _bounded_map(
-            pool, lambda name: _check_shard(storage, name, constants, max_problems_listed),
-            names, 2 * max(1, workers))
-        for index, result in zip(shard_ids, results):
+            pool,
+            lambda name: _check_shard(storage, name, constants, max_problems_listed),
+            names,
+            2 * max(1, workers),
+        )
+        for index, result in zip(shard_ids, results, strict=True):
             report.shards_checked += 1
             report.rows_checked += result.rows
             report.rows_ok += result.rows_ok
@@ -600,8 +694,9 @@ def verify_output(
             shard_rows[result.name] = (result.rows, result.rows_ok)
             problems.merge(result.problems)
             for key, row_id, image_index, derived in result.identities:
-                _track_identity(key, row_id, image_index, derived, index, names,
-                                owner, pairs, problems)
+                _track_identity(
+                    key, row_id, image_index, derived, index, names, owner, pairs, problems
+                )
             result.identities.clear()
     report.rows_failed = report.rows_checked - report.rows_ok
 
@@ -612,19 +707,24 @@ def verify_output(
         matched: set[str] = set()
         expected_count = 0
         for key, source, row_index, row_id, image_index in _expected_images(
-                spec, input_filesystem, max(1, workers)):
+            spec, input_filesystem, max(1, workers)
+        ):
             expected_count += 1
             if key in owner:
                 matched.add(key)
             else:
                 report.missing_inputs += 1
-                problems.add(f"input row {source} row {row_index} (id {_short(row_id)}) image "
-                             f"{image_index} is missing (key {key})")
+                problems.add(
+                    f"input row {source} row {row_index} (id {_short(row_id)}) image "
+                    f"{image_index} is missing (key {key})"
+                )
         report.expected_images = expected_count
         for key, index in owner.items():
             if key not in matched:
-                problems.add(f"shard {names[index]}: unexpected key {key}: the spec's input "
-                             "plans no such image")
+                problems.add(
+                    f"shard {names[index]}: unexpected key {key}: the spec's input "
+                    "plans no such image"
+                )
 
     report.problems = problems.listed
     report.problems_total = problems.total

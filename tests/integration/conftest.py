@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-
-LOCAL_RAY = dict(num_cpus=6, object_store_memory=300 * 2**20, include_dashboard=False,
-                 log_to_driver=False)
+LOCAL_RAY = dict(
+    num_cpus=6, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False
+)
 
 
 def start_local_ray() -> None:

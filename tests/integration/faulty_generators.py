@@ -49,10 +49,16 @@ def fault_injecting_generator(calls_dir: Path) -> type[GenerateImages]:
 
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
             result = self.pipeline(
-                prompt=prompts, negative_prompt=negative_prompts,
-                num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                width=self.width, height=self.height, generator=generators, output_type="np",
-                callback_on_step_end=nan_latents, callback_on_step_end_tensor_inputs=["latents"],
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                width=self.width,
+                height=self.height,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=nan_latents,
+                callback_on_step_end_tensor_inputs=["latents"],
             )
             return np.asarray(result.images)
 

@@ -15,9 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch.commit import OutputConflictError
+from koala_batch.errors import InputError, OutputConflictError
 from koala_batch.keys import derived_seed
-from koala_batch.read import InputError
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
@@ -51,17 +50,27 @@ ROW_CASES = [
 def test_row_level_problems_become_error_rows(tmp_path):
     ids = [case[0] for case in ROW_CASES]
     seeds = [None if case[2] in (None, "null") else Decimal(case[2]) for case in ROW_CASES]
-    table = write_prompt_table(tmp_path / "in.parquet", [case[1] for case in ROW_CASES], id=ids,
-                               seed=pa.array(seeds, pa.decimal128(38, 1)))
+    table = write_prompt_table(
+        tmp_path / "in.parquet",
+        [case[1] for case in ROW_CASES],
+        id=ids,
+        seed=pa.array(seeds, pa.decimal128(38, 1)),
+    )
     output = tmp_path / "out"
-    spec = tiny_spec(str(table), str(output),
-                     input={"id_column": "id", "seed_column": "seed"},
-                     output={"max_failed_fraction": 0.5})
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id", "seed_column": "seed"},
+        output={"max_failed_fraction": 0.5},
+    )
 
     record = koala_batch.run(spec)
 
-    rows = {row["id"]: row for path in sorted((output / "manifests").glob("*.parquet"))
-            for row in pq.read_table(path).to_pylist()}
+    rows = {
+        row["id"]: row
+        for path in sorted((output / "manifests").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    }
     assert sorted(rows) == sorted(ids)  # nothing dropped, nothing doubled
     for row_id, prompt, _seed, status, error in ROW_CASES:
         row = rows[row_id]
@@ -104,13 +113,16 @@ def test_missing_prompt_column_is_refused(tmp_path):
     pq.write_table(pa.table({"caption": ["a cat"], "url": ["x"]}), table)
     expect_refused_before_running(
         tiny_spec(str(table), str(tmp_path / "out")),
-        r"in\.parquet: prompt column 'prompt' is missing; columns present: caption \(string\), url")
+        r"in\.parquet: prompt column 'prompt' is missing; columns present: caption \(string\), url",
+    )
 
 
 def test_non_string_prompt_column_is_refused(tmp_path):
     table = write_prompt_table(tmp_path / "in.parquet", [1, 2, 3])
-    expect_refused_before_running(tiny_spec(str(table), str(tmp_path / "out")),
-                                  r"prompt column 'prompt' has type int64, expected string")
+    expect_refused_before_running(
+        tiny_spec(str(table), str(tmp_path / "out")),
+        r"prompt column 'prompt' has type int64, expected string",
+    )
 
 
 def test_empty_table_is_refused(tmp_path):
@@ -123,8 +135,10 @@ def test_corrupt_parquet_among_good_ones_is_named(tmp_path):
     write_prompt_table(tmp_path / "in" / "a.parquet", ["a cat"])
     write_prompt_table(tmp_path / "in" / "c.parquet", ["a dog"])
     (tmp_path / "in" / "b.parquet").write_bytes(b"PAR1 this is not parquet at all")
-    expect_refused_before_running(tiny_spec(str(tmp_path / "in"), str(tmp_path / "out")),
-                                  r"b\.parquet is not a readable Parquet file")
+    expect_refused_before_running(
+        tiny_spec(str(tmp_path / "in"), str(tmp_path / "out")),
+        r"b\.parquet is not a readable Parquet file",
+    )
 
 
 def test_duplicate_ids_are_refused_naming_both_rows(tmp_path):
@@ -132,7 +146,8 @@ def test_duplicate_ids_are_refused_naming_both_rows(tmp_path):
     write_prompt_table(tmp_path / "in" / "b.parquet", ["z"], id=["two"])
     spec = tiny_spec(str(tmp_path / "in"), str(tmp_path / "out"), input={"id_column": "id"})
     expect_refused_before_running(
-        spec, r"1 duplicate id\(s\), e\.g\. 'two' at .*a\.parquet row 1 and .*b\.parquet row 0")
+        spec, r"1 duplicate id\(s\), e\.g\. 'two' at .*a\.parquet row 1 and .*b\.parquet row 0"
+    )
 
 
 def test_non_integer_seed_column_is_refused(tmp_path):
@@ -148,7 +163,9 @@ def test_output_prefix_with_foreign_files_is_refused_untouched(tmp_path):
     (output / "important.csv").write_text("do not touch")
     spec = tiny_spec(str(table), str(output))
     spec["model"] = dict(UNLOADABLE_MODEL)
-    with pytest.raises(OutputConflictError, match=r"holds files koala-batch did not write \(important\.csv\)"):
+    with pytest.raises(
+        OutputConflictError, match=r"holds files koala-batch did not write \(important\.csv\)"
+    ):
         koala_batch.run(spec)
     assert sorted(p.name for p in output.iterdir()) == ["important.csv"]
     assert (output / "important.csv").read_text() == "do not touch"
@@ -160,16 +177,25 @@ def test_unreachable_bucket_is_one_clear_message(tmp_path, s3_server):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    spec = {"input": {"uri": "s3://prompts/table.parquet",
-                      "storage_options": {**s3_server.storage_options,
-                                          "endpoint_url": f"http://127.0.0.1:{closed_port}"}},
-            "output": {"uri": str(tmp_path / "out")}}
+    spec = {
+        "input": {
+            "uri": "s3://prompts/table.parquet",
+            "storage_options": {
+                **s3_server.storage_options,
+                "endpoint_url": f"http://127.0.0.1:{closed_port}",
+            },
+        },
+        "output": {"uri": str(tmp_path / "out")},
+    }
     spec_path = tmp_path / "spec.json"  # JSON is YAML
     spec_path.write_text(json.dumps(spec))
-    result = subprocess.run([CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
-    assert "input s3://prompts/table.parquet: cannot list it (EndpointConnectionError" in result.stderr
+    assert (
+        "input s3://prompts/table.parquet: cannot list it (EndpointConnectionError" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert s3_server.secret not in result.stderr + result.stdout
 
@@ -178,13 +204,17 @@ def test_wrong_credentials_are_one_clear_message(tmp_path, s3_server, s3_bucket)
     from moto.core.authorization import enable_iam_authentication
 
     fs = s3_server.filesystem()
-    fs.pipe_file(f"{s3_bucket}/in/table.parquet", (REPO_ROOT / "jobs/data/parti-sample.parquet").read_bytes())
+    fs.pipe_file(
+        f"{s3_bucket}/in/table.parquet", (REPO_ROOT / "jobs/data/parti-sample.parquet").read_bytes()
+    )
     spec = tiny_spec(f"s3://{s3_bucket}/in/", str(tmp_path / "out"))
-    spec["input"]["storage_options"] = {**s3_server.storage_options, "key": "AKIANOSUCHKEY",
-                                        "secret": "wrong-secret-SENTINEL"}
-    with enable_iam_authentication():
-        with pytest.raises(InputError) as raised:
-            koala_batch.run(spec)
+    spec["input"]["storage_options"] = {
+        **s3_server.storage_options,
+        "key": "AKIANOSUCHKEY",
+        "secret": "wrong-secret-SENTINEL",
+    }
+    with enable_iam_authentication(), pytest.raises(InputError) as raised:
+        koala_batch.run(spec)
     message = str(raised.value)
     assert message.startswith(f"input s3://{s3_bucket}/in/: access denied")
     assert "Access Key Id you provided does not exist" in message

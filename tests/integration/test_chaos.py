@@ -28,9 +28,13 @@ def committed(output: Path) -> int:
 def start_job(spec_path: Path, log: Path) -> subprocess.Popen:
     # Own session: SIGKILL to the group takes the driver and the Ray cluster it started,
     # as when a preemptible node disappears.
-    return subprocess.Popen([CLI, "run", str(spec_path)], cwd=REPO_ROOT,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [CLI, "run", str(spec_path)],
+        cwd=REPO_ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_path):
@@ -40,13 +44,20 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
 
     ids = [f"chaos-{i:03d}" for i in range(96)]
     shards = len(ids) // 4
-    table = write_prompt_table(tmp_path / "in" / "prompts.parquet",
-                               [f"an owl on a branch, variant {i}" for i in range(96)], id=ids)
+    table = write_prompt_table(
+        tmp_path / "in" / "prompts.parquet",
+        [f"an owl on a branch, variant {i}" for i in range(96)],
+        id=ids,
+    )
     output = tmp_path / "out"
     spec_path = tmp_path / "chaos.yaml"
-    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
-                     compute={"actors": 2, "batch_size": 2},
-                     output={"rows_per_shard": 4})
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        compute={"actors": 2, "batch_size": 2},
+        output={"rows_per_shard": 4},
+    )
     spec_path.write_text(yaml.safe_dump(spec))
     log = tmp_path / "job.log"
 
@@ -68,16 +79,25 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
     assert not (output / "_SUCCESS").exists()
     assert kills[-1] < shards, "every shard was committed before the last kill"
 
-    final = subprocess.run([CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True,
-                           text=True, timeout=300)
+    final = subprocess.run(
+        [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert final.returncode == 0, final.stderr[-3000:]
 
-    verify = subprocess.run([CLI, "verify", str(output), "--spec", str(spec_path)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    verify = subprocess.run(
+        [CLI, "verify", str(output), "--spec", str(spec_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
 
-    rows = [row for path in sorted((output / "manifests").glob("*.parquet"))
-            for row in pq.read_table(path).to_pylist()]
+    rows = [
+        row
+        for path in sorted((output / "manifests").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
     assert sorted(row["id"] for row in rows) == ids
     assert all(row["status"] == "ok" for row in rows)
     tars = {p.stem for p in (output / "shards").glob("*.tar")}

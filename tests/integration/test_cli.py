@@ -17,8 +17,9 @@ SMOKE = str(REPO_ROOT / "jobs" / "smoke.yaml")
 
 
 def koala_batch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [CLI, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_the_commands():
@@ -29,8 +30,14 @@ def test_help_lists_the_commands():
 
 
 def test_validate_prints_spec_schema_and_row_count(model_cache, tmp_path):
-    result = koala_batch("validate", SMOKE, "--set", "generation.images_per_prompt=3",
-                         "--set", f"output.uri={tmp_path / 'fresh'}")
+    result = koala_batch(
+        "validate",
+        SMOKE,
+        "--set",
+        "generation.images_per_prompt=3",
+        "--set",
+        f"output.uri={tmp_path / 'fresh'}",
+    )
     assert result.returncode == 0, result.stderr
     assert "64 row(s), 192 image(s) planned" in result.stdout
     assert "prompt: string" in result.stdout
@@ -70,8 +77,14 @@ def test_missing_spec_file_exits_2(tmp_path):
 
 def test_run_smoke_job_then_resume(model_cache, tmp_path):
     output = tmp_path / "smoke"
-    overrides = ["--set", f"output.uri={output}", "--set", "generation.width=64",
-                 "--set", "generation.height=64"]
+    overrides = [
+        "--set",
+        f"output.uri={output}",
+        "--set",
+        "generation.width=64",
+        "--set",
+        "generation.height=64",
+    ]
     first = koala_batch("run", SMOKE, *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)
@@ -112,9 +125,23 @@ def test_run_joins_the_cluster_named_by_ray_address(ray_local, tmp_path):
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     result = subprocess.run(
-        [CLI, "run", SMOKE, "--set", f"output.uri={tmp_path / 'out'}", "--set", "generation.width=64",
-         "--set", "generation.height=64"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+        [
+            CLI,
+            "run",
+            SMOKE,
+            "--set",
+            f"output.uri={tmp_path / 'out'}",
+            "--set",
+            "generation.width=64",
+            "--set",
+            "generation.height=64",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Connecting to existing Ray cluster" in result.stderr
     assert "Started a local Ray instance" not in result.stderr

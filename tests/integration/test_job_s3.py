@@ -28,8 +28,10 @@ def upload_table(fs, url: str, table: pa.Table, row_group_size: int | None = Non
 
 def read_output(fs, prefix: str) -> tuple[pa.Table, dict[str, bytes], dict]:
     """(all manifests, tar members by name, job record) of an output prefix."""
-    manifests = [pq.read_table(io.BytesIO(fs.cat_file(path)))
-                 for path in sorted(fs.glob(f"{prefix}/manifests/*.parquet"))]
+    manifests = [
+        pq.read_table(io.BytesIO(fs.cat_file(path)))
+        for path in sorted(fs.glob(f"{prefix}/manifests/*.parquet"))
+    ]
     members: dict[str, bytes] = {}
     for path in sorted(fs.glob(f"{prefix}/shards/*.tar")):
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path))) as archive:
@@ -52,15 +54,21 @@ def s3_prompts(s3_server, s3_bucket, sample_prompts):
 
 def s3_spec(s3_server, bucket: str, output_prefix: str, **sections) -> dict:
     spec = tiny_spec(f"s3://{bucket}/prompts/", f"s3://{bucket}/{output_prefix}", **sections)
-    spec["input"].update(id_column="id", passthrough_columns=["category"],
-                         storage_options=s3_server.storage_options)
+    spec["input"].update(
+        id_column="id", passthrough_columns=["category"], storage_options=s3_server.storage_options
+    )
     spec["output"]["storage_options"] = s3_server.storage_options
     return spec
 
 
 def test_s3_job_writes_complete_shards_and_record(s3_server, s3_bucket, s3_prompts):
-    spec = s3_spec(s3_server, s3_bucket, "out/run1",
-                   generation={"images_per_prompt": 2}, output={"rows_per_shard": 10})
+    spec = s3_spec(
+        s3_server,
+        s3_bucket,
+        "out/run1",
+        generation={"images_per_prompt": 2},
+        output={"rows_per_shard": 10},
+    )
     record = koala_batch.run(spec)
 
     fs = s3_server.filesystem()
@@ -71,14 +79,23 @@ def test_s3_job_writes_complete_shards_and_record(s3_server, s3_bucket, s3_promp
     assert manifest.num_rows == 48
 
     # Every input row exactly once per image index.
-    pairs = sorted(zip(manifest.column("id").to_pylist(), manifest.column("image_index").to_pylist()))
-    expected = sorted((row_id, i) for row_id in s3_prompts.column("id").to_pylist() for i in range(2))
+    pairs = sorted(
+        zip(
+            manifest.column("id").to_pylist(),
+            manifest.column("image_index").to_pylist(),
+            strict=True,
+        )
+    )
+    expected = sorted(
+        (row_id, i) for row_id in s3_prompts.column("id").to_pylist() for i in range(2)
+    )
     assert pairs == expected
     assert len(set(manifest.column("key").to_pylist())) == 48
 
     # Shards: numbered, at most rows_per_shard, listed in the record with their paths.
     assert sorted(manifest.column("shard").unique().to_pylist()) == sorted(
-        shard["shard"] for shard in record["shards"])
+        shard["shard"] for shard in record["shards"]
+    )
     assert all(shard["rows"] <= 10 for shard in record["shards"])
     for shard in record["shards"]:
         assert fs.exists(shard["tar"]) and fs.exists(shard["manifest"])
@@ -125,8 +142,9 @@ def test_two_runs_and_batch_sizes_agree(s3_server, s3_bucket, s3_prompts):
         spec = s3_spec(s3_server, s3_bucket, f"out/{name}", compute={"batch_size": batch_size})
         koala_batch.run(spec)
         manifest, members, _ = read_output(fs, f"{s3_bucket}/out/{name}")
-        outputs[name] = {row["key"]: (row["seed"], members[row["member"]])
-                         for row in manifest.to_pylist()}
+        outputs[name] = {
+            row["key"]: (row["seed"], members[row["member"]]) for row in manifest.to_pylist()
+        }
 
     assert outputs["a"].keys() == outputs["b"].keys() == outputs["c"].keys()
     for key, (seed, png) in outputs["a"].items():

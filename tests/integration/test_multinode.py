@@ -21,10 +21,17 @@ def gpu_cluster(model_cache):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the shared local cluster, if running; ray_local restarts it later
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "object_store_memory": 150 * 2**20, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20)
-               for _ in range(2)]
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 3,
+            "object_store_memory": 150 * 2**20,
+            "include_dashboard": False,
+        },
+    )
+    workers = [
+        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20) for _ in range(2)
+    ]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     import ray.data
@@ -36,8 +43,11 @@ def gpu_cluster(model_cache):
 
 
 def manifest_rows(output) -> list[dict]:
-    return [row for path in sorted((output / "manifests").glob("*.parquet"))
-            for row in pq.read_table(path).to_pylist()]
+    return [
+        row
+        for path in sorted((output / "manifests").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
 
 
 def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
@@ -46,18 +56,24 @@ def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
     cluster, workers = gpu_cluster
     assert ray.cluster_resources().get("GPU") == 2
     ids = [f"p{i:03d}" for i in range(40)]
-    table = write_prompt_table(tmp_path / "in.parquet", [f"a castle, view {i}" for i in ids], id=ids)
+    table = write_prompt_table(
+        tmp_path / "in.parquet", [f"a castle, view {i}" for i in ids], id=ids
+    )
     output = tmp_path / "out"
-    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
-                     compute={"actors": {"min": 1, "max": 2}, "batch_size": 2},
-                     output={"rows_per_shard": 4})
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        compute={"actors": {"min": 1, "max": 2}, "batch_size": 2},
+        output={"rows_per_shard": 4},
+    )
 
     outcome: dict = {}
 
     def run_job() -> None:
         try:
             outcome["record"] = koala_batch.run(spec)
-        except BaseException as exc:  # surfaced by the assertions below
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertions below
             outcome["error"] = exc
 
     job = threading.Thread(target=run_job)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch.commit import OutputConflictError
+from koala_batch.errors import OutputConflictError
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -20,17 +20,23 @@ CLI = str(Path(sys.executable).parent / "koala-batch")
 
 
 def manifest_rows(output: Path) -> list[dict]:
-    return [row for path in sorted((output / "manifests").glob("*.parquet"))
-            for row in pq.read_table(path).to_pylist()]
+    return [
+        row
+        for path in sorted((output / "manifests").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
 
 
 @pytest.fixture
 def finished_job(tmp_path):
     ids = [f"r{i:02d}" for i in range(20)]
-    table = write_prompt_table(tmp_path / "in.parquet", [f"a teapot, style {i}" for i in ids], id=ids)
+    table = write_prompt_table(
+        tmp_path / "in.parquet", [f"a teapot, style {i}" for i in ids], id=ids
+    )
     output = tmp_path / "out"
-    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
-                     output={"rows_per_shard": 4})
+    spec = tiny_spec(
+        str(table), str(output), input={"id_column": "id"}, output={"rows_per_shard": 4}
+    )
     record = koala_batch.run(spec)
     assert record["counts"]["shards"] == 5
     return spec, output, ids
@@ -60,7 +66,9 @@ def test_resume_regenerates_only_uncommitted_shards(finished_job):
     assert after.keys() == before.keys()
     for key, row in after.items():  # the regenerated images are the same images
         assert (row["seed"], row["sha256"]) == (before[key]["seed"], before[key]["sha256"])
-    leftovers = [p.name for p in output.rglob("*") if "deadbeef" in p.name or p.suffix == ".partial"]
+    leftovers = [
+        p.name for p in output.rglob("*") if "deadbeef" in p.name or p.suffix == ".partial"
+    ]
     assert leftovers == []
     tars = sorted(p.stem for p in (output / "shards").glob("*.tar"))
     assert tars == sorted(p.stem for p in (output / "manifests").glob("*.parquet"))
@@ -84,11 +92,17 @@ def test_changed_fingerprint_is_refused_and_overwrite_starts_over(finished_job, 
 
     spec_path = tmp_path / "changed.json"
     spec_path.write_text(json.dumps(changed))
-    refused = subprocess.run([CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=300)
+    refused = subprocess.run(
+        [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode == 2 and "images would differ" in refused.stderr
-    overwritten = subprocess.run([CLI, "run", str(spec_path), "--overwrite"], cwd=REPO_ROOT,
-                                 capture_output=True, text=True, timeout=300)
+    overwritten = subprocess.run(
+        [CLI, "run", str(spec_path), "--overwrite"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert overwritten.returncode == 0, overwritten.stderr[-3000:]
     rows = manifest_rows(output)
     assert sorted(row["id"] for row in rows) == ids

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 import koala_batch
-from koala_batch.commit import OutputConflictError
 from koala_batch.config import load_spec
+from koala_batch.errors import OutputConflictError
 from tests.conftest import REPO_ROOT, tiny_spec
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
@@ -27,18 +27,28 @@ def files_containing(root_fs, prefix: str, needle: bytes) -> list[str]:
 
 def test_sentinel_secret_never_leaks(model_cache, s3_server, s3_bucket, tmp_path):
     fs = s3_server.filesystem()
-    fs.pipe_file(f"{s3_bucket}/in/prompts.parquet",
-                 (REPO_ROOT / "jobs/data/parti-sample.parquet").read_bytes())
+    fs.pipe_file(
+        f"{s3_bucket}/in/prompts.parquet",
+        (REPO_ROOT / "jobs/data/parti-sample.parquet").read_bytes(),
+    )
     secret_options = {**s3_server.storage_options, "key": SENTINEL_KEY, "secret": SENTINEL}
-    spec = tiny_spec(f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out",
-                     input={"id_column": "id", "storage_options": secret_options},
-                     output={"storage_options": secret_options, "rows_per_shard": 32})
+    spec = tiny_spec(
+        f"s3://{s3_bucket}/in/",
+        f"s3://{s3_bucket}/out",
+        input={"id_column": "id", "storage_options": secret_options},
+        output={"storage_options": secret_options, "rows_per_shard": 32},
+    )
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
 
     # The CLI, verbose, end to end: every log line of the driver.
-    result = subprocess.run([CLI, "-v", "run", str(spec_path)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [CLI, "-v", "run", str(spec_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     driver_output = result.stdout + result.stderr
     for secret in (SENTINEL, SENTINEL_KEY):
@@ -47,8 +57,11 @@ def test_sentinel_secret_never_leaks(model_cache, s3_server, s3_bucket, tmp_path
     # The Ray session's own logs (workers, raylet, Ray Data) of that run.
     session = re.search(r"(/tmp/ray/session_[^/\s]+)", driver_output)
     assert session, "no Ray session directory in the driver's output"
-    leaked = [str(p) for p in Path(session.group(1), "logs").rglob("*")
-              if p.is_file() and SENTINEL.encode() in p.read_bytes()]
+    leaked = [
+        str(p)
+        for p in Path(session.group(1), "logs").rglob("*")
+        if p.is_file() and SENTINEL.encode() in p.read_bytes()
+    ]
     assert leaked == []
 
     # Everything the job wrote: manifests, tars, _job.json, _SUCCESS.
@@ -66,8 +79,20 @@ def test_sentinel_secret_never_leaks(model_cache, s3_server, s3_bucket, tmp_path
     with pytest.raises(OutputConflictError) as refused:
         koala_batch.run(changed)
     bad_type = subprocess.run(
-        [CLI, "validate", str(spec_path), "--set", f"input.storage_options.secret=[{SENTINEL}]",
-         "--set", "generation.steps=0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        [
+            CLI,
+            "validate",
+            str(spec_path),
+            "--set",
+            f"input.storage_options.secret=[{SENTINEL}]",
+            "--set",
+            "generation.steps=0",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad_type.returncode == 2 and "generation.steps" in bad_type.stderr
     for text in (str(refused.value), bad_type.stderr, bad_type.stdout):
         assert SENTINEL not in text and SENTINEL_KEY not in text

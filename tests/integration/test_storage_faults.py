@@ -2,8 +2,8 @@
 job with nothing partial visible, and a clean rerun completes it exactly once.
 
 The faults come from `tests.faults.FaultyFileSystem`, injected through
-`run(input_filesystem=..., output_filesystem=...)`; it counts faults across the driver
-and the Ray workers it is pickled to.
+`run(spec, Overrides(input_filesystem=..., output_filesystem=...))`; it counts faults
+across the driver and the Ray workers it is pickled to.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import uuid
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from PIL import Image
 from ray import cloudpickle
 
 import koala_batch
-from koala_batch.job import JobFailedError
 import tests.faults
+from koala_batch import JobFailedError, Overrides
 from tests.conftest import SAMPLE_PROMPTS
 from tests.faults import FaultyFileSystem
 from tests.integration.conftest import start_local_ray
@@ -68,8 +67,18 @@ def assert_same_images(fs, bucket: str, prefix: str) -> None:
     rows, members, record = outputs_by_key(fs, f"{bucket}/{prefix}")
     assert record["counts"]["images_ok"] == PROMPTS
     assert rows.keys() == clean_rows.keys()
-    identity = ("id", "image_index", "seed", "prompt", "status", "member", "source", "row_index",
-                "ordinal", "category")
+    identity = (
+        "id",
+        "image_index",
+        "seed",
+        "prompt",
+        "status",
+        "member",
+        "source",
+        "row_index",
+        "ordinal",
+        "category",
+    )
     for key, clean in clean_rows.items():
         row = rows[key]
         assert {f: row[f] for f in identity} == {f: clean[f] for f in identity}, key
@@ -78,8 +87,9 @@ def assert_same_images(fs, bucket: str, prefix: str) -> None:
             # Same spec and threads give identical bytes unless Ray grouped the rows into
             # other pipeline calls; then batched float math may move a pixel by a level.
             ours = np.asarray(Image.open(io.BytesIO(members[row["member"]])), dtype=np.int16)
-            theirs = np.asarray(Image.open(io.BytesIO(clean_members[row["member"]])),
-                                dtype=np.int16)
+            theirs = np.asarray(
+                Image.open(io.BytesIO(clean_members[row["member"]])), dtype=np.int16
+            )
             assert np.abs(ours - theirs).max() <= 2, key
             assert np.mean(ours != theirs) < 0.01, key
     # Every tar member belongs to a committed row: nothing extra, nothing missing.
@@ -90,33 +100,43 @@ def assert_same_images(fs, bucket: str, prefix: str) -> None:
 def assert_faults_retried(faulty: FaultyFileSystem, kind: str, in_workers: bool) -> None:
     """`TRANSIENT` faults of `kind` were injected, and each faulted operation then succeeded."""
     operations = faulty.operations()
-    faulted = [(i, op) for i, op in enumerate(operations)
-               if op["kind"] == kind and op["fault"] == "transient"]
+    faulted = [
+        (i, op)
+        for i, op in enumerate(operations)
+        if op["kind"] == kind and op["fault"] == "transient"
+    ]
     assert len(faulted) == TRANSIENT, faulted
     for index, op in faulted:
-        assert any(later["op"] == op["op"] and later["paths"] == op["paths"]
-                   and later["fault"] is None for later in operations[index + 1:]), (
-            f"{op['op']} {op['paths']} faulted and was never retried")
+        assert any(
+            later["op"] == op["op"] and later["paths"] == op["paths"] and later["fault"] is None
+            for later in operations[index + 1 :]
+        ), f"{op['op']} {op['paths']} faulted and was never retried"
     driver = faulty.options["owner_pid"]
     if in_workers:
         assert all(op["pid"] != driver for _, op in faulted), faulted
 
 
 @pytest.mark.parametrize("scope", ["anywhere", "workers"])
-def test_transient_faults_are_retried_and_change_nothing(s3_server, fault_bucket, tmp_path,
-                                                         scope):
+def test_transient_faults_are_retried_and_change_nothing(s3_server, fault_bucket, tmp_path, scope):
     """The first 3 reads and 3 writes of input and output fail with a connection error:
     in scope "anywhere" those are the driver's (listing the input, claiming the output),
     in scope "workers" those of the Ray read and write tasks."""
-    faulty_in = FaultyFileSystem(s3_server.filesystem(), tmp_path / "in-faults",
-                                 transient_reads=TRANSIENT, scope=scope)
-    faulty_out = FaultyFileSystem(s3_server.filesystem(), tmp_path / "out-faults",
-                                  transient_reads=TRANSIENT, transient_writes=TRANSIENT,
-                                  scope=scope)
+    faulty_in = FaultyFileSystem(
+        s3_server.filesystem(), tmp_path / "in-faults", transient_reads=TRANSIENT, scope=scope
+    )
+    faulty_out = FaultyFileSystem(
+        s3_server.filesystem(),
+        tmp_path / "out-faults",
+        transient_reads=TRANSIENT,
+        transient_writes=TRANSIENT,
+        scope=scope,
+    )
     prefix = f"out/transient-{scope}"
 
-    record = koala_batch.run(fault_spec(s3_server, fault_bucket, prefix),
-                             input_filesystem=faulty_in, output_filesystem=faulty_out)
+    record = koala_batch.run(
+        fault_spec(s3_server, fault_bucket, prefix),
+        Overrides(input_filesystem=faulty_in, output_filesystem=faulty_out),
+    )
 
     assert faulty_in.consumed() == {"read": TRANSIENT, "write": 0}
     assert faulty_out.consumed() == {"read": TRANSIENT, "write": TRANSIENT}
@@ -127,8 +147,11 @@ def test_transient_faults_are_retried_and_change_nothing(s3_server, fault_bucket
     if in_workers:
         # The read tasks' row-group reads, the write tasks' tar uploads and manifest writes.
         assert {op["op"] for op in faulty_in.operations() if op["fault"]} == {"open(rb)"}
-        written = {(op["op"], op["paths"][0].rsplit("/", 2)[-2])
-                   for op in faulty_out.operations() if op["fault"] and op["kind"] == "write"}
+        written = {
+            (op["op"], op["paths"][0].rsplit("/", 2)[-2])
+            for op in faulty_out.operations()
+            if op["fault"] and op["kind"] == "write"
+        }
         assert written <= {("put_file", "shards"), ("pipe_file", "manifests")}, written
 
     assert record["counts"]["images_ok"] == PROMPTS
@@ -136,17 +159,19 @@ def test_transient_faults_are_retried_and_change_nothing(s3_server, fault_bucket
     assert_same_images(s3_server.filesystem(), fault_bucket, prefix)
 
 
-def test_permanent_manifest_failure_fails_clearly_then_rerun_completes(s3_server, fault_bucket,
-                                                                       tmp_path):
+def test_permanent_manifest_failure_fails_clearly_then_rerun_completes(
+    s3_server, fault_bucket, tmp_path
+):
     fs = s3_server.filesystem()
     prefix = "out/permanent"
     output = f"{fault_bucket}/{prefix}"
     spec = fault_spec(s3_server, fault_bucket, prefix)
-    faulty_out = FaultyFileSystem(s3_server.filesystem(), tmp_path / "out-faults",
-                                  permanent_writes="/manifests/")
+    faulty_out = FaultyFileSystem(
+        s3_server.filesystem(), tmp_path / "out-faults", permanent_writes="/manifests/"
+    )
 
     with pytest.raises(JobFailedError) as failure:
-        koala_batch.run(spec, output_filesystem=faulty_out)
+        koala_batch.run(spec, Overrides(output_filesystem=faulty_out))
 
     # Clear: one line with the worker's PermissionError and the storage layer's note
     # naming the operation and the URL, not Ray's wrapped tracebacks.
@@ -181,7 +206,13 @@ def test_permanent_manifest_failure_fails_clearly_then_rerun_completes(s3_server
     assert record["resumed"]
     assert record["counts"]["images_written_this_run"] == PROMPTS
     manifest, members, _ = read_output(fs, output)  # fails if a member is in two tars
-    ids = sorted(zip(manifest.column("id").to_pylist(), manifest.column("image_index").to_pylist()))
+    ids = sorted(
+        zip(
+            manifest.column("id").to_pylist(),
+            manifest.column("image_index").to_pylist(),
+            strict=True,
+        )
+    )
     expected_ids = pq.read_table(SAMPLE_PROMPTS).slice(0, PROMPTS).column("id").to_pylist()
     assert ids == sorted((row_id, 0) for row_id in expected_ids)
     committed = {shard["shard"] for shard in record["shards"]}

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch.job import JobFailedError
+from koala_batch import JobFailedError, Overrides
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.faulty_generators import (
     FAILING_PROMPT,
@@ -44,10 +44,15 @@ def test_failing_batches_are_split_and_failures_recorded(tmp_path):
     output = tmp_path / "out"
     calls = tmp_path / "calls"
     calls.mkdir()
-    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
-                     compute={"batch_size": 4}, output={"max_failed_fraction": 0.25})
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        compute={"batch_size": 4},
+        output={"max_failed_fraction": 0.25},
+    )
 
-    record = koala_batch.run(spec, generator_cls=fault_injecting_generator(calls))
+    record = koala_batch.run(spec, Overrides(generator_cls=fault_injecting_generator(calls)))
 
     rows = {row["id"]: row for row in read_manifests(output)}
     assert_exactly_once(list(rows.values()), ids)
@@ -59,8 +64,9 @@ def test_failing_batches_are_split_and_failures_recorded(tmp_path):
     assert rows["row-5"]["member"] is None and rows["row-5"]["sha256"] is None
     assert all(rows[f"row-{i}"]["status"] == "ok" for i in (0, 1, 3, 4, 6, 8, 9))
     assert record["counts"]["images_failed"] == 2 and record["counts"]["images_ok"] == 8
-    calls_made = [json.loads(line) for log in calls.glob("*.log")
-                  for line in log.read_text().splitlines()]
+    calls_made = [
+        json.loads(line) for log in calls.glob("*.log") for line in log.read_text().splitlines()
+    ]
     assert max(len(call) for call in calls_made) == 4
     # Every failing prompt was retried alone before being recorded as an error.
     for prompt in (OOM_PROMPT, FAILING_PROMPT, NAN_PROMPT):
@@ -75,8 +81,10 @@ def test_job_fails_when_too_many_images_fail(tmp_path):
     spec = tiny_spec(str(table), str(output), output={"max_failed_fraction": 0.5})
     calls = tmp_path / "calls"
     calls.mkdir()
-    with pytest.raises(JobFailedError, match=r"3 of 5 images failed \(60.0%\).*max_failed_fraction=0.5"):
-        koala_batch.run(spec, generator_cls=fault_injecting_generator(calls))
+    with pytest.raises(
+        JobFailedError, match=r"3 of 5 images failed \(60.0%\).*max_failed_fraction=0.5"
+    ):
+        koala_batch.run(spec, Overrides(generator_cls=fault_injecting_generator(calls)))
     assert not (output / "_SUCCESS").exists()
     rows = read_manifests(output)
     assert len(rows) == 5  # the failures are committed as error rows, nothing dropped
@@ -92,10 +100,15 @@ def test_killed_actor_process_is_replaced_and_output_exactly_once(tmp_path):
     table = write_prompt_table(tmp_path / "in.parquet", prompts, id=ids)
     output = tmp_path / "out"
     marker = tmp_path / "killed.pid"
-    spec = tiny_spec(str(table), str(output), input={"id_column": "id"},
-                     compute={"actors": 2, "batch_size": 2}, output={"rows_per_shard": 3})
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        compute={"actors": 2, "batch_size": 2},
+        output={"rows_per_shard": 3},
+    )
 
-    record = koala_batch.run(spec, generator_cls=self_killing_generator(marker))
+    record = koala_batch.run(spec, Overrides(generator_cls=self_killing_generator(marker)))
 
     assert marker.exists(), "the actor was never killed: the test did not test anything"
     rows = read_manifests(output)

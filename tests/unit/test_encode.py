@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from koala_batch.encode import EXTENSIONS, EncodeImages, encode_image
+from koala_batch.encode import EncodeImages, encode_image
+from koala_batch.layout import EXTENSIONS
 
 WIDTH, HEIGHT = 64, 48  # not square: a swapped width/height shows
 
@@ -77,13 +78,18 @@ def test_extensions_cover_every_format():
 
 def generated_table(pixels: list[np.ndarray | None]) -> pa.Table:
     """What the generate stage emits: work rows with raw pixels (b"" for error rows)."""
-    return pa.table({
-        "key": pa.array([f"{i:032x}-0" for i in range(len(pixels))]),
-        "status": pa.array(["ok" if p is not None else "error" for p in pixels]),
-        "error": pa.array([None if p is not None else "prompt is null" for p in pixels],
-                          pa.string()),
-        "pixels": pa.array([p.tobytes() if p is not None else b"" for p in pixels], pa.binary()),
-    })
+    return pa.table(
+        {
+            "key": pa.array([f"{i:032x}-0" for i in range(len(pixels))]),
+            "status": pa.array(["ok" if p is not None else "error" for p in pixels]),
+            "error": pa.array(
+                [None if p is not None else "prompt is null" for p in pixels], pa.string()
+            ),
+            "pixels": pa.array(
+                [p.tobytes() if p is not None else b"" for p in pixels], pa.binary()
+            ),
+        }
+    )
 
 
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
@@ -111,7 +117,7 @@ def test_encode_stage_adds_image_sha256_and_bytes(image_format):
 def test_encode_stage_png_decodes_to_the_generated_pixels():
     images = [gradient(3), gradient(4)]
     out = EncodeImages("png", 95, WIDTH, HEIGHT)(generated_table(images))
-    for data, pixels in zip(out.column("image").to_pylist(), images):
+    for data, pixels in zip(out.column("image").to_pylist(), images, strict=True):
         assert np.array_equal(np.asarray(decode(data)), pixels)
 
 

@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from koala_batch.config import spec_from_dict
+from koala_batch.errors import StorageError
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.storage import Storage, StorageError
+from koala_batch.layout import manifest_path, tar_path
+from koala_batch.storage import Storage
 from koala_batch.validate import ExpandImages
-from koala_batch.write import manifest_path, tar_path
 from tests.conftest import tiny_spec
 
 KEY = re.compile(r"^[0-9a-f]{32}-[0-9]+$")
@@ -21,7 +22,9 @@ KEY = re.compile(r"^[0-9a-f]{32}-[0-9]+$")
 hostile_ids = st.one_of(
     st.text(min_size=0, max_size=200),
     st.text(alphabet="./\\\x00~$:*?", min_size=1, max_size=50),
-    st.builds(lambda n, s: s * n, st.integers(1, 10_000), st.sampled_from(["../", "/", "\x00", "é"])),
+    st.builds(
+        lambda n, s: s * n, st.integers(1, 10_000), st.sampled_from(["../", "/", "\x00", "é"])
+    ),
     st.sampled_from(["..", ".", "/", "../../etc/passwd", "C:\\Windows", "a/../../b", "\x00"]),
 )
 
@@ -53,15 +56,20 @@ def test_storage_never_resolves_outside_its_root(tmp_path_factory, relative):
 @settings(max_examples=50, deadline=None)
 @given(ids=st.lists(hostile_ids, min_size=1, max_size=8, unique=True))
 def test_expand_images_keys_are_safe_and_unique(ids):
-    spec = spec_from_dict(tiny_spec("in.parquet", "out", input={"id_column": "id"},
-                                    generation={"images_per_prompt": 2}))
-    table = pa.table({
-        "source": ["in.parquet"] * len(ids),
-        "row_index": list(range(len(ids))),
-        "row_ordinal": list(range(len(ids))),
-        "prompt": ["a cat"] * len(ids),
-        "id": ids,
-    })
+    spec = spec_from_dict(
+        tiny_spec(
+            "in.parquet", "out", input={"id_column": "id"}, generation={"images_per_prompt": 2}
+        )
+    )
+    table = pa.table(
+        {
+            "source": ["in.parquet"] * len(ids),
+            "row_index": list(range(len(ids))),
+            "row_ordinal": list(range(len(ids))),
+            "prompt": ["a cat"] * len(ids),
+            "id": ids,
+        }
+    )
     out = ExpandImages(spec)(table)
     keys = out.column("key").to_pylist()
     assert len(keys) == 2 * len(ids) == len(set(keys))

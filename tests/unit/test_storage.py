@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from koala_batch.storage import Storage, StorageError, is_transient, with_retries
+from koala_batch.errors import StorageError
+from koala_batch.storage import Storage, is_transient, with_retries
 
 
 @pytest.fixture
@@ -83,8 +84,10 @@ def test_url_carries_the_protocol(storage, out_dir):
 # Paths stay under the root
 
 
-@pytest.mark.parametrize("relative", ["../escape.txt", "a/../../escape.txt", "..", "../out2/x",
-                                      "shards/../../../etc/passwd"])
+@pytest.mark.parametrize(
+    "relative",
+    ["../escape.txt", "a/../../escape.txt", "..", "../out2/x", "shards/../../../etc/passwd"],
+)
 def test_path_refuses_escapes(storage, relative):
     with pytest.raises(StorageError, match="escapes"):
         storage.path(relative)
@@ -128,7 +131,11 @@ def test_list_files_is_sorted_names_of_files_only(storage, out_dir):
     (out_dir / "manifests" / "subdir.parquet" / "nested.parquet").write_bytes(b"x")
 
     assert storage.list_files("manifests") == [
-        "a.parquet", "b.parquet", "b.parquet.1234.partial", "c.parquet"]
+        "a.parquet",
+        "b.parquet",
+        "b.parquet.1234.partial",
+        "c.parquet",
+    ]
     assert storage.list_files("manifests", ".parquet") == ["a.parquet", "b.parquet", "c.parquet"]
 
 
@@ -161,8 +168,9 @@ class Flaky:
         return "done"
 
 
-@pytest.mark.parametrize("error", [OSError("reset"), ConnectionError("refused"),
-                                   TimeoutError("slow")])
+@pytest.mark.parametrize(
+    "error", [OSError("reset"), ConnectionError("refused"), TimeoutError("slow")]
+)
 def test_transient_errors_are_retried_until_success(error):
     operation = Flaky(error, error, error)
     assert with_retries(operation, "test op", attempts=4, first_delay_s=0) == "done"
@@ -176,8 +184,15 @@ def test_retries_give_up_after_the_last_attempt():
     assert operation.calls == 3
 
 
-@pytest.mark.parametrize("error", [FileNotFoundError("gone"), PermissionError("denied"),
-                                   IsADirectoryError("dir"), FileExistsError("there")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError("gone"),
+        PermissionError("denied"),
+        IsADirectoryError("dir"),
+        FileExistsError("there"),
+    ],
+)
 def test_permanent_errors_are_not_retried(error):
     operation = Flaky(error)
     with pytest.raises(type(error)):

@@ -24,11 +24,13 @@ from koala_batch.commit import claim_output, write_success
 from koala_batch.config import JobSpec, spec_from_dict
 from koala_batch.encode import encode_image
 from koala_batch.keys import sample_key
+from koala_batch.layout import manifest_path, tar_path
 from koala_batch.read import ReadRowGroups, plan_input
+from koala_batch.schemas import STATUS_OK, SUMMARY_SCHEMA
 from koala_batch.storage import Storage
-from koala_batch.validate import STATUS_OK, ExpandImages
+from koala_batch.validate import ExpandImages
 from koala_batch.verify import VerifyReport, verify_output
-from koala_batch.write import SUMMARY_SCHEMA, WriteShard, manifest_path, tar_path
+from koala_batch.write import WriteShard
 from tests.conftest import tiny_spec, write_prompt_table
 
 PROMPTS_A = [f"a photo of koala number {i}" for i in range(7)] + [""]  # last row: error row
@@ -60,9 +62,12 @@ def build_output(tmp_path: Path, *, id_column: bool = False, image_format: str =
     write_prompt_table(input_dir / "a.parquet", PROMPTS_A, **extra_a)
     write_prompt_table(input_dir / "b.parquet", PROMPTS_B, **extra_b)
     output = tmp_path / "output"
-    raw = tiny_spec(str(input_dir), str(output),
-                    generation={"images_per_prompt": IMAGES_PER_PROMPT},
-                    output={"rows_per_shard": ROWS_PER_SHARD, "image_format": image_format})
+    raw = tiny_spec(
+        str(input_dir),
+        str(output),
+        generation={"images_per_prompt": IMAGES_PER_PROMPT},
+        output={"rows_per_shard": ROWS_PER_SHARD, "image_format": image_format},
+    )
     if id_column:
         raw["input"]["id_column"] = "uid"
     spec = spec_from_dict(raw)
@@ -72,21 +77,23 @@ def build_output(tmp_path: Path, *, id_column: bool = False, image_format: str =
     plan = plan_input(spec.input)
     reader, expand = ReadRowGroups(spec.input), ExpandImages(spec)
     work = pa.concat_tables(
-        expand(reader({name: [value] for name, value in unit.items()}))
-        for unit in plan.read_units()
+        expand(reader(pa.Table.from_pylist([unit]))) for unit in plan.read_units()
     ).sort_by("ordinal")
     width, height = spec.generation.width, spec.generation.height
     images, digests, sizes = [], [], []
-    for status, ordinal in zip(work.column("status").to_pylist(),
-                               work.column("ordinal").to_pylist()):
+    for status, ordinal in zip(
+        work.column("status").to_pylist(), work.column("ordinal").to_pylist(), strict=True
+    ):
         data = solid_image(ordinal, width, height, image_format) if status == STATUS_OK else None
         images.append(data)
         digests.append(hashlib.sha256(data).hexdigest() if data else None)
         sizes.append(len(data) if data else 0)
-    work = (work.append_column("image", pa.array(images, pa.binary()))
-            .append_column("sha256", pa.array(digests, pa.string()))
-            .append_column("bytes", pa.array(sizes, pa.int64()))
-            .append_column("prompt_truncated", pa.array([False] * work.num_rows)))
+    work = (
+        work.append_column("image", pa.array(images, pa.binary()))
+        .append_column("sha256", pa.array(digests, pa.string()))
+        .append_column("bytes", pa.array(sizes, pa.int64()))
+        .append_column("prompt_truncated", pa.array([False] * work.num_rows))
+    )
 
     writer = WriteShard(spec)
     summaries = []
@@ -171,8 +178,9 @@ def test_clean_output_verifies_without_spec(built):
     assert report.format().splitlines()[-1].startswith("OK: 4 shard(s), 26 row(s), 24 image(s)")
 
 
-@pytest.mark.parametrize(("id_column", "image_format"),
-                         [(False, "png"), (True, "png"), (False, "jpeg"), (True, "webp")])
+@pytest.mark.parametrize(
+    ("id_column", "image_format"), [(False, "png"), (True, "png"), (False, "jpeg"), (True, "webp")]
+)
 def test_clean_output_verifies_with_spec(tmp_path, id_column, image_format):
     built = build_output(tmp_path, id_column=id_column, image_format=image_format)
     report = verify_output(str(built.output), spec=built.spec)
@@ -188,8 +196,9 @@ def test_clean_output_verifies_with_spec(tmp_path, id_column, image_format):
 def test_verify_through_an_injected_filesystem(built):
     import fsspec
 
-    report = verify_output(str(built.output), filesystem=fsspec.filesystem("file"),
-                           spec=built.spec, workers=1)
+    report = verify_output(
+        str(built.output), filesystem=fsspec.filesystem("file"), spec=built.spec, workers=1
+    )
     assert report.ok, report.format()
     assert report.rows_checked == TOTAL_IMAGES
 
@@ -227,14 +236,19 @@ def test_deleted_manifest_row_is_a_missing_input_with_spec(built):
     manifest = read_manifest(built, shard)
     rows = manifest.to_pylist()
     dropped = next(row for row in rows if row["status"] == "ok" and row["image_index"] == 1)
-    write_manifest(built, shard, [row for row in rows if row["key"] != dropped["key"]],
-                   manifest.schema)
+    write_manifest(
+        built, shard, [row for row in rows if row["key"] != dropped["key"]], manifest.schema
+    )
 
     report = verify_output(str(built.output), spec=built.spec)
     assert not report.ok
     assert report.missing_inputs == 1
-    assert problems_with(report, f"input row {dropped['source']} row {dropped['row_index']}",
-                         "image 1 is missing", dropped["key"])
+    assert problems_with(
+        report,
+        f"input row {dropped['source']} row {dropped['row_index']}",
+        "image 1 is missing",
+        dropped["key"],
+    )
     # Without a spec the tar still gives it away: its image is listed by no manifest.
     plain = verify_output(str(built.output))
     assert problems_with(plain, f"shard {shard}", dropped["member"], "not listed in the manifest")
@@ -260,14 +274,19 @@ def test_same_id_and_image_under_another_key_is_a_duplicate(built):
     manifest = read_manifest(built, shard)
     rows = manifest.to_pylist()
     copy = "000000009999-0000beef"
-    renamed = [dict(row, key=f"{i:032x}-0", shard=copy, member=None, status="error",
-                    error="copied") for i, row in enumerate(rows)]
+    renamed = [
+        dict(row, key=f"{i:032x}-0", shard=copy, member=None, status="error", error="copied")
+        for i, row in enumerate(rows)
+    ]
     write_manifest(built, copy, renamed, manifest.schema)
     write_tar(built.output / tar_path(copy), [])
     report = verify_output(str(built.output), max_problems_listed=100)
     first = rows[0]
-    assert problems_with(report, f"id {first['id']!r} image {first['image_index']} appears in "
-                         f"shard {shard} and shard {copy} under different keys")
+    assert problems_with(
+        report,
+        f"id {first['id']!r} image {first['image_index']} appears in "
+        f"shard {shard} and shard {copy} under different keys",
+    )
     assert problems_with(report, f"shard {copy}: key {0:032x}-0 does not derive from its id")
 
 
@@ -278,8 +297,10 @@ def test_image_of_the_wrong_size_is_caught_by_decoding(built):
     target = next(row for row in rows if row["status"] == "ok")
     small = solid_image(target["ordinal"], 32, 48, "png")
     path = built.output / tar_path(shard)
-    write_tar(path, [(name, small if name == target["member"] else data)
-                     for name, data in tar_members(path)])
+    write_tar(
+        path,
+        [(name, small if name == target["member"] else data) for name, data in tar_members(path)],
+    )
     for row in rows:
         if row["key"] == target["key"]:
             row["sha256"], row["bytes"] = hashlib.sha256(small).hexdigest(), len(small)
@@ -321,19 +342,28 @@ def test_missing_member_and_bad_sidecar_are_problems(built):
         if name == gone["member"]:
             continue
         if name == f"{bad_json['key']}.json":
-            data = json.dumps({"key": bad_json["key"], "id": "someone else",
-                               "image_index": bad_json["image_index"]}).encode()
+            data = json.dumps(
+                {
+                    "key": bad_json["key"],
+                    "id": "someone else",
+                    "image_index": bad_json["image_index"],
+                }
+            ).encode()
         members.append((name, data))
     write_tar(path, members)
     report = verify_output(str(built.output))
-    assert problems_with(report, f"shard {shard}", f"key {gone['key']}",
-                         f"member {gone['member']} is missing")
+    assert problems_with(
+        report, f"shard {shard}", f"key {gone['key']}", f"member {gone['member']} is missing"
+    )
     assert problems_with(report, f"sidecar {bad_json['key']}.json", "has id='someone else'")
 
 
 def test_error_row_without_message_and_image_that_does_not_decode(built):
-    shard = next(name for name in built.shards
-                 if "error" in read_manifest(built, name).column("status").to_pylist())
+    shard = next(
+        name
+        for name in built.shards
+        if "error" in read_manifest(built, name).column("status").to_pylist()
+    )
     manifest = read_manifest(built, shard)
     rows = manifest.to_pylist()
     error_row = next(row for row in rows if row["status"] == "error")
@@ -345,8 +375,10 @@ def test_error_row_without_message_and_image_that_does_not_decode(built):
     broken["sha256"], broken["bytes"] = hashlib.sha256(garbage).hexdigest(), len(garbage)
     write_manifest(built, shard, rows, manifest.schema)
     path = built.output / tar_path(shard)
-    write_tar(path, [(name, garbage if name == broken["member"] else data)
-                     for name, data in tar_members(path)])
+    write_tar(
+        path,
+        [(name, garbage if name == broken["member"] else data) for name, data in tar_members(path)],
+    )
 
     report = verify_output(str(built.output))
     assert problems_with(report, f"shard {shard}", f"error row {error_row['key']}", "no error")
@@ -465,4 +497,3 @@ def test_byte_count_mismatch_is_a_problem(built):
         f"shard {shard}: member {target['member']} (key {target['key']}) has "
         f"{target['bytes'] - 1} bytes, the manifest says {target['bytes']}"
     ]
-

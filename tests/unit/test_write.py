@@ -14,7 +14,8 @@ import pytest
 
 from koala_batch import write
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.write import MANIFEST_COLUMNS, MANIFEST_FIELDS, SUMMARY_SCHEMA, WriteShard
+from koala_batch.schemas import MANIFEST_COLUMNS, MANIFEST_FIELDS, SUMMARY_SCHEMA
+from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec
 
 IDS = [f"row-{i}" for i in range(6)]
@@ -23,13 +24,17 @@ PASSTHROUGH = {"category": ["a", "b", "c", "d", "e", "f"], "score": [0.5, 1.5, 2
 
 
 def spec_for(out: Path, **output):
-    return make_spec(out, input={"passthrough_columns": ["category", "score"]},
-                     output={"rows_per_shard": 8, **output})
+    return make_spec(
+        out,
+        input={"passthrough_columns": ["category", "score"]},
+        output={"rows_per_shard": 8, **output},
+    )
 
 
 def rows_for(spec, first_ordinal: int = 0) -> pa.Table:
-    return encoded_table(spec, IDS, errors=ERRORS, first_ordinal=first_ordinal,
-                         passthrough=PASSTHROUGH)
+    return encoded_table(
+        spec, IDS, errors=ERRORS, first_ordinal=first_ordinal, passthrough=PASSTHROUGH
+    )
 
 
 def read_tar(path: Path) -> dict[str, bytes]:
@@ -58,7 +63,9 @@ def test_shard_lands_at_the_documented_paths(out_dir, written):
     assert (out_dir / "shards" / f"{shard}.tar").is_file()
     assert (out_dir / "manifests" / f"{shard}.parquet").is_file()
     assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()) == [
-        f"manifests/{shard}.parquet", f"shards/{shard}.tar"]  # nothing half-written left
+        f"manifests/{shard}.parquet",
+        f"shards/{shard}.tar",
+    ]  # nothing half-written left
 
 
 def test_summary_row(out_dir, written):
@@ -78,7 +85,7 @@ def test_manifest_schema_is_exactly_the_declared_one(out_dir, written):
     _, _, _, shard = written
     manifest = pq.read_table(out_dir / "manifests" / f"{shard}.parquet")
 
-    assert manifest.column_names == MANIFEST_COLUMNS + ["category", "score"]
+    assert manifest.column_names == [*MANIFEST_COLUMNS, "category", "score"]
     for field in MANIFEST_FIELDS:
         assert manifest.schema.field(field.name).type == field.type, field.name
         assert manifest.schema.field(field.name).nullable == field.nullable, field.name
@@ -136,7 +143,9 @@ def test_manifest_sha256_and_bytes_match_the_tar_members(out_dir, written):
     _, table, _, shard = written
     members = read_tar(out_dir / "shards" / f"{shard}.tar")
     manifest = pq.read_table(out_dir / "manifests" / f"{shard}.parquet").to_pylist()
-    images = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+    images = dict(
+        zip(table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True)
+    )
 
     checked = 0
     for row in manifest:
@@ -202,8 +211,9 @@ def test_row_order_does_not_change_the_shard(tmp_path):
     shuffled = WriteShard(shuffled_spec)(table.take([5, 3, 0, 4, 1, 2])).column("shard")[0].as_py()
 
     assert shuffled == ordered
-    assert ((tmp_path / "shuffled" / "shards" / f"{shuffled}.tar").read_bytes()
-            == (tmp_path / "ordered" / "shards" / f"{ordered}.tar").read_bytes())
+    assert (tmp_path / "shuffled" / "shards" / f"{shuffled}.tar").read_bytes() == (
+        tmp_path / "ordered" / "shards" / f"{ordered}.tar"
+    ).read_bytes()
     manifest = pq.read_table(tmp_path / "shuffled" / "manifests" / f"{shuffled}.parquet")
     assert manifest.column("ordinal").to_pylist() == list(range(6))
 
@@ -221,14 +231,19 @@ def test_tar_members_have_fixed_metadata(out_dir, written):
 def test_disjoint_blocks_get_distinct_shards(out_dir):
     spec = spec_for(out_dir)
     first = WriteShard(spec)(rows_for(spec)).column("shard")[0].as_py()
-    others = encoded_table(spec, [f"other-{i}" for i in range(3)], first_ordinal=6,
-                           passthrough={"category": ["g", "h", "i"], "score": [6.5, 7.5, 8.5]})
+    others = encoded_table(
+        spec,
+        [f"other-{i}" for i in range(3)],
+        first_ordinal=6,
+        passthrough={"category": ["g", "h", "i"], "score": [6.5, 7.5, 8.5]},
+    )
     second = WriteShard(spec)(others).column("shard")[0].as_py()
 
     assert first != second
     assert second.startswith("000000000006-")
     assert sorted(p.name for p in (out_dir / "manifests").iterdir()) == sorted(
-        [f"{first}.parquet", f"{second}.parquet"])
+        [f"{first}.parquet", f"{second}.parquet"]
+    )
 
 
 @pytest.mark.parametrize(("image_format", "extension"), [("jpeg", "jpg"), ("webp", "webp")])
@@ -237,15 +252,21 @@ def test_member_extension_follows_the_image_format(out_dir, image_format, extens
     shard = WriteShard(spec)(encoded_table(spec, ["x", "y"])).column("shard")[0].as_py()
 
     names = tar_names(out_dir / "shards" / f"{shard}.tar")
-    assert names == [f"{sample_key('x', 0)}.{extension}", f"{sample_key('x', 0)}.json",
-                     f"{sample_key('y', 0)}.{extension}", f"{sample_key('y', 0)}.json"]
+    assert names == [
+        f"{sample_key('x', 0)}.{extension}",
+        f"{sample_key('x', 0)}.json",
+        f"{sample_key('y', 0)}.{extension}",
+        f"{sample_key('y', 0)}.json",
+    ]
     manifest = pq.read_table(out_dir / "manifests" / f"{shard}.parquet")
     assert manifest.column("image_format").to_pylist() == [image_format] * 2
 
 
 def test_all_error_block_commits_an_empty_tar_and_a_manifest(out_dir):
     spec = make_spec(out_dir)
-    shard = WriteShard(spec)(encoded_table(spec, ["x", "y"], errors={0, 1})).column("shard")[0].as_py()
+    shard = (
+        WriteShard(spec)(encoded_table(spec, ["x", "y"], errors={0, 1})).column("shard")[0].as_py()
+    )
 
     assert tar_names(out_dir / "shards" / f"{shard}.tar") == []
     manifest = pq.read_table(out_dir / "manifests" / f"{shard}.parquet")

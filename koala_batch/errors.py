@@ -1,0 +1,62 @@
+"""The errors koala-batch raises on purpose, each carrying the exit code the CLI returns.
+
+Two families: a `UsageError` means the user must change something (the spec, the input,
+the output prefix, the model) before a rerun can succeed, exit 2; any other
+`KoalaBatchError` means the job ran and did not succeed, exit 1. The CLI maps every
+exception through `exit_code` and `headline`, and nothing else.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+class KoalaBatchError(Exception):
+    """Base of koala-batch's own errors; the message is one line meant for the user."""
+
+    exit_code = EXIT_FAILED
+    headline: str | None = None  # the CLI prefix; None: "<command> failed"
+
+
+class UsageError(KoalaBatchError):
+    """Something the user gave cannot be used as it is; nothing was generated."""
+
+    exit_code = EXIT_INVALID
+    headline = "error"
+
+
+class SpecError(UsageError, ValueError):
+    """The job spec is invalid; the message names the field (and the file)."""
+
+
+class InputError(UsageError, ValueError):
+    """The input cannot be used; the message names the file and column."""
+
+
+class OutputConflictError(UsageError):
+    """The output prefix holds something this job must not touch or resume."""
+
+
+class UnsafeWeightsError(UsageError, ValueError):
+    """The model directory holds pickle weights only; they are never loaded."""
+
+
+class JobFailedError(KoalaBatchError):
+    """The job ran but its result is not acceptable (too many failed images, say)."""
+
+    headline = "job failed"
+
+
+class StorageError(KoalaBatchError, OSError):
+    """A storage operation was refused for good (a path escaping the output prefix)."""
+
+
+class RunSupersededError(KoalaBatchError):
+    """Another run claimed the output: a writer of the old run must not commit."""
+
+
+class StageInputError(KoalaBatchError):
+    """A pipeline stage was handed a table without the columns it needs (a bug, not bad
+    input: the message names the stage and the missing columns)."""
