@@ -1,9 +1,10 @@
-# Two entry points, each from a fresh clone:  make smoke  |  make test
+# Entry points, each from a fresh clone:  make smoke  |  make check  (lint, types, tests)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CODE := koala_batch tests
 
-.PHONY: setup smoke test clean
+.PHONY: setup smoke lint test test-fast check clean
 
 # torch goes in first and alone: on a CPU machine with the local CPU wheel (pip's
 # find-links) this takes it instead of a multi-GB CUDA build; on a GPU machine it is
@@ -19,8 +20,20 @@ setup: $(VENV)/.installed
 smoke: setup
 	$(BIN)/koala-batch run jobs/smoke.yaml
 
+# Lint, format and type checks: fast, so they run before the tests.
+lint: setup
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/mypy
+
+# Unit tests only: no Ray, no S3 server; under a minute.
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit
+
 test: setup
 	$(BIN)/python -m pytest
+
+check: lint test
 
 clean:
 	rm -rf $(VENV) out

@@ -131,8 +131,13 @@ class FaultyFileSystem(AbstractFileSystem):
                     state[kind] += 1
                     fault = "transient"
                     self._state_file.write_text(json.dumps(state))
-            entry = {"kind": kind, "op": operation, "paths": names, "pid": os.getpid(),
-                     "fault": fault}
+            entry = {
+                "kind": kind,
+                "op": operation,
+                "paths": names,
+                "pid": os.getpid(),
+                "fault": fault,
+            }
             with open(self._log_file, "a") as log:
                 log.write(json.dumps(entry) + "\n")
         if fault == "transient":
@@ -190,8 +195,7 @@ class FaultyFileSystem(AbstractFileSystem):
 
     def find(self, path, maxdepth=None, withdirs=False, detail=False, **kwargs):
         self._check(READ, "find", path)
-        return self.inner.find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail,
-                               **kwargs)
+        return self.inner.find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
 
     def glob(self, path, maxdepth=None, **kwargs):
         self._check(READ, "glob", path)

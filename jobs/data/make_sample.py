@@ -2,7 +2,7 @@
 
 Source: PartiPrompts (google-research/parti, PartiPrompts.tsv), Apache-2.0; see
 PartiPrompts-LICENSE beside this file. Usage:
-    python jobs/data/make_sample.py ../shared/data/parti-prompts/PartiPrompts.tsv
+    python jobs/data/make_sample.py path/to/PartiPrompts.tsv
 """
 
 import csv

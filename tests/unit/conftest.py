@@ -40,9 +40,26 @@ def encoded_table(
 
     Rows whose position is in `errors` are error rows: no image, no sha256, 0 bytes.
     """
-    rows: dict[str, list] = {name: [] for name in (
-        "id", "image_index", "key", "seed", "ordinal", "prompt", "negative_prompt", "source",
-        "row_index", "status", "error", "prompt_truncated", "image", "sha256", "bytes")}
+    rows: dict[str, list] = {
+        name: []
+        for name in (
+            "id",
+            "image_index",
+            "key",
+            "seed",
+            "ordinal",
+            "prompt",
+            "negative_prompt",
+            "source",
+            "row_index",
+            "status",
+            "error",
+            "prompt_truncated",
+            "image",
+            "sha256",
+            "bytes",
+        )
+    }
     for position, row_id in enumerate(ids):
         failed = position in errors
         image = None if failed else png_bytes(position + 1000 * first_ordinal)
@@ -61,10 +78,18 @@ def encoded_table(
         rows["image"].append(image)
         rows["sha256"].append(None if failed else hashlib.sha256(image).hexdigest())
         rows["bytes"].append(0 if failed else len(image))
-    types = {"image_index": pa.int32(), "seed": pa.uint64(), "ordinal": pa.int64(),
-             "row_index": pa.int64(), "prompt_truncated": pa.bool_(), "image": pa.binary(),
-             "bytes": pa.int64()}
-    columns = {name: pa.array(values, types.get(name, pa.string())) for name, values in rows.items()}
+    types = {
+        "image_index": pa.int32(),
+        "seed": pa.uint64(),
+        "ordinal": pa.int64(),
+        "row_index": pa.int64(),
+        "prompt_truncated": pa.bool_(),
+        "image": pa.binary(),
+        "bytes": pa.int64(),
+    }
+    columns = {
+        name: pa.array(values, types.get(name, pa.string())) for name, values in rows.items()
+    }
     for name, values in (passthrough or {}).items():
         columns[name] = pa.array(values)
     return pa.table(columns)

@@ -65,13 +65,16 @@ def test_second_claim_with_the_same_spec_resumes(storage, out_dir):
 
     assert claim_output(storage, spec) is True
     # Resuming keeps what was committed.
-    assert all_files(out_dir) == sorted(["_job.json", f"manifests/{shard}.parquet",
-                                         f"shards/{shard}.tar"])
+    assert all_files(out_dir) == sorted(
+        ["_job.json", f"manifests/{shard}.parquet", f"shards/{shard}.tar"]
+    )
 
 
 def test_resume_ignores_what_does_not_change_the_images(storage, out_dir):
     claim_output(storage, make_spec(out_dir))
-    assert claim_output(storage, make_spec(out_dir, compute={"batch_size": 16, "actors": 2})) is True
+    assert (
+        claim_output(storage, make_spec(out_dir, compute={"batch_size": 16, "actors": 2})) is True
+    )
 
 
 def test_resume_removes_an_earlier_success_record(storage, out_dir):
@@ -82,6 +85,51 @@ def test_resume_removes_an_earlier_success_record(storage, out_dir):
 
     assert claim_output(storage, spec) is True
     assert not (out_dir / "_SUCCESS").exists()
+
+
+def test_job_file_records_the_versions_that_decide_pixels(storage, out_dir):
+    import diffusers
+    import torch
+    import transformers
+
+    claim_output(storage, make_spec(out_dir))
+    versions = json.loads((out_dir / "_job.json").read_text())["versions"]
+    assert versions == {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _rewrite_job_versions(out_dir: Path, **versions: str) -> None:
+    job = json.loads((out_dir / "_job.json").read_text())
+    job["versions"].update(versions)
+    (out_dir / "_job.json").write_text(json.dumps(job))
+
+
+def test_resume_under_other_library_versions_says_so(storage, out_dir, caplog):
+    import torch
+
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    _rewrite_job_versions(out_dir, torch="1.0.0", diffusers="0.1.0")
+
+    with caplog.at_level("WARNING", logger="koala_batch.commit"):
+        assert claim_output(storage, spec) is True  # allowed: the spec is the same
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"torch 1.0.0 -> {torch.__version__}" in warning
+    assert "diffusers 0.1.0 -> " in warning and "transformers" not in warning
+    assert "may differ" in warning
+    # The new run records the versions it runs with.
+    assert json.loads((out_dir / "_job.json").read_text())["versions"]["torch"] == torch.__version__
+
+
+def test_resume_under_the_same_versions_is_quiet(storage, out_dir, caplog):
+    spec = make_spec(out_dir)
+    claim_output(storage, spec)
+    with caplog.at_level("WARNING", logger="koala_batch.commit"):
+        assert claim_output(storage, spec) is True
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
 
 
 def test_claim_with_a_different_seed_is_refused_naming_seed(storage, out_dir):
@@ -99,8 +147,9 @@ def test_claim_with_a_different_seed_is_refused_naming_seed(storage, out_dir):
 def test_claim_with_several_changes_names_each(storage, out_dir):
     claim_output(storage, make_spec(out_dir))
     with pytest.raises(OutputConflictError) as info:
-        claim_output(storage, make_spec(out_dir, generation={"steps": 3},
-                                        output={"image_format": "webp"}))
+        claim_output(
+            storage, make_spec(out_dir, generation={"steps": 3}, output={"image_format": "webp"})
+        )
     assert "steps" in str(info.value) and "image_format" in str(info.value)
 
 
@@ -124,8 +173,16 @@ def test_overwrite_of_an_empty_prefix_is_a_fresh_claim(storage, out_dir):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-@pytest.mark.parametrize("foreign", ["notes.txt", "shards/readme.md", "manifests/x.csv",
-                                     "shards/nested/a.tar", "data/part-0.parquet"])
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "notes.txt",
+        "shards/readme.md",
+        "manifests/x.csv",
+        "shards/nested/a.tar",
+        "data/part-0.parquet",
+    ],
+)
 def test_foreign_files_are_refused_and_left_untouched(storage, out_dir, foreign, overwrite):
     spec = make_spec(out_dir)
     claim_output(storage, spec)
@@ -235,17 +292,20 @@ def test_remove_leftovers_deletes_orphans_and_keeps_committed_shards(storage, ou
     kept = write_shard(spec, ["a", "b"])
     orphan = write_shard(spec, ["c", "d"], first_ordinal=2)
     (out_dir / "manifests" / f"{orphan}.parquet").unlink()  # a write cut before its manifest
-    partials = ["shards/000000000009-00000000.tar.ab12.partial",
-                "manifests/000000000009-00000000.parquet.cd34.partial",
-                "_job.json.ef56.partial"]
+    partials = [
+        "shards/000000000009-00000000.tar.ab12.partial",
+        "manifests/000000000009-00000000.parquet.cd34.partial",
+        "_job.json.ef56.partial",
+    ]
     for name in partials:
         (out_dir / name).write_bytes(b"half")
 
-    removed = remove_leftovers(storage, load_committed(storage))
+    removed = remove_leftovers(storage)
 
     assert sorted(removed) == sorted([f"shards/{orphan}.tar", *partials])
-    assert all_files(out_dir) == sorted(["_job.json", f"manifests/{kept}.parquet",
-                                         f"shards/{kept}.tar"])
+    assert all_files(out_dir) == sorted(
+        ["_job.json", f"manifests/{kept}.parquet", f"shards/{kept}.tar"]
+    )
 
 
 def test_remove_leftovers_with_nothing_to_remove(storage, out_dir):
@@ -254,7 +314,7 @@ def test_remove_leftovers_with_nothing_to_remove(storage, out_dir):
     shard = write_shard(spec, ["a"])
     before = all_files(out_dir)
 
-    assert remove_leftovers(storage, load_committed(storage)) == []
+    assert remove_leftovers(storage) == []
     assert all_files(out_dir) == before
     assert f"shards/{shard}.tar" in before
 
@@ -264,14 +324,16 @@ def test_remove_leftovers_never_touches_manifests(storage, out_dir):
     shard = write_shard(spec, ["a"])
     (out_dir / "shards" / f"{shard}.tar").unlink()  # committed manifest, lost tar
 
-    assert remove_leftovers(storage, load_committed(storage)) == []
+    assert remove_leftovers(storage) == []
     assert (out_dir / "manifests" / f"{shard}.parquet").exists()
 
 
 def test_write_success_is_the_record(storage, out_dir):
     write_success(storage, {"status": "succeeded", "counts": {"images_ok": 3}})
     assert json.loads((out_dir / "_SUCCESS").read_text()) == {
-        "status": "succeeded", "counts": {"images_ok": 3}}
+        "status": "succeeded",
+        "counts": {"images_ok": 3},
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +341,7 @@ def test_write_success_is_the_record(storage, out_dir):
 
 
 def test_writer_of_a_superseded_run_commits_nothing(storage, out_dir):
-    from koala_batch.write import RunSupersededError
+    from koala_batch.errors import RunSupersededError
 
     spec = make_spec(out_dir)
     claim_output(storage, spec, run_id="run-1")

@@ -84,7 +84,8 @@ def test_load_spec_parses_every_section(tmp_path):
 
 def test_load_spec_accepts_a_list_of_inputs_and_an_actor_range(tmp_path):
     text = BASE_YAML.replace("uri: prompts.parquet", "uri: [a.parquet, b/]").replace(
-        "actors: 1", "actors: {min: 1, max: 3}")
+        "actors: 1", "actors: {min: 1, max: 3}"
+    )
     spec = load_spec(write_yaml(tmp_path, text))
 
     assert spec.input.uris == ["a.parquet", "b/"]
@@ -273,10 +274,13 @@ def test_override_can_create_a_missing_section(tmp_path):
 
 
 def test_override_sets_lists_and_nested_mappings():
-    merged = apply_overrides(base_raw(), [
-        "input.passthrough_columns=[category, source_url]",
-        "compute.actors={min: 1, max: 4}",
-    ])
+    merged = apply_overrides(
+        base_raw(),
+        [
+            "input.passthrough_columns=[category, source_url]",
+            "compute.actors={min: 1, max: 4}",
+        ],
+    )
     spec = spec_from_dict(merged)
     assert spec.input.passthrough_columns == ["category", "source_url"]
     assert spec.compute.actor_range == (1, 4)
@@ -330,8 +334,13 @@ SECRET_YAML = BASE_YAML.replace(
     "  rows_per_shard: 8\n"
     "  storage_options: {key: AKIA-OUTPUT-KEY, secret: output-secret-value, anon: false}\n",
 )
-SECRET_VALUES = ["AKIA-INPUT-KEY", "input-secret-value", "nested-session-token",
-                 "AKIA-OUTPUT-KEY", "output-secret-value"]
+SECRET_VALUES = [
+    "AKIA-INPUT-KEY",
+    "input-secret-value",
+    "nested-session-token",
+    "AKIA-OUTPUT-KEY",
+    "output-secret-value",
+]
 
 
 def test_credentials_become_secret_strings(tmp_path):
@@ -357,7 +366,9 @@ def test_snapshot_masks_every_secret(tmp_path):
         assert value not in repr(spec)
         assert value not in str(spec)
     assert snapshot["input"]["storage_options"]["key"] == "**********"
-    assert snapshot["input"]["storage_options"]["client_kwargs"]["aws_session_token"] == "**********"
+    assert (
+        snapshot["input"]["storage_options"]["client_kwargs"]["aws_session_token"] == "**********"
+    )
     assert snapshot["input"]["storage_options"]["endpoint_url"] == "http://127.0.0.1:9000"
     assert snapshot["generation"]["seed"] == 7  # the rest is kept
 
@@ -372,7 +383,10 @@ def test_reveal_storage_options_returns_the_real_values(tmp_path):
         "client_kwargs": {"aws_session_token": "nested-session-token"},
     }
     assert reveal_storage_options(spec.output.storage_options) == {
-        "key": "AKIA-OUTPUT-KEY", "secret": "output-secret-value", "anon": False}
+        "key": "AKIA-OUTPUT-KEY",
+        "secret": "output-secret-value",
+        "anon": False,
+    }
 
 
 def test_secret_given_by_override_is_hidden_too(tmp_path):

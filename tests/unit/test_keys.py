@@ -23,8 +23,18 @@ KEY_PATTERN = re.compile(r"^[0-9a-f]{32}-[0-9]+$")
 # sample_key
 
 
-@pytest.mark.parametrize("row_id", ["row-1", "", "a/b/../c.png", "日本語 prompt id", "x" * 5000,
-                                    "s3://bucket/file.parquet#12", "\ud800lone-surrogate"])
+@pytest.mark.parametrize(
+    "row_id",
+    [
+        "row-1",
+        "",
+        "a/b/../c.png",
+        "日本語 prompt id",
+        "x" * 5000,
+        "s3://bucket/file.parquet#12",
+        "\ud800lone-surrogate",
+    ],
+)
 def test_sample_key_is_hex_dash_index(row_id):
     key = sample_key(row_id, 7)
     assert KEY_PATTERN.match(key), key
@@ -63,8 +73,12 @@ def test_derived_row_id_names_the_file_and_row():
 
 def test_derived_seed_is_pinned_and_in_uint64_range():
     assert derived_seed(7, "row-1", 0) == 3739844742471612813
-    seeds = [derived_seed(s, f"id-{i}", k) for s in (0, 1, 2**63 - 1) for i in range(50)
-             for k in range(2)]
+    seeds = [
+        derived_seed(s, f"id-{i}", k)
+        for s in (0, 1, 2**63 - 1)
+        for i in range(50)
+        for k in range(2)
+    ]
     assert all(0 <= seed < SEED_MODULUS for seed in seeds)
     assert len(set(seeds)) == len(seeds)
 

@@ -45,8 +45,15 @@ def generate(pipeline, seed: int, prompt: str = "a red cube") -> np.ndarray:
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.inference_mode():
-        result = pipeline(prompt=[prompt], num_inference_steps=2, guidance_scale=5.0, width=64,
-                          height=64, generator=[generator], output_type="np")
+        result = pipeline(
+            prompt=[prompt],
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            width=64,
+            height=64,
+            generator=[generator],
+            output_type="np",
+        )
     return np.asarray(result.images)
 
 
@@ -160,8 +167,9 @@ def test_same_seed_same_image_other_seed_other_image(pipeline):
 def test_explicit_dtype_is_honoured(tiny_cache):
     import torch
 
-    pipeline = load_pipeline("tiny", dtype="bfloat16", device=torch.device("cpu"),
-                             cache_dir=tiny_cache)
+    pipeline = load_pipeline(
+        "tiny", dtype="bfloat16", device=torch.device("cpu"), cache_dir=tiny_cache
+    )
     assert pipeline.unet.dtype == torch.bfloat16
 
 
@@ -197,9 +205,13 @@ def test_local_directory_without_model_index_is_refused(tmp_path):
 
 
 def from_pretrained_calls(source: str) -> list[ast.Call]:
-    return [node for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "from_pretrained"]
+    return [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "from_pretrained"
+    ]
 
 
 def test_model_code_never_enables_remote_code():
