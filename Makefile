@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CODE := koala_batch tests
+CODE := koala_batch tests bench
 
 .PHONY: setup smoke lint test test-fast check clean
 

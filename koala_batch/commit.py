@@ -35,7 +35,7 @@ from koala_batch.layout import (
     summary_from_manifest,
     tar_path,
 )
-from koala_batch.schemas import Col
+from koala_batch.schemas import RUN_TIMING_FIELDS, Col
 from koala_batch.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,43 @@ def remove_leftovers(storage: Storage) -> list[str]:
     return removed
 
 
+def commit_timeline(started: float, written: list[dict[str, Any]]) -> dict[str, Any]:
+    """How this run's commits kept up with generation (seconds since `started`).
+
+    `max_uncommitted_images` is the most images generated but not yet committed at any
+    moment: what a crash at the worst time would have cost.
+    """
+    events: list[tuple[float, int]] = []
+    for shard in written:
+        generated = shard.get("generated_at") or []
+        if shard.get("committed_at") is None:
+            continue
+        events.extend((moment, 1) for moment in generated)
+        events.append((shard["committed_at"], -len(generated)))
+    if not events:
+        return {"shards_committed": 0}
+    # At equal moments an image counts as generated before its shard commits.
+    events.sort(key=lambda event: (event[0], -event[1]))
+    uncommitted = peak = 0
+    for _, change in events:
+        uncommitted += change
+        peak = max(peak, uncommitted)
+    commits = [moment for moment, change in events if change <= 0]
+    images = [moment for moment, change in events if change > 0]
+
+    def since_start(moment: float) -> float:
+        return round(moment - started, 3)
+
+    return {
+        "shards_committed": len(commits),
+        "first_image_s": since_start(min(images)) if images else None,
+        "last_image_s": since_start(max(images)) if images else None,
+        "first_commit_s": since_start(min(commits)),
+        "last_commit_s": since_start(max(commits)),
+        "max_uncommitted_images": peak,
+    }
+
+
 def build_job_record(
     spec: JobSpec,
     *,
@@ -293,6 +330,7 @@ def build_job_record(
     input_rows: int,
     shards: dict[str, dict[str, Any]],
     written_this_run: int,
+    timeline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job record (`_SUCCESS`): what ran, with what, and every committed shard."""
     planned = input_rows * spec.generation.images_per_prompt
@@ -315,10 +353,14 @@ def build_job_record(
             "images_written_this_run": written_this_run,
             "shards": len(shards),
         },
+        "timeline": timeline or {},
         "fingerprint": spec.fingerprint(),
         "spec": spec.snapshot(),
         "versions": package_versions(),
-        "shards": sorted(shards.values(), key=lambda shard: shard["first_ordinal"]),
+        "shards": [
+            {name: value for name, value in shard.items() if name not in RUN_TIMING_FIELDS}
+            for shard in sorted(shards.values(), key=lambda shard: shard["first_ordinal"])
+        ],
     }
 
 

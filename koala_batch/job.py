@@ -21,15 +21,15 @@ from koala_batch.commit import (
     CommittedState,
     build_job_record,
     claim_output,
+    commit_timeline,
     load_committed,
     remove_leftovers,
     retire_late_duplicates,
     write_success,
 )
 from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
-from koala_batch.encode import EncodeImages
 from koala_batch.errors import InputError, JobFailedError, UsageError
-from koala_batch.generate import GenerateImages
+from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages
 from koala_batch.keys import KeySet
 from koala_batch.layout import MANIFESTS_DIR
 from koala_batch.read import InputPlan, ReadRowGroups, plan_input
@@ -120,6 +120,31 @@ def resolve_gpus_per_actor(spec: JobSpec) -> float:
     return float(spec.compute.num_gpus_per_actor)
 
 
+# CPUs reserved by each task of the light stages: reading, the two rebundlings, writing.
+LIGHT_TASK_CPUS = 0.25
+# What a node must keep beside its generator actors for one task of each light stage to
+# run at once: with less, one of them waits for generation to end, and so do the commits.
+LIGHT_STAGES_CPUS = 4 * LIGHT_TASK_CPUS
+
+
+def rebundle(dataset: Any, rows: int) -> Any:
+    """The dataset in blocks of exactly `rows` rows (the last one may be short).
+
+    Ray Data's streaming repartition runs as map tasks that take a whole CPU by default
+    and hold it while their output waits downstream. Two such tasks on a node whose
+    CPUs the generator actors hold starve the writer until generation ends, and
+    nothing is committed before then; so they are made as light as the other light
+    stages. Ray 2.60's `repartition` takes no resource arguments: the logical operator
+    it adds is given them directly.
+    """
+    dataset = dataset.repartition(target_num_rows_per_block=rows, strict=True)
+    repartition = dataset._logical_plan.dag
+    if type(repartition).__name__ != "StreamingRepartition":
+        raise RuntimeError(f"expected Ray Data's StreamingRepartition, got {repartition!r}")
+    repartition.ray_remote_args["num_cpus"] = LIGHT_TASK_CPUS
+    return dataset
+
+
 def build_dataset(
     spec: JobSpec,
     plan: InputPlan,
@@ -141,10 +166,17 @@ def build_dataset(
     if compute.max_actor_restarts is not None:
         actor_args["max_restarts"] = compute.max_actor_restarts
     min_actors, max_actors = compute.actor_range
-    pool = (
-        ray.data.ActorPoolStrategy(size=min_actors)
+    sizes = (
+        {"size": min_actors}
         if min_actors == max_actors
-        else ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors)
+        else {"min_size": min_actors, "max_size": max_actors}
+    )
+    # Two calls per actor at once: one holds the pipeline, the other encodes the batch
+    # before (the generator serialises pipeline calls itself).
+    pool = ray.data.ActorPoolStrategy(
+        **sizes,
+        max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+        enable_true_multi_threading=True,
     )
     units = plan.read_units()
 
@@ -154,19 +186,19 @@ def build_dataset(
         ReadRowGroups(spec.input, overrides.input_filesystem),
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=LIGHT_TASK_CPUS,
         **task_args,
     )
     dataset = dataset.map_batches(
         ExpandImages(spec, committed_keys),
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=LIGHT_TASK_CPUS,
         **task_args,
     )
     # Blocks of exactly one pipeline call, so every actor gets work (a whole Parquet
     # file would otherwise feed a single actor).
-    dataset = dataset.repartition(target_num_rows_per_block=compute.batch_size, strict=True)
+    dataset = rebundle(dataset, compute.batch_size)
     dataset = dataset.map_batches(
         overrides.generator_cls,
         fn_constructor_kwargs={
@@ -182,25 +214,13 @@ def build_dataset(
         runtime_env={"env_vars": QUIET_WORKER_ENV},
         **actor_args,
     )
-    dataset = dataset.map_batches(
-        EncodeImages(
-            spec.output.image_format,
-            spec.output.quality,
-            spec.generation.width,
-            spec.generation.height,
-        ),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=1,
-        **task_args,
-    )
     # Blocks of exactly rows_per_shard images: one block, one shard.
-    dataset = dataset.repartition(target_num_rows_per_block=spec.output.rows_per_shard, strict=True)
+    dataset = rebundle(dataset, spec.output.rows_per_shard)
     dataset = dataset.map_batches(
         WriteShard(spec, overrides.output_filesystem, run_id),
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=0.5,
+        num_cpus=LIGHT_TASK_CPUS,
         **task_args,
     )
     return dataset
@@ -325,6 +345,7 @@ def run(
         input_rows=plan.num_rows,
         shards=shards,
         written_this_run=sum(shard["rows"] for shard in written),
+        timeline=commit_timeline(started, written),
     )
     counts = record["counts"]
     if counts["images_committed"] != planned_images:

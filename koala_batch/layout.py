@@ -161,4 +161,6 @@ def summary_from_manifest(storage: Storage, shard: str, manifest: pa.Table) -> d
         "errors": manifest.num_rows - ok,
         "image_bytes": int(sum(b for b in manifest.column(Col.BYTES).to_pylist() if b)),
         "first_ordinal": min(ordinals) if ordinals else 0,
+        "committed_at": None,
+        "generated_at": None,
     }

@@ -2,8 +2,7 @@
 
     read      -> READ_COLUMNS      + the input columns the spec names
     validate  -> WORK_FIELDS       + passthrough columns   (one row per image)
-    generate  -> GENERATED_FIELDS  + passthrough columns   (raw pixels)
-    encode    -> ENCODED_FIELDS    + passthrough columns   (encoded image bytes)
+    generate  -> GENERATED_FIELDS  + passthrough columns   (encoded image bytes)
     write     -> MANIFEST_FIELDS   + passthrough columns   (the manifest a reader sees)
               -> SUMMARY_SCHEMA                            (one stats row per shard)
 
@@ -40,13 +39,12 @@ class Col:
     NEGATIVE_PROMPT = "negative_prompt"
     STATUS = "status"
     ERROR = "error"
-    # generate
+    # generate (and encode, inside the generator actor)
     PROMPT_TRUNCATED = "prompt_truncated"
-    PIXELS = "pixels"
-    # encode
     IMAGE = "image"
     SHA256 = "sha256"
     BYTES = "bytes"
+    GENERATED_AT = "generated_at"
     # write: constant per job, and where the image went
     STEPS = "steps"
     GUIDANCE_SCALE = "guidance_scale"
@@ -78,15 +76,11 @@ WORK_SCHEMA = pa.schema(WORK_FIELDS)
 GENERATED_FIELDS = (
     *WORK_FIELDS,
     pa.field(Col.PROMPT_TRUNCATED, pa.bool_()),
-    pa.field(Col.PIXELS, pa.binary()),
-)
-
-ENCODED_FIELDS = (
-    *WORK_FIELDS,
-    pa.field(Col.PROMPT_TRUNCATED, pa.bool_()),
     pa.field(Col.IMAGE, pa.binary()),
     pa.field(Col.SHA256, pa.string()),
     pa.field(Col.BYTES, pa.int64()),
+    # unix seconds when the image left the pipeline: the job's commit timeline
+    pa.field(Col.GENERATED_AT, pa.float64()),
 )
 
 MANIFEST_FIELDS = (
@@ -147,8 +141,13 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("errors", pa.int64()),
         pa.field("image_bytes", pa.int64()),
         pa.field("first_ordinal", pa.int64()),
+        # this run's timing (null for shards committed by an earlier run): unix seconds
+        pa.field("committed_at", pa.float64()),
+        pa.field("generated_at", pa.list_(pa.float64())),
     ]
 )
+# Summary fields that describe one run, not the shard: left out of the job record.
+RUN_TIMING_FIELDS = ("committed_at", "generated_at")
 
 # Every name koala-batch adds on the way to the manifest: a passthrough column may not
 # reuse one (it would overwrite it or be overwritten).
@@ -156,7 +155,6 @@ RESERVED_COLUMNS = frozenset(
     {
         *READ_COLUMNS,
         *(f.name for f in GENERATED_FIELDS),
-        *(f.name for f in ENCODED_FIELDS),
         *MANIFEST_COLUMNS,
     }
 )

@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 import tempfile
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -139,7 +140,9 @@ class WriteShard:
                 )
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        require_columns(table, [*_ROW_COLUMNS, Col.IMAGE, *self.passthrough], "write")
+        require_columns(
+            table, [*_ROW_COLUMNS, Col.IMAGE, Col.GENERATED_AT, *self.passthrough], "write"
+        )
         table = table.sort_by(Col.ORDINAL)
         keys = table.column(Col.KEY).to_pylist()
         shard = shard_name(min(table.column(Col.ORDINAL).to_pylist()), keys)
@@ -163,6 +166,7 @@ class WriteShard:
         # superseded run is this one PUT (and the driver retires what slips through).
         self.check_still_owner()
         storage.write_bytes(manifest_path(shard), buffer.getvalue())
-        return pa.Table.from_pylist(
-            [summary_from_manifest(storage, shard, manifest)], schema=SUMMARY_SCHEMA
-        )
+        summary = summary_from_manifest(storage, shard, manifest)
+        summary["committed_at"] = time.time()
+        summary["generated_at"] = table.column(Col.GENERATED_AT).to_pylist()
+        return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)

@@ -65,9 +65,12 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
     for attempt in range(3):
         job = start_job(spec_path, log)
         # Anywhere from start-up (no new shard) to a few shards in, always leaving work
-        # for the next attempts.
-        remaining = shards - committed(output)
-        target = committed(output) + rng.randint(0, max(0, remaining // 4 - 1))
+        # for the next attempts; the second attempt is killed mid-stream, after it has
+        # committed at least one shard of its own.
+        before = committed(output)
+        remaining = shards - before
+        least = 1 if attempt == 1 else 0
+        target = before + rng.randint(least, max(least, remaining // 4 - 1))
         deadline = time.time() + 180
         while time.time() < deadline and job.poll() is None and committed(output) < target:
             time.sleep(0.05)
@@ -75,9 +78,10 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
         assert job.poll() is None, f"attempt {attempt}: the job ended before it could be killed"
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-        kills.append(committed(output))
+        kills.append((before, committed(output)))
     assert not (output / "_SUCCESS").exists()
-    assert kills[-1] < shards, "every shard was committed before the last kill"
+    assert kills[1][1] > kills[1][0], f"the second run was not killed mid-stream: {kills}"
+    assert kills[-1][1] < shards, "every shard was committed before the last kill"
 
     final = subprocess.run(
         [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300

@@ -36,7 +36,7 @@ def encoded_table(
     first_ordinal: int = 0,
     passthrough: dict[str, list] | None = None,
 ) -> pa.Table:
-    """Rows shaped like the encode stage's output: one image (index 0) per id.
+    """Rows shaped like the generate stage's output: one encoded image (index 0) per id.
 
     Rows whose position is in `errors` are error rows: no image, no sha256, 0 bytes.
     """
@@ -58,6 +58,7 @@ def encoded_table(
             "image",
             "sha256",
             "bytes",
+            "generated_at",
         )
     }
     for position, row_id in enumerate(ids):
@@ -78,6 +79,7 @@ def encoded_table(
         rows["image"].append(image)
         rows["sha256"].append(None if failed else hashlib.sha256(image).hexdigest())
         rows["bytes"].append(0 if failed else len(image))
+        rows["generated_at"].append(1_800_000_000.0 + position)
     types = {
         "image_index": pa.int32(),
         "seed": pa.uint64(),
@@ -86,6 +88,7 @@ def encoded_table(
         "prompt_truncated": pa.bool_(),
         "image": pa.binary(),
         "bytes": pa.int64(),
+        "generated_at": pa.float64(),
     }
     columns = {
         name: pa.array(values, types.get(name, pa.string())) for name, values in rows.items()

@@ -15,6 +15,7 @@ from koala_batch.commit import (
     write_success,
 )
 from koala_batch.keys import sample_key
+from koala_batch.schemas import RUN_TIMING_FIELDS
 from koala_batch.storage import Storage
 from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec
@@ -252,7 +253,16 @@ def test_load_committed_reads_keys_and_stats_from_manifests(storage, out_dir):
     assert sample_key("f", 0) not in state.keys and sample_key("a", 1) not in state.keys
     assert set(state.shards) == {s["shard"] for s in summaries}
     for summary in summaries:
-        assert state.shards[summary["shard"]] == summary
+        # the same stats; the run's own timing is known only to the run that wrote it
+        stable = {k: v for k, v in summary.items() if k not in RUN_TIMING_FIELDS}
+        assert state.shards[summary["shard"]] == {
+            **stable,
+            "committed_at": None,
+            "generated_at": None,
+        }
+        assert (
+            summary["committed_at"] is not None and len(summary["generated_at"]) == summary["rows"]
+        )
     assert state.images == 5
 
 
@@ -373,3 +383,46 @@ def test_late_duplicate_shard_is_retired_and_a_late_stranger_refused(storage, ou
     with pytest.raises(OutputConflictError, match="holds images this run did not produce"):
         retire_late_duplicates(storage, known)
     assert (out_dir / "manifests" / f"{stranger}.parquet").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# commit_timeline
+
+
+def test_commit_timeline_counts_the_most_images_waiting_for_a_commit():
+    from koala_batch.commit import commit_timeline
+
+    written = [
+        {"rows": 2, "committed_at": 103.0, "generated_at": [101.0, 102.0]},
+        # generated while the first shard was still being written
+        {"rows": 3, "committed_at": 107.0, "generated_at": [102.5, 104.0, 106.0]},
+        {"rows": 1, "committed_at": 108.0, "generated_at": [107.0]},
+    ]
+    timeline = commit_timeline(100.0, written)
+    assert timeline == {
+        "shards_committed": 3,
+        "first_image_s": 1.0,
+        "last_image_s": 7.0,
+        "first_commit_s": 3.0,
+        "last_commit_s": 8.0,
+        # at 107: the second shard's three images and the third shard's first, which
+        # counts as generated before the second shard's commit at the same moment
+        "max_uncommitted_images": 4,
+    }
+
+
+def test_commit_timeline_of_a_final_burst_counts_every_image():
+    from koala_batch.commit import commit_timeline
+
+    written = [
+        {"rows": 2, "committed_at": 50.0 + i, "generated_at": [10.0 * i, 10.0 * i + 1]}
+        for i in range(4)
+    ]
+    assert commit_timeline(0.0, written)["max_uncommitted_images"] == 8
+
+
+def test_commit_timeline_skips_shards_committed_by_an_earlier_run():
+    from koala_batch.commit import commit_timeline
+
+    earlier = {"rows": 5, "committed_at": None, "generated_at": None}
+    assert commit_timeline(0.0, [earlier]) == {"shards_committed": 0}

@@ -1,4 +1,4 @@
-"""Encoding: raw RGB pixels to PNG/JPEG/WebP, with sha256 and size; error rows pass through."""
+"""Encoding: raw RGB pixels to PNG/JPEG/WebP bytes with their sha256."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import hashlib
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
-from koala_batch.encode import EncodeImages, encode_image
+from koala_batch.encode import ImageEncoder, encode_image
 from koala_batch.layout import EXTENSIONS
 
 WIDTH, HEIGHT = 64, 48  # not square: a swapped width/height shows
@@ -73,68 +72,25 @@ def test_extensions_cover_every_format():
 
 
 # ---------------------------------------------------------------------------------------
-# EncodeImages
-
-
-def generated_table(pixels: list[np.ndarray | None]) -> pa.Table:
-    """What the generate stage emits: work rows with raw pixels (b"" for error rows)."""
-    return pa.table(
-        {
-            "key": pa.array([f"{i:032x}-0" for i in range(len(pixels))]),
-            "status": pa.array(["ok" if p is not None else "error" for p in pixels]),
-            "error": pa.array(
-                [None if p is not None else "prompt is null" for p in pixels], pa.string()
-            ),
-            "pixels": pa.array(
-                [p.tobytes() if p is not None else b"" for p in pixels], pa.binary()
-            ),
-        }
-    )
+# ImageEncoder
 
 
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
-def test_encode_stage_adds_image_sha256_and_bytes(image_format):
-    images = [gradient(0), None, gradient(2)]
-    stage = EncodeImages(image_format, 90, WIDTH, HEIGHT)
-    out = stage(generated_table(images))
+def test_encoder_gives_the_bytes_and_their_sha256(image_format):
+    pixels = gradient(2)
+    encoded = ImageEncoder(image_format, 90)(pixels)
 
-    assert "pixels" not in out.column_names
-    assert out.column_names[:3] == ["key", "status", "error"]
-    assert out.schema.field("image").type == pa.binary()
-    assert out.schema.field("sha256").type == pa.string()
-    assert out.schema.field("bytes").type == pa.int64()
-    encoded = out.column("image").to_pylist()
-    digests = out.column("sha256").to_pylist()
-    sizes = out.column("bytes").to_pylist()
-    for row in (0, 2):
-        assert digests[row] == hashlib.sha256(encoded[row]).hexdigest()
-        assert sizes[row] == len(encoded[row])
-        assert encoded[row] == encode_image(images[row], image_format, 90)
-        assert decode(encoded[row]).size == (WIDTH, HEIGHT)
-    assert digests[0] != digests[2]
+    assert encoded.data == encode_image(pixels, image_format, 90)
+    assert encoded.sha256 == hashlib.sha256(encoded.data).hexdigest()
+    assert decode(encoded.data).size == (WIDTH, HEIGHT)
+    assert ImageEncoder(image_format, 90)(gradient(3)).sha256 != encoded.sha256
 
 
-def test_encode_stage_png_decodes_to_the_generated_pixels():
-    images = [gradient(3), gradient(4)]
-    out = EncodeImages("png", 95, WIDTH, HEIGHT)(generated_table(images))
-    for data, pixels in zip(out.column("image").to_pylist(), images, strict=True):
-        assert np.array_equal(np.asarray(decode(data)), pixels)
+def test_encoder_png_is_lossless():
+    pixels = gradient(4)
+    assert np.array_equal(np.asarray(decode(ImageEncoder("png", 95)(pixels).data)), pixels)
 
 
-def test_encode_stage_leaves_error_rows_without_image():
-    out = EncodeImages("png", 95, WIDTH, HEIGHT)(generated_table([None, gradient(), None]))
-
-    assert out.column("image").to_pylist()[0] is None
-    assert out.column("image").to_pylist()[2] is None
-    assert out.column("sha256").to_pylist()[0] is None
-    assert out.column("bytes").to_pylist()[0] == 0
-    assert out.column("status").to_pylist() == ["error", "ok", "error"]
-    assert out.column("error").to_pylist()[0] == "prompt is null"
-    assert out.column("image").to_pylist()[1] is not None
-
-
-def test_encode_stage_with_only_error_rows():
-    out = EncodeImages("webp", 95, WIDTH, HEIGHT)(generated_table([None, None]))
-    assert out.num_rows == 2
-    assert out.column("image").null_count == 2
-    assert out.column("bytes").to_pylist() == [0, 0]
+def test_encoder_refuses_an_unknown_format_when_built():
+    with pytest.raises(ValueError, match="gif"):
+        ImageEncoder("gif", 95)

@@ -93,6 +93,7 @@ def build_output(tmp_path: Path, *, id_column: bool = False, image_format: str =
         .append_column("sha256", pa.array(digests, pa.string()))
         .append_column("bytes", pa.array(sizes, pa.int64()))
         .append_column("prompt_truncated", pa.array([False] * work.num_rows))
+        .append_column("generated_at", pa.array([0.0] * work.num_rows))
     )
 
     writer = WriteShard(spec)
