@@ -6,10 +6,10 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import platform
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -240,7 +240,7 @@ def build_pipeline(arch: str):
 
 def prepare_model(arch: str, cache_dir: Path | None = None) -> Path:
     """A saved diffusers directory (safetensors) for the architecture, built once and reused."""
-    from koala_batch.model import default_cache_dir, ensure_tiny_model
+    from koala_batch.model import default_cache_dir, ensure_tiny_model, save_pipeline_once
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
@@ -252,19 +252,7 @@ def prepare_model(arch: str, cache_dir: Path | None = None) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     print(f"building the {arch} model with random weights in {target} (once)", flush=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".bench-{arch}-", dir=cache_dir))
-    try:
-        pipeline = build_pipeline(arch)
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        del pipeline
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return save_pipeline_once(lambda: build_pipeline(arch), target)
 
 
 def warm_page_cache(directory: Path) -> float:
@@ -565,6 +553,15 @@ def quiet_libraries() -> None:
     """Keep progress bars and import-time warnings out of the tables; call before imports."""
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def start_run(verbose: bool) -> None:
+    """What every benchmark does first: quiet libraries, then logging (info with -v)."""
+    quiet_libraries()
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def run_stage(stage: Any, tables: Sequence[pa.Table], concurrency: int) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import time
 from typing import Any
 
@@ -151,11 +150,7 @@ def whole_job(spec: dict[str, Any], storage_kind: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    common.quiet_libraries()
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    common.start_run(args.verbose)
     variants = {part.strip() for part in args.variants.split(",") if part.strip()}
     if not variants or not variants <= {"b", "c"}:
         raise SystemExit(f"--variants: expected b, c or b,c (got {args.variants!r})")

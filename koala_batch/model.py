@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from koala_batch.errors import UnsafeWeightsError
 
@@ -202,12 +203,26 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache_dir / f"tiny-sdxl-v{TINY_MODEL_VERSION}"
+    if not (target / "model_index.json").exists():
+        save_pipeline_once(build_tiny_pipeline, target)
+        logger.info("built the tiny model in %s", target)
+    return target
+
+
+def save_pipeline_once(build: Callable[[], Any], target: Path) -> Path:
+    """Build a pipeline and save it at `target` as safetensors, unless it is there.
+
+    Safe to call from several processes at once: each builds into a temporary directory
+    beside `target` and the first rename wins, so no reader sees a half-saved model.
+    """
     if (target / "model_index.json").exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        pipeline = build()
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        del pipeline  # a real architecture holds GBs: free them before the next one
         try:
             os.rename(staging, target)
         except OSError:
@@ -215,7 +230,6 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built the tiny model in %s", target)
     return target
 
 
