@@ -201,9 +201,9 @@ def claim_output(
     return state.action == "resume"
 
 
-def load_committed(storage: Storage) -> CommittedState:
+def load_committed(storage: Storage, listing: OutputListing | None = None) -> CommittedState:
     """Committed shards (those with a manifest) and their keys; fails on any duplicate key."""
-    names = list_output(storage).committed
+    names = (listing or list_output(storage)).committed
 
     def read(shard: str):
         data = storage.read_bytes(manifest_path(shard))
@@ -273,10 +273,10 @@ def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
     return retired
 
 
-def remove_leftovers(storage: Storage) -> list[str]:
+def remove_leftovers(storage: Storage, listing: OutputListing | None = None) -> list[str]:
     """Delete tars without a manifest and half-written files; return what was removed."""
     removed = []
-    for relative, _ in list_output(storage).leftovers:
+    for relative, _ in (listing or list_output(storage)).leftovers:
         storage.remove(relative)
         removed.append(relative)
     return removed

@@ -31,7 +31,7 @@ from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_
 from koala_batch.errors import InputError, JobFailedError, UsageError
 from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages
 from koala_batch.keys import KeySet
-from koala_batch.layout import MANIFESTS_DIR
+from koala_batch.layout import MANIFESTS_DIR, list_output
 from koala_batch.read import InputPlan, ReadRowGroups, plan_input
 from koala_batch.schemas import SUMMARY_SCHEMA
 from koala_batch.storage import Storage
@@ -312,9 +312,12 @@ def run(
     )
     run_id = uuid.uuid4().hex
     resumed = claim_output(storage, spec, overwrite=spec.output.overwrite, run_id=run_id)
-    committed = load_committed(storage) if resumed else CommittedState()
+    committed = CommittedState()
     if resumed:
-        removed = remove_leftovers(storage)
+        # One listing serves both: a large output on object storage lists slowly.
+        listing = list_output(storage)
+        committed = load_committed(storage, listing)
+        removed = remove_leftovers(storage, listing)
         logger.info(
             "resuming: %d images in %d shards already committed; %d leftovers removed",
             committed.images,
