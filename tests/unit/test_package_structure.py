@@ -19,7 +19,7 @@ PACKAGE_DIR = REPO_ROOT / "koala_batch"
 # Bottom to top; a module may import from its own level (without a cycle) and below.
 LEVELS: list[set[str]] = [
     {"errors"},
-    {"schemas", "storage", "keys", "model"},
+    {"schemas", "storage", "keys", "model", "accelerations"},
     {"layout", "architectures", "config"},
     {"read", "validate", "generate", "encode", "write"},
     {"commit"},
