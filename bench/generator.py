@@ -183,9 +183,9 @@ def counting_stage_class():
     class CountingGenerateImages(GenerateImages):
         pipeline_calls = 0
 
-        def run_pipeline(self, prompts, negative_prompts, seeds):
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
             self.pipeline_calls += 1
-            return super().run_pipeline(prompts, negative_prompts, seeds)
+            return super().run_pipeline(prompts, negative_prompts, seeds, **pipeline_kwargs)
 
     return CountingGenerateImages
 

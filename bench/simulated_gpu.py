@@ -32,7 +32,7 @@ def simulated_generator(
     seconds_per_batch: float, calls_dir: Path, pool_size: int = 4
 ) -> type[GenerateImages]:
     """A GenerateImages that sleeps `seconds_per_batch` per pipeline call and returns
-    synthetic float32 images in [0, 1]; each call's sleep is logged to calls_dir/{pid}.log.
+    synthetic uint8 images; each call's sleep is logged to calls_dir/{pid}.log.
 
     Defined inside this function so cloudpickle ships it to Ray workers by value; it
     needs nothing from this module there.
@@ -81,10 +81,12 @@ def simulated_generator(
             self.simulated_pool = synthetic_pool(spec.generation.width, spec.generation.height)
             return None
 
-        def run_pipeline(self, prompts, negative_prompts, seeds):
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
             import os
 
             import numpy as np
+
+            from koala_batch.generate import GeneratedImages, to_uint8
 
             started = time.time()
             time.sleep(seconds_per_batch)
@@ -102,7 +104,8 @@ def simulated_generator(
             record = {"start": started, "end": ended, "images": len(seeds)}
             with open(os.path.join(calls_path, f"{os.getpid()}.log"), "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            return images
+            # A GPU generator hands over uint8 pixels (converted on the device).
+            return GeneratedImages(pixels=to_uint8(images), finite=np.ones(len(seeds), bool))
 
         def truncated_prompts(self, prompts):
             return [False] * len(prompts)  # no tokenizer without a pipeline

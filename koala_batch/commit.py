@@ -331,6 +331,7 @@ def build_job_record(
     shards: dict[str, dict[str, Any]],
     written_this_run: int,
     timeline: dict[str, Any] | None = None,
+    generators: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job record (`_SUCCESS`): what ran, with what, and every committed shard."""
     planned = input_rows * spec.generation.images_per_prompt
@@ -354,6 +355,7 @@ def build_job_record(
             "shards": len(shards),
         },
         "timeline": timeline or {},
+        "generators": generators or {},
         "fingerprint": spec.fingerprint(),
         "spec": spec.snapshot(),
         "versions": package_versions(),

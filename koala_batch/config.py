@@ -179,6 +179,22 @@ class GenerationSpec(_Section):
         lt=2**63,
         description="Job seed; with the row id and image index it fixes each image.",
     )
+    guidance_cutoff: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Stop classifier-free guidance after this fraction of the steps (the "
+        "SDXL CFG cut-off): later steps run the U-Net on one latent instead of two. Faster; "
+        "changes the images. Unset = guide every step.",
+    )
+    deep_cache_interval: int | None = Field(
+        None,
+        ge=2,
+        le=50,
+        description="DeepCache: run the whole U-Net every N steps and, in between, only its "
+        "outermost blocks, reusing the deeper features. Faster; changes the images. "
+        "Unset = off.",
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -241,6 +257,28 @@ class ComputeSpec(_Section):
     )
     local_object_store_mb: int = Field(
         512, ge=75, description="Object store size of a local Ray cluster, in MiB."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the U-Net and the VAE decoder, warmed up before the first "
+        "batch; compiled code is cached on local disk so a restarted actor reuses it.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when compute.compile is set."
+    )
+    compile_cache_dir: str | None = Field(
+        None,
+        description="Local directory for torch.compile's caches; default "
+        "$KOALA_BATCH_CACHE/torch-compile (else ~/.cache/koala-batch/torch-compile).",
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="U-Net and VAE in channels-last memory format; unset = on CUDA only.",
+    )
+    fuse_qkv: bool | None = Field(
+        None,
+        description="Fuse each attention's query/key/value projections into one matmul; "
+        "unset = on CUDA only.",
     )
 
     @property
@@ -311,6 +349,17 @@ class JobSpec(_Section):
     compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Ray sizing.")
     output: OutputSpec = Field(description="The dataset written.")
 
+    @model_validator(mode="after")
+    def _compile_without_deep_cache(self) -> JobSpec:
+        # DeepCache switches the U-Net's path by a step counter in Python, which
+        # torch.compile would trace and recompile per step: untested, so refused.
+        if self.compute.compile and self.generation.deep_cache_interval is not None:
+            raise ValueError(
+                "compute.compile and generation.deep_cache_interval cannot be combined "
+                "yet: choose one"
+            )
+        return self
+
     def snapshot(self) -> dict[str, Any]:
         """JSON-safe spec with every secret masked (for logs and the job record)."""
         return json.loads(self.model_dump_json())
@@ -339,6 +388,15 @@ class JobSpec(_Section):
             "passthrough_columns": list(self.input.passthrough_columns),
             "image_format": self.output.image_format,
             "quality": self.output.quality,
+            # Listed only when set, so outputs made before these existed still resume.
+            **{
+                name: value
+                for name, value in (
+                    ("guidance_cutoff", self.generation.guidance_cutoff),
+                    ("deep_cache_interval", self.generation.deep_cache_interval),
+                )
+                if value is not None
+            },
         }
 
     def spec_constants(self) -> dict[str, Any]:

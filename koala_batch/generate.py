@@ -8,22 +8,29 @@ with NaN pixels, becomes an error row rather than a failed job.
 The actor takes two batches at once (`CALLS_PER_ACTOR`): one holds the pipeline while
 the other encodes its images, so the accelerator does not wait on compression and only
 compressed bytes leave the actor.
+
+Images leave the device as uint8 (converted there, as MLPerf's SDXL harness does): a
+quarter of the bytes of float32 pixels cross to the host, into pinned memory.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from koala_batch.accelerations import DeepCache, guidance_cutoff_kwargs
 from koala_batch.config import JobSpec
 from koala_batch.encode import ImageEncoder
-from koala_batch.model import load_pipeline, pick_device
+from koala_batch.model import SpeedSettings, load_pipeline, optimize_pipeline, pick_device
 from koala_batch.schemas import STATUS_ERROR, STATUS_OK, Col, require_columns
 
 logger = logging.getLogger(__name__)
@@ -44,12 +51,105 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-class GenerateImages:
-    """Actor stage: work rows in, the same rows with their encoded `image` out."""
+@dataclass(frozen=True)
+class GeneratedImages:
+    """One pipeline call's images as uint8 (N, H, W, 3), and which of them were finite.
 
-    def __init__(self, spec: JobSpec, torch_threads: int | None = None):
+    A non-finite image (NaN latents, an overflowing decoder) has meaningless pixels:
+    `finite` is checked before they are used.
+    """
+
+    pixels: np.ndarray
+    finite: np.ndarray
+
+    @classmethod
+    def from_float(cls, images: np.ndarray) -> GeneratedImages:
+        """From float images in [0, 1], (N, H, W, 3), as diffusers' "np" output gives them."""
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        pixels = to_uint8(np.nan_to_num(np.clip(images, 0.0, 1.0), nan=0.0))
+        return cls(pixels=pixels, finite=finite)
+
+
+def decode_latents(pipeline: Any, latents: Any) -> GeneratedImages:
+    """The pipeline's VAE decode and post-processing, ending in uint8 on the device.
+
+    The same arithmetic as StableDiffusionXLPipeline's decode and diffusers' "np"
+    post-processing followed by `to_uint8`, so float32 gives the same bytes; the VAE's own
+    dtype is used (see model.decode_dtype), never a per-call float32 round trip.
+    """
+    import torch
+
+    vae = pipeline.vae
+    latents = latents.to(vae.dtype)
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and (
+        getattr(config, "latents_std", None) is not None
+    ):
+        mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if getattr(pipeline, "watermark", None) is not None:
+        image = pipeline.watermark.apply_watermark(image)
+    image = image.float()
+    finite = torch.isfinite(image).flatten(1).all(dim=1)
+    pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).contiguous()
+    if pixels.device.type == "cuda":
+        # A non-blocking copy into pinned memory overlaps with what the GPU still has
+        # queued; the event waits for this copy only, not for the whole device.
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        finite_host = finite.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return GeneratedImages(pixels=host.numpy(), finite=finite_host.numpy())
+    return GeneratedImages(pixels=pixels.numpy(), finite=finite.numpy())
+
+
+@dataclass
+class GeneratorStats:
+    """Where one generator actor's time went: the busy fraction's numerator and span."""
+
+    worker: str
+    started_at: float
+    ready_at: float | None = None
+    first_call_at: float | None = None
+    last_call_end: float | None = None
+    pipeline_s: float = 0.0
+    calls: int = 0
+    images: int = 0
+
+    def record_call(self, started: float, ended: float, images: int) -> None:
+        if self.first_call_at is None:
+            self.first_call_at = started
+        self.last_call_end = ended
+        self.pipeline_s += ended - started
+        self.calls += 1
+        self.images += images
+
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GenerateImages:
+    """Actor stage: work rows in, the same rows with their encoded `image` out.
+
+    `stats`, when given, is a Ray actor handle with a `report(snapshot)` method: after
+    every batch the actor sends it its GeneratorStats, from which the job record takes
+    each generator's busy fraction.
+    """
+
+    def __init__(self, spec: JobSpec, torch_threads: int | None = None, stats: Any = None):
         import torch
 
+        self.stats = GeneratorStats(
+            worker=f"{socket.gethostname()}:{os.getpid()}", started_at=time.time()
+        )
+        self.stats_sink = stats
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = pick_device()
@@ -57,11 +157,34 @@ class GenerateImages:
         self.guidance_scale = spec.resolved_guidance_scale
         self.width = spec.generation.width
         self.height = spec.generation.height
+        self.batch_size = spec.compute.batch_size
+        self.default_negative = spec.generation.negative_prompt
         self.encoder = ImageEncoder(spec.output.image_format, spec.output.quality)
         # The pipeline (and its tokenizers) serve one call at a time; encoding does not
         # need them and runs beside.
         self.pipeline_lock = threading.Lock()
+        self.speed = SpeedSettings.resolve(
+            self.device,
+            channels_last=spec.compute.channels_last,
+            fuse_qkv=spec.compute.fuse_qkv,
+            compile=spec.compute.compile,
+            compile_mode=spec.compute.compile_mode,
+            compile_cache_dir=spec.compute.compile_cache_dir,
+        )
         self.pipeline = self.load_model(spec)
+        self.call_kwargs: dict[str, Any] = {}
+        self.deep_cache: DeepCache | None = None
+        self.negative_embeddings: tuple[Any, Any] | None = None
+        if self.pipeline is not None:
+            optimize_pipeline(self.pipeline, self.speed)
+            if spec.generation.guidance_cutoff is not None:
+                self.call_kwargs.update(guidance_cutoff_kwargs(spec.generation.guidance_cutoff))
+            if spec.generation.deep_cache_interval is not None:
+                self.deep_cache = DeepCache(self.pipeline.unet, spec.generation.deep_cache_interval)
+            self.negative_embeddings = self.encode_default_negative()
+            if self.speed.compile:
+                self.warm_up()
+        self.stats.ready_at = time.time()
         logger.info("generator ready on %s (%s)", self.device, spec.model.name)
 
     def load_model(self, spec: JobSpec) -> Any:
@@ -74,25 +197,85 @@ class GenerateImages:
             device=self.device,
         )
 
-    # One call of the pipeline: the part tests and fault injection replace.
+    def encode_default_negative(self) -> tuple[Any, Any] | None:
+        """The spec's negative prompt through both text encoders, once per actor.
+
+        Most jobs give every row the same negative prompt: encoding it once saves two
+        text-encoder passes per batch. Computed alone (batch of one), as a row whose
+        negative differs is too, so a row's pixels do not depend on its neighbours.
+        """
+        if self.default_negative is None or self.guidance_scale <= 1.0:
+            return None
+        import torch
+
+        with torch.inference_mode():
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompt=self.default_negative,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        return embeds, pooled
+
+    def warm_up(self) -> None:
+        """One short call at the job's batch shape, so compilation happens before the first
+        batch (and a restarted actor loads its kernels from the compile cache)."""
+        started = time.time()
+        self.run_pipeline(
+            ["warm-up"] * self.batch_size,
+            [self.default_negative] * self.batch_size if self.default_negative else None,
+            list(range(self.batch_size)),
+            num_inference_steps=min(2, self.steps),
+        )
+        logger.info("compiled and warmed up in %.1f s", time.time() - started)
+
+    def prompt_kwargs(
+        self, prompts: list[str], negative_prompts: list[str | None] | None
+    ) -> dict[str, Any]:
+        """The prompt arguments of one call: the cached negative embeddings where they apply."""
+        cached = self.negative_embeddings
+        if (
+            cached is not None
+            and negative_prompts is not None
+            and all(negative == self.default_negative for negative in negative_prompts)
+        ):
+            embeds, pooled = cached
+            count = len(prompts)
+            return {
+                "prompt": prompts,
+                "negative_prompt_embeds": embeds.expand(count, -1, -1),
+                "negative_pooled_prompt_embeds": pooled.expand(count, -1),
+            }
+        return {"prompt": prompts, "negative_prompt": negative_prompts}
+
+    # One call of the pipeline: the part tests and fault injection replace or extend
+    # (extra keyword arguments go to the pipeline call).
     def run_pipeline(
-        self, prompts: list[str], negative_prompts: list[str | None] | None, seeds: list[int]
-    ) -> np.ndarray:
+        self,
+        prompts: list[str],
+        negative_prompts: list[str | None] | None,
+        seeds: list[int],
+        **pipeline_kwargs: Any,
+    ) -> GeneratedImages:
         import torch
 
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        if self.deep_cache is not None:
+            self.deep_cache.reset()
+        arguments = {
+            **self.prompt_kwargs(prompts, negative_prompts),
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "generator": generators,
+            "output_type": "latent",
+            **self.call_kwargs,
+            **pipeline_kwargs,
+        }
         with torch.inference_mode():
-            result = self.pipeline(
-                prompt=prompts,
-                negative_prompt=negative_prompts,
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance_scale,
-                width=self.width,
-                height=self.height,
-                generator=generators,
-                output_type="np",
-            )
-        return np.asarray(result.images)
+            latents = self.pipeline(**arguments).images
+            return decode_latents(self.pipeline, latents)
 
     def truncated_prompts(self, prompts: list[str | None]) -> list[bool]:
         """For each prompt, whether CLIP will cut it at its 77-token limit (one tokenizer
@@ -134,11 +317,13 @@ class GenerateImages:
     ) -> None:
         try:
             with self.pipeline_lock:
+                started = time.time()
                 images = self.run_pipeline(
                     [prompts[i] for i in indices],
                     [negatives[i] for i in indices] if negatives is not None else None,
                     [seeds[i] for i in indices],
                 )
+                self.stats.record_call(started, time.time(), len(indices))
         except Exception as exc:  # noqa: BLE001 - every failure is retried smaller or recorded
             self._release_memory()
             if len(indices) > 1:
@@ -157,9 +342,8 @@ class GenerateImages:
             return
         non_finite = []
         for position, index in enumerate(indices):
-            image = images[position]
-            if np.isfinite(image).all():
-                results[index] = to_uint8(image)
+            if images.finite[position]:
+                results[index] = images.pixels[position]
             else:
                 non_finite.append(index)
         if len(indices) > 1:
@@ -223,4 +407,51 @@ class GenerateImages:
         }
         for name, values in extra.items():
             table = table.append_column(name, values)
+        if self.stats_sink is not None:
+            import ray
+
+            # Waited for (about a millisecond), so that the report of a job's last batch
+            # has arrived before the driver collects them all.
+            ray.get(self.stats_sink.report.remote(self.stats.snapshot()))
         return table
+
+
+def busy_summary(snapshots: Sequence[dict[str, Any]], ended_at: float) -> dict[str, Any]:
+    """The generators' busy fractions for the job record, from their GeneratorStats.
+
+    Per actor, `busy_fraction` is pipeline seconds over the actor's life until the end of
+    execution (model load and waiting for work count as idle): the share of the
+    accelerator time paid for that made images. `steady_busy_fraction` leaves out
+    start-up and the tail: pipeline seconds from the first call's start to the last
+    call's end.
+    """
+    actors = []
+    pipeline_s = life_s = 0.0
+    for snapshot in sorted(snapshots, key=lambda snapshot: snapshot["started_at"]):
+        life = max(ended_at - snapshot["started_at"], 1e-9)
+        pipeline_s += snapshot["pipeline_s"]
+        life_s += life
+        first, last = snapshot["first_call_at"], snapshot["last_call_end"]
+        steady = (last - first) if first is not None and last is not None else 0.0
+        ready = snapshot["ready_at"]
+        actors.append(
+            {
+                "worker": snapshot["worker"],
+                "load_s": round(ready - snapshot["started_at"], 3) if ready else None,
+                "calls": snapshot["calls"],
+                "images": snapshot["images"],
+                "pipeline_s": round(snapshot["pipeline_s"], 3),
+                "life_s": round(life, 3),
+                "busy_fraction": round(snapshot["pipeline_s"] / life, 4),
+                "steady_busy_fraction": (
+                    round(snapshot["pipeline_s"] / steady, 4) if steady > 0 else None
+                ),
+            }
+        )
+    return {
+        "actors": len(actors),
+        "images": sum(actor["images"] for actor in actors),
+        "pipeline_s": round(pipeline_s, 3),
+        "busy_fraction": round(pipeline_s / life_s, 4) if life_s else None,
+        "per_actor": actors,
+    }

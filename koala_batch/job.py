@@ -29,7 +29,7 @@ from koala_batch.commit import (
 )
 from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
 from koala_batch.errors import InputError, JobFailedError, UsageError
-from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages
+from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
 from koala_batch.keys import KeySet
 from koala_batch.layout import MANIFESTS_DIR, list_output
 from koala_batch.read import InputPlan, ReadRowGroups, plan_input
@@ -145,6 +145,36 @@ def rebundle(dataset: Any, rows: int) -> Any:
     return dataset
 
 
+def start_stats_collector() -> Any:
+    """A small actor the generators report their GeneratorStats to, after every batch."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class GeneratorStatsCollector:
+        def __init__(self) -> None:
+            self.workers: dict[str, dict[str, Any]] = {}
+
+        def report(self, snapshot: dict[str, Any]) -> None:
+            self.workers[snapshot["worker"]] = snapshot
+
+        def collect(self) -> list[dict[str, Any]]:
+            return list(self.workers.values())
+
+    return GeneratorStatsCollector.remote()  # type: ignore[attr-defined]
+
+
+def collect_busy_summary(stats: Any, ended_at: float) -> dict[str, Any]:
+    """The generators' busy summary, or an empty one if the collector cannot answer: the
+    images are committed either way, and the record must still be written."""
+    import ray
+
+    try:
+        return busy_summary(ray.get(stats.collect.remote(), timeout=60), ended_at)
+    except Exception as exc:  # noqa: BLE001 - statistics never fail a finished job
+        logger.warning("generator statistics unavailable: %s", describe_failure(exc))
+        return {}
+
+
 def build_dataset(
     spec: JobSpec,
     plan: InputPlan,
@@ -152,6 +182,7 @@ def build_dataset(
     *,
     run_id: str | None = None,
     overrides: Overrides | None = None,
+    stats: Any = None,
 ):
     """The Ray Data graph of a job, top to bottom; its rows are per-shard stats."""
     import ray.data
@@ -204,6 +235,7 @@ def build_dataset(
         fn_constructor_kwargs={
             "spec": spec,
             "torch_threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
+            "stats": stats,
         },
         batch_size=compute.batch_size,
         batch_format="pyarrow",
@@ -243,13 +275,17 @@ def generate_remaining(
     committed: CommittedState,
     run_id: str | None = None,
     overrides: Overrides | None = None,
-) -> list[dict[str, Any]]:
-    """Run the Ray Data graph over what is not committed; the stats of the shards it wrote."""
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the Ray Data graph over what is not committed: the stats of the shards it wrote
+    and the generators' busy summary."""
     started_ray = connect_ray(spec)
     written: list[dict[str, Any]] = []
     try:
         _configure_ray_data()
-        dataset = build_dataset(spec, plan, committed.keys, run_id=run_id, overrides=overrides)
+        stats = start_stats_collector()
+        dataset = build_dataset(
+            spec, plan, committed.keys, run_id=run_id, overrides=overrides, stats=stats
+        )
         remaining = plan.num_rows * spec.generation.images_per_prompt - len(committed.keys)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
@@ -262,6 +298,7 @@ def generate_remaining(
                     sum(s["rows"] for s in written),
                     remaining,
                 )
+        generators = collect_busy_summary(stats, ended_at=time.time())
     except (UsageError, JobFailedError):
         raise
     except Exception as exc:
@@ -277,7 +314,7 @@ def generate_remaining(
             import ray
 
             ray.shutdown()
-    return written
+    return written, generators
 
 
 def run(
@@ -326,8 +363,9 @@ def run(
         )
 
     written: list[dict[str, Any]] = []
+    generators: dict[str, Any] = {}
     if planned_images > len(committed.keys):
-        written = generate_remaining(spec, plan, committed, run_id, overrides)
+        written, generators = generate_remaining(spec, plan, committed, run_id, overrides)
     shards = {**committed.shards, **{shard["shard"]: shard for shard in written}}
     retired = retire_late_duplicates(storage, set(shards))
     if retired:
@@ -349,6 +387,7 @@ def run(
         shards=shards,
         written_this_run=sum(shard["rows"] for shard in written),
         timeline=commit_timeline(started, written),
+        generators=generators,
     )
     counts = record["counts"]
     if counts["images_committed"] != planned_images:

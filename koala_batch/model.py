@@ -309,7 +309,11 @@ def load_pipeline(
     device: torch.device | None = None,
     cache_dir: Path | None = None,
 ) -> StableDiffusionXLPipeline:
-    """Load a StableDiffusionXLPipeline from safetensors on an explicit device and dtype."""
+    """Load a StableDiffusionXLPipeline from safetensors on an explicit device and dtype.
+
+    With float16 weights the VAE is kept in `decode_dtype` (bfloat16 or float32): decode
+    latents with `koala_batch.generate.decode_latents`, which casts them to it.
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     quiet_library_logging()
@@ -332,4 +336,104 @@ def load_pipeline(
             pipeline.scheduler.config, timestep_spacing=preset.scheduler_timestep_spacing
         )
     pipeline.set_progress_bar_config(disable=True)
+    vae_dtype = decode_dtype(torch_dtype, pipeline.vae, device)
+    if vae_dtype != torch_dtype:
+        pipeline.vae.to(dtype=vae_dtype)
     return pipeline.to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# Speed: memory format, fused projections, the fp16 VAE, compilation
+
+
+def decode_dtype(model_dtype: torch.dtype, vae: Any, device: torch.device) -> torch.dtype:
+    """The dtype the VAE decodes in.
+
+    SDXL's VAE overflows in float16 (its config sets `force_upcast`): diffusers then casts
+    it to float32 and back on every call. It is kept in bfloat16 instead where the
+    device supports it (same range as float32, decodes SDXL cleanly), else in float32.
+    """
+    import torch
+
+    if model_dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+        return model_dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_compile_cache_dir() -> Path:
+    """Where torch.compile keeps compiled kernels between actor restarts."""
+    return default_cache_dir() / "torch-compile"
+
+
+def use_compile_cache(directory: Path) -> None:
+    """Point inductor's and Triton's on-disk caches at `directory` (unless the user has).
+
+    Their defaults live under /tmp, which a restarted container loses; a directory on the
+    node's disk lets a restarted actor load compiled kernels instead of compiling again.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How the pipeline's modules are laid out and compiled (not what they compute)."""
+
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_cache_dir: Path | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        device: torch.device,
+        *,
+        channels_last: bool | None = None,
+        fuse_qkv: bool | None = None,
+        compile: bool = False,
+        compile_mode: str = "default",
+        compile_cache_dir: str | Path | None = None,
+    ) -> SpeedSettings:
+        """Unset layout options are on for CUDA only: on CPU they cost more than they save."""
+        on_cuda = device.type == "cuda"
+        return cls(
+            channels_last=on_cuda if channels_last is None else channels_last,
+            fuse_qkv=on_cuda if fuse_qkv is None else fuse_qkv,
+            compile=compile,
+            compile_mode=compile_mode,
+            compile_cache_dir=Path(compile_cache_dir) if compile_cache_dir else None,
+        )
+
+
+def optimize_pipeline(pipeline: StableDiffusionXLPipeline, settings: SpeedSettings) -> None:
+    """Apply `settings` to a loaded pipeline in place.
+
+    Attention already runs through PyTorch's scaled_dot_product_attention (diffusers'
+    default processor on torch 2); fusing swaps in its fused variant. Compiling is lazy:
+    the first call of each new batch shape compiles (see GenerateImages.warm_up).
+    """
+    import torch
+
+    if settings.fuse_qkv:
+        pipeline.fuse_qkv_projections(unet=True, vae=True)
+    if settings.channels_last:
+        pipeline.unet.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+    if settings.compile:
+        use_compile_cache(settings.compile_cache_dir or default_compile_cache_dir())
+        pipeline.unet.compile(mode=settings.compile_mode)
+        pipeline.vae.decoder.compile(mode=settings.compile_mode)
+
+
+def attention_processors(pipeline: StableDiffusionXLPipeline) -> set[str]:
+    """The class names of every attention processor in the U-Net and the VAE."""
+    return {
+        type(processor).__name__
+        for module in (pipeline.unet, pipeline.vae)
+        for processor in module.attn_processors.values()
+    }

@@ -12,8 +12,6 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
-
 from koala_batch.generate import GenerateImages
 
 OOM_PROMPT = "oom-when-batched"
@@ -28,7 +26,7 @@ def fault_injecting_generator(calls_dir: Path) -> type[GenerateImages]:
     calls_dir = str(calls_dir)
 
     class FaultInjectingGenerator(GenerateImages):
-        def run_pipeline(self, prompts, negative_prompts, seeds):
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
             import torch
 
             log = Path(calls_dir) / f"{os.getpid()}.log"
@@ -40,27 +38,20 @@ def fault_injecting_generator(calls_dir: Path) -> type[GenerateImages]:
                 raise RuntimeError("injected failure for this prompt")
             poisoned = [i for i, prompt in enumerate(prompts) if prompt == NAN_PROMPT]
             if not poisoned:
-                return super().run_pipeline(prompts, negative_prompts, seeds)
+                return super().run_pipeline(prompts, negative_prompts, seeds, **pipeline_kwargs)
 
             def nan_latents(pipeline, step, timestep, callback_kwargs):
                 latents = callback_kwargs["latents"]
                 latents[poisoned] = float("nan")
                 return {"latents": latents}
 
-            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-            result = self.pipeline(
-                prompt=prompts,
-                negative_prompt=negative_prompts,
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance_scale,
-                width=self.width,
-                height=self.height,
-                generator=generators,
-                output_type="np",
+            return super().run_pipeline(
+                prompts,
+                negative_prompts,
+                seeds,
                 callback_on_step_end=nan_latents,
                 callback_on_step_end_tensor_inputs=["latents"],
             )
-            return np.asarray(result.images)
 
     return FaultInjectingGenerator
 
@@ -70,10 +61,10 @@ def self_killing_generator(marker: Path) -> type[GenerateImages]:
     marker = str(marker)
 
     class SelfKillingGenerator(GenerateImages):
-        def run_pipeline(self, prompts, negative_prompts, seeds):
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
             if KILL_PROMPT in prompts and not os.path.exists(marker):
                 Path(marker).write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
-            return super().run_pipeline(prompts, negative_prompts, seeds)
+            return super().run_pipeline(prompts, negative_prompts, seeds, **pipeline_kwargs)
 
     return SelfKillingGenerator

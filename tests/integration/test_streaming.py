@@ -56,3 +56,11 @@ def test_shards_commit_while_images_are_generated(scarce_cpus, tmp_path):
     # it was). A few shards is typical; a new Ray worker process starting on a busy
     # machine can hold the writes back for some seconds.
     assert timeline["max_uncommitted_images"] <= count // 2, timeline
+    # The record says how busy the generator was: one actor, every image it made.
+    generators = record["generators"]
+    assert generators["actors"] == 1 and generators["images"] == count, generators
+    actor = generators["per_actor"][0]
+    assert actor["calls"] >= count // 4 and actor["load_s"] > 0, actor
+    # Generation is most of this job, but start-up and the tail are not.
+    assert 0.2 < generators["busy_fraction"] < 1.0, generators
+    assert generators["busy_fraction"] <= actor["steady_busy_fraction"] <= 1.0, actor

@@ -515,3 +515,56 @@ def test_fingerprint_sees_a_preset_default_change():
     koala = with_model("koala-700m").fingerprint_fields()
     assert lightning["steps"] == 10 and koala["steps"] == 25
     assert lightning["scheduler_timestep_spacing"] == "trailing"
+
+
+# ---------------------------------------------------------------------------------------
+# Speed and acceleration settings
+
+
+def test_speed_settings_default_off_or_automatic():
+    spec = spec_from_dict(base_raw())
+
+    assert spec.compute.compile is False
+    assert spec.compute.channels_last is None and spec.compute.fuse_qkv is None
+    assert spec.generation.guidance_cutoff is None
+    assert spec.generation.deep_cache_interval is None
+
+
+def test_accelerations_that_change_pixels_change_the_fingerprint_only_when_set():
+    plain = spec_from_dict(base_raw())
+    raw = base_raw()
+    raw.setdefault("generation", {})["guidance_cutoff"] = 0.5
+    cut = spec_from_dict(raw)
+    raw["compute"] = {**raw.get("compute", {}), "compile": True}
+    compiled = spec_from_dict(raw)
+
+    assert "guidance_cutoff" not in plain.fingerprint_fields()
+    assert cut.fingerprint() != plain.fingerprint()
+    # Compiling changes how, not what: resuming with or without it is the same job.
+    assert compiled.fingerprint() == cut.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        ("generation", "guidance_cutoff", 0.0, "greater than 0"),
+        ("generation", "guidance_cutoff", 1.5, "less than or equal to 1"),
+        ("generation", "deep_cache_interval", 1, "greater than or equal to 2"),
+        ("compute", "compile_mode", "max-autotune", "compile_mode"),
+    ],
+)
+def test_bad_speed_settings_are_refused_naming_the_field(section, field, value, expected):
+    raw = base_raw()
+    raw.setdefault(section, {})[field] = value
+
+    message = spec_error(raw)
+
+    assert field in message and expected in message
+
+
+def test_compile_and_deep_cache_together_are_refused():
+    raw = base_raw()
+    raw.setdefault("generation", {})["deep_cache_interval"] = 3
+    raw.setdefault("compute", {})["compile"] = True
+
+    assert "cannot be combined" in spec_error(raw)

@@ -12,7 +12,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from koala_batch.generate import GenerateImages
+from koala_batch.generate import (
+    GeneratedImages,
+    GenerateImages,
+    busy_summary,
+    decode_latents,
+    to_uint8,
+)
 from koala_batch.schemas import GENERATED_FIELDS, STATUS_ERROR, STATUS_OK, Col
 from koala_batch.validate import ExpandImages
 from tests.unit.conftest import make_spec
@@ -67,12 +73,13 @@ def test_generated_rows_carry_encoded_images(spec, generator):
 def test_encoded_image_is_the_pipeline_output_as_uint8(spec, generator):
     table = work_rows(spec, ["a lighthouse at dusk"])
     seed = table.column(Col.SEED).to_pylist()[0]
-    expected = generator.run_pipeline(["a lighthouse at dusk"], None, [seed])[0]
+    expected = generator.run_pipeline(["a lighthouse at dusk"], None, [seed])
 
     data = generator(table).column(Col.IMAGE).to_pylist()[0]
 
     decoded = np.asarray(Image.open(io.BytesIO(data)))
-    assert np.array_equal(decoded, (expected * 255).round().astype(np.uint8))
+    assert expected.pixels.dtype == np.uint8 and expected.finite.tolist() == [True]
+    assert np.array_equal(decoded, expected.pixels[0])
 
 
 def test_two_concurrent_calls_give_the_same_images_as_one_at_a_time(spec, generator):
@@ -91,3 +98,179 @@ def test_two_concurrent_calls_give_the_same_images_as_one_at_a_time(spec, genera
     for thread in threads:
         thread.join()
     assert [concurrent[0], concurrent[1]] == sequential
+
+
+def test_uint8_path_gives_the_bytes_of_diffusers_own_float_output(generator):
+    # The generator decodes latents itself and converts to uint8 on the device; in
+    # float32 that must be bit for bit diffusers' decode, "np" output and rounding.
+    import torch
+
+    pipeline = generator.pipeline
+    arguments = dict(
+        prompt=["a lighthouse at dusk", "a red cube"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+    )
+    with torch.inference_mode():
+        latents = pipeline(
+            **arguments,
+            generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            output_type="latent",
+        ).images
+        ours = decode_latents(pipeline, latents)
+        theirs = pipeline(
+            **arguments,
+            generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            output_type="np",
+        ).images
+
+    assert ours.pixels.dtype == np.uint8 and ours.pixels.shape == (2, 64, 64, 3)
+    assert ours.finite.tolist() == [True, True]
+    assert np.array_equal(ours.pixels, to_uint8(np.asarray(theirs)))
+
+
+def test_non_finite_decoder_output_is_flagged_not_turned_into_pixels(generator):
+    import torch
+
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[1, 0, 3, 3] = float("nan")
+    with torch.inference_mode():
+        images = decode_latents(generator.pipeline, latents)
+
+    assert images.finite.tolist() == [True, False]
+
+
+def test_from_float_flags_nan_images_and_rounds_like_diffusers():
+    images = np.stack([np.full((2, 2, 3), 0.5, np.float32), np.full((2, 2, 3), np.nan, np.float32)])
+
+    converted = GeneratedImages.from_float(images)
+
+    assert converted.finite.tolist() == [True, False]
+    assert converted.pixels.dtype == np.uint8
+    assert (converted.pixels[0] == 128).all()  # 127.5 rounds half to even, as numpy does
+
+
+def test_a_nan_image_becomes_an_error_row_and_its_batch_neighbour_survives(spec):
+    class HalfNaN(GenerateImages):
+        def load_model(self, spec):
+            return None
+
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
+            images = np.full((len(prompts), 64, 64, 3), 0.25, np.float32)
+            for position, prompt in enumerate(prompts):
+                if prompt == "poisoned":
+                    images[position] = np.nan
+            return GeneratedImages.from_float(images)
+
+        def truncated_prompts(self, prompts):
+            return [False] * len(prompts)
+
+    out = HalfNaN(spec)(work_rows(spec, ["poisoned", "fine"]))
+
+    assert out.column(Col.STATUS).to_pylist() == [STATUS_ERROR, STATUS_OK]
+    assert "NaN" in out.column(Col.ERROR).to_pylist()[0]
+    assert out.column(Col.IMAGE).to_pylist()[1] is not None
+
+
+def test_default_negative_prompt_is_encoded_once_and_gives_the_same_images(model_cache):
+    negative = "low quality"
+    spec = make_spec("out", generation={"negative_prompt": negative})
+    stage = GenerateImages(spec, torch_threads=1)
+    encoded = []
+    original = stage.pipeline.encode_prompt
+
+    def counting_encode(*args, **kwargs):
+        encoded.append(kwargs.get("negative_prompt"))
+        return original(*args, **kwargs)
+
+    stage.pipeline.encode_prompt = counting_encode
+    prompts, seeds = ["a red cube", "a blue ball"], [3, 4]
+
+    cached = stage.run_pipeline(prompts, [negative, negative], seeds)
+    # The same call without the cache: the pipeline encodes the negative prompt itself.
+    stage.negative_embeddings = None
+    uncached = stage.run_pipeline(prompts, [negative, negative], seeds)
+
+    assert encoded == [None, [negative, negative]]  # the cached call encoded no negative
+    # Batch of one vs batch of two through the text encoders moves floats in the last
+    # bits only (see the field notes): pixels agree to within one level.
+    difference = np.abs(cached.pixels.astype(int) - uncached.pixels.astype(int))
+    assert difference.max() <= 1
+    assert (difference > 0).mean() < 0.01
+
+
+def test_rows_with_their_own_negative_prompt_do_not_use_the_cached_one(model_cache):
+    spec = make_spec("out", generation={"negative_prompt": "low quality"})
+    stage = GenerateImages(spec, torch_threads=1)
+
+    kwargs = stage.prompt_kwargs(["a", "b"], ["low quality", "blurry"])
+
+    assert kwargs == {"prompt": ["a", "b"], "negative_prompt": ["low quality", "blurry"]}
+    cached = stage.prompt_kwargs(["a", "b"], ["low quality", "low quality"])
+    assert "negative_prompt" not in cached
+    assert cached["negative_prompt_embeds"].shape[0] == 2
+
+
+def test_float16_weights_decode_in_a_wider_dtype_and_give_finite_images(model_cache):
+    import torch
+
+    spec = make_spec("out", model={"name": "tiny", "dtype": "float16"})
+    stage = GenerateImages(spec, torch_threads=1)
+
+    assert stage.pipeline.unet.dtype == torch.float16
+    assert stage.pipeline.vae.dtype == torch.float32  # CPU: no bfloat16 decode
+    out = stage(work_rows(spec, ["a red cube", "a blue ball"]))
+    assert out.column(Col.STATUS).to_pylist() == [STATUS_OK, STATUS_OK]
+
+
+def test_busy_statistics_count_pipeline_time_and_images(spec):
+    class Sleepy(GenerateImages):
+        def load_model(self, spec):
+            return None
+
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
+            time.sleep(0.05)
+            return GeneratedImages.from_float(np.full((len(prompts), 64, 64, 3), 0.5))
+
+        def truncated_prompts(self, prompts):
+            return [False] * len(prompts)
+
+    stage = Sleepy(spec)
+    stage(work_rows(spec, ["a", "b"]))
+    stage(work_rows(spec, ["c"]))
+    ended = time.time()
+
+    snapshot = stage.stats.snapshot()
+    assert snapshot["calls"] == 2 and snapshot["images"] == 3
+    assert 0.1 <= snapshot["pipeline_s"] < 0.5
+    summary = busy_summary([snapshot], ended)
+    actor = summary["per_actor"][0]
+    assert summary["actors"] == 1 and summary["images"] == 3
+    assert 0 < actor["busy_fraction"] <= actor["steady_busy_fraction"] <= 1.0
+    assert summary["busy_fraction"] == actor["busy_fraction"]
+
+
+def test_compile_warms_up_at_the_job_batch_shape_before_the_first_batch(model_cache, monkeypatch):
+    from koala_batch import generate as generate_module
+
+    applied, calls = [], []
+    monkeypatch.setattr(generate_module, "optimize_pipeline", lambda p, s: applied.append(s))
+
+    class Recording(GenerateImages):
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
+            calls.append((len(prompts), negative_prompts, pipeline_kwargs))
+            return GeneratedImages.from_float(np.full((len(prompts), 64, 64, 3), 0.5))
+
+    compiled = make_spec(
+        "out", compute={"compile": True, "batch_size": 3}, generation={"negative_prompt": "bad"}
+    )
+    Recording(compiled)
+    assert [settings.compile for settings in applied] == [True]
+    assert calls == [(3, ["bad"] * 3, {"num_inference_steps": 2})]
+
+    applied.clear(), calls.clear()
+    Recording(make_spec("out", compute={"batch_size": 3}))
+    assert [settings.compile for settings in applied] == [False]
+    assert calls == []  # no compilation, nothing to warm up

@@ -244,3 +244,80 @@ def test_presets():
     assert preset_for("koala-700m").steps == 25
     assert preset_for("etri-vilab/koala-700m").name == "custom"  # an HF id is not a preset name
     assert PRESETS["koala-1b"].source == "etri-vilab/koala-1b"
+
+
+# ---------------------------------------------------------------------------------------
+# Speed settings: dtype of the decoder, layout, fusion, compilation
+
+
+def test_float16_vae_that_needs_upcasting_decodes_in_bfloat16_on_cuda_else_float32(
+    pipeline, monkeypatch
+):
+    import torch
+
+    vae = pipeline.vae
+    assert vae.config.force_upcast  # the tiny VAE is configured like SDXL's
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model.decode_dtype(torch.float16, vae, cpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert model.decode_dtype(torch.float16, vae, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert model.decode_dtype(torch.float16, vae, cuda) == torch.float32
+    # Other dtypes decode as they are.
+    assert model.decode_dtype(torch.bfloat16, vae, cuda) == torch.bfloat16
+    assert model.decode_dtype(torch.float32, vae, cpu) == torch.float32
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_cpu():
+    import torch
+
+    assert model.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert model.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_layout_options_default_to_cuda_only():
+    import torch
+
+    on_cpu = model.SpeedSettings.resolve(torch.device("cpu"))
+    on_cuda = model.SpeedSettings.resolve(torch.device("cuda"))
+    forced = model.SpeedSettings.resolve(torch.device("cpu"), channels_last=True, fuse_qkv=True)
+
+    assert (on_cpu.channels_last, on_cpu.fuse_qkv, on_cpu.compile) == (False, False, False)
+    assert (on_cuda.channels_last, on_cuda.fuse_qkv) == (True, True)
+    assert (forced.channels_last, forced.fuse_qkv) == (True, True)
+
+
+def test_attention_runs_through_sdpa(pipeline):
+    assert model.attention_processors(pipeline) == {"AttnProcessor2_0"}
+
+
+def test_fused_projections_and_channels_last_keep_the_images(tiny_cache):
+    import torch
+
+    plain = load_pipeline("tiny", cache_dir=tiny_cache)
+    fast = load_pipeline("tiny", cache_dir=tiny_cache)
+    model.optimize_pipeline(fast, model.SpeedSettings(channels_last=True, fuse_qkv=True))
+
+    assert model.attention_processors(fast) == {"FusedAttnProcessor2_0"}
+    conv = fast.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    # Same arithmetic in another order: equal to float32 rounding, not bit for bit.
+    assert np.abs(generate(plain, 5) - generate(fast, 5)).max() < 1e-3
+
+
+def test_compile_compiles_unet_and_decoder_with_the_cache_on_local_disk(
+    tiny_cache, tmp_path, monkeypatch
+):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # so that monkeypatch removes what the code sets
+        monkeypatch.delenv(name)
+    pipeline = load_pipeline("tiny", cache_dir=tiny_cache)
+
+    model.optimize_pipeline(
+        pipeline, model.SpeedSettings(compile=True, compile_cache_dir=tmp_path / "compiled")
+    )
+
+    assert pipeline.unet._compiled_call_impl is not None
+    assert pipeline.vae.decoder._compiled_call_impl is not None
+    assert model.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "inductor")
+    assert model.os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compiled" / "triton")
