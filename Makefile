@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CODE := koala_batch tests bench
 
-.PHONY: setup smoke lint test test-fast check clean
+.PHONY: setup smoke lint test test-fast check clean gpu-wheels
 
 # torch goes in first and alone: on a CPU machine with the local CPU wheel (pip's
 # find-links) this takes it instead of a multi-GB CUDA build; on a GPU machine it is
@@ -35,5 +35,28 @@ test: setup
 
 check: lint test
 
+# Wheels for bench/gpu.py on a GPU machine with no network: the packages of the generator
+# path that its image lacks (Ray and s3fs are not on that path). The versions are the
+# venv's, which constraints.txt pinned and pip resolved (pydantic-core as pydantic
+# requires it). typing-extensions is there already but maybe older than pydantic needs:
+# bench/gpu.py installs a wheel only where the machine's own copy is missing or older.
+# diffusers also declares importlib_metadata, which it imports only on Python < 3.8.
+# For a dry run here: make gpu-wheels GPU_PYTHON=3.11 WHEELS=/tmp/wheels311
+GPU_PYTHON ?= 3.12
+WHEELS ?= bench/wheels
+GPU_WHEEL_PACKAGES := diffusers pydantic pydantic-core annotated-types typing-inspection \
+	typing-extensions
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
+gpu-wheels: setup
+	mkdir -p $(WHEELS)
+	rm -f $(WHEELS)/*.whl  # one version of each: two would stop the install there
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d $(WHEELS) \
+		$$($(BIN)/python -c 'import sys; from importlib.metadata import version; \
+			print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' $(GPU_WHEEL_PACKAGES))
+	ls $(WHEELS) && du -sh $(WHEELS)
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out bench/wheels
