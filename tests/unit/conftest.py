@@ -102,3 +102,15 @@ def encoded_table(
 def out_dir(tmp_path: Path) -> Path:
     """An output prefix that does not exist yet."""
     return tmp_path / "out"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: bitwise comparisons and pinned float32 values need
+    one float reduction order across calls."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

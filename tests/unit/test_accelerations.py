@@ -30,17 +30,6 @@ SEEDS = [1234, 14492353911448343431]
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Bitwise comparisons need one float reduction order across calls.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def pipeline(model_cache, one_thread):
     import torch
 

@@ -129,18 +129,6 @@ def centre_slice(image: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Pinned values are float32 CPU results: hold the thread count fixed so the float
-    # reduction order is the one they were taken with.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def loaded(model_cache, one_thread):
     import torch
 
