@@ -143,6 +143,7 @@ def whole_job(spec: dict[str, Any], storage_kind: str) -> dict[str, Any]:
         "counts": counts,
         "image_bytes": sum(shard["image_bytes"] for shard in record["shards"]),
         "record_timeline": record.get("timeline"),
+        "record_generators": record.get("generators"),
         # From the job's start to its first generated image: start-up plus one batch.
         "first_image_s": (record.get("timeline") or {}).get("first_image_s"),
     }
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if "c" in rows:
         print(f"counts: {rows['c']['counts']}")
         print(f"timeline: {rows['c']['record_timeline']}")
+        generators = rows["c"]["record_generators"] or {}
+        busy = [actor["busy_fraction"] for actor in generators.get("per_actor", [])]
+        print(f"generator busy fraction: {generators.get('busy_fraction')} (per actor: {busy})")
     print(f"c/b = {c_over_b:.3f} (target >= 0.95)" if c_over_b else "c/b: needs both b and c")
     print(f"imports {import_s:.1f} s and page-cache warm-up {prewarm_s:.1f} s are not timed")
     print(f"wrote {common.write_result(NAME, settings, results)}")
