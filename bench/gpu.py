@@ -184,6 +184,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="compute.fuse_qkv of (b); auto = koala-batch's (default: auto)",
     )
+    # Not common.add_stage_arguments: it imports koala_batch.generate, hence pydantic,
+    # which on a GPU machine exists only after bootstrap() has installed the wheels.
     parser.add_argument(
         "--format",
         choices=("png", "jpeg", "webp"),
