@@ -233,6 +233,83 @@ def stage_loops(
     return results
 
 
+# The pipeline's parts timed by component_breakdown (modules called through forward).
+TIMED_MODULES = ("text_encoder", "text_encoder_2", "unet")
+
+
+def component_breakdown(
+    spec: Any, work: Any, batch_size: int, threads: int, warmup: int
+) -> dict[str, Any]:
+    """Where (b)'s time goes: seconds per image in each text encoder, the U-Net and the
+    VAE decode, and the rest of the call (scheduler, latents, uint8 and host copy).
+
+    Calls run one at a time without encoding, each part between two device
+    synchronisations, so the parts add up to the call; the synchronisations cost a little
+    overlap, and "call" is slower than (b)'s steady state by that much.
+    """
+    import functools
+    from collections import defaultdict
+
+    from koala_batch.schemas import Col
+
+    stage = counting_stage_class()(spec, torch_threads=threads)
+    pipe = stage.pipeline
+    seconds: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+
+    def timed(name: str, function: Any) -> Any:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize()
+                seconds[name] += time.perf_counter() - started
+                calls[name] += 1
+
+        return wrapper
+
+    for name in TIMED_MODULES:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.forward = timed(name, module.forward)  # an instance attribute wins
+    pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
+    generate = timed("call", stage.generate)
+
+    def run(tables: list[Any]) -> None:
+        for table in tables:
+            generate(
+                table.column(Col.PROMPT).to_pylist(),
+                table.column(Col.NEGATIVE_PROMPT).to_pylist(),
+                table.column(Col.SEED).to_pylist(),
+            )
+
+    tables = common.batches(work, batch_size)
+    run(tables[:warmup])
+    seconds.clear()
+    calls.clear()
+    run(tables)
+    images = work.num_rows
+    parts = {name: seconds[name] / images for name in (*TIMED_MODULES, "vae_decode")}
+    per_image = seconds["call"] / images
+    result = {
+        "batch": batch_size,
+        "images": images,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "s_per_image": per_image,
+        "parts_s_per_image": {**parts, "other": per_image - sum(parts.values())},
+        "calls": dict(calls),
+        "unet_s_per_forward": seconds["unet"] / calls["unet"] if calls["unet"] else None,
+        "vae_decode_s_per_image": parts["vae_decode"],
+        "peak_gpu_gib": peak_memory_gib(),
+    }
+    del stage, pipe
+    release_memory()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.quiet_libraries()

@@ -64,6 +64,7 @@ WHEEL_MODULES = (
     "typing_extensions",
 )
 DEFAULT_CASES = ("koala-700m", "koala-lightning-700m")
+MEASUREMENTS = ("card", "stage", "breakdown", "compile")
 
 # FLOP model (the issue's numbers): one U-Net forward on one 128x128 latent (1024x1024
 # image), and one VAE decode of a 1024x1024 image, in TFLOP. Text encoders are left out
@@ -167,6 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="compute.compile_mode of each compiled (b) run; '' for none (default; dry run: none)",
     )
     parser.add_argument(
+        "--measure",
+        type=_name_list,
+        default=list(MEASUREMENTS),
+        help="what to measure, of " + ",".join(MEASUREMENTS) + " (default: all): card = (a), "
+        "stage = the (b) sweep, breakdown = (b)'s seconds per part (text encoders, U-Net, "
+        "VAE decode, rest) at --batch, compile = (b) compiled at --batch",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("auto", "float32", "float16", "bfloat16"),
         default="auto",
@@ -247,6 +256,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("size", "images", "batch", "warmup", "threads"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name}: expected a positive number")
+    unknown = [name for name in args.measure if name not in MEASUREMENTS]
+    if unknown:
+        parser.error(f"--measure: unknown {unknown}; known: {', '.join(MEASUREMENTS)}")
+    if "compile" not in args.measure:
+        args.compile_modes = []
     unknown = [case for case in args.cases if case not in common.REAL_ARCHITECTURES]
     if unknown:
         parser.error(f"--cases: unknown {unknown}; known: {', '.join(common.REAL_ARCHITECTURES)}")
@@ -497,6 +511,14 @@ class Report:
             "b/a: images/s of the row over (a)'s of the same case; vs eager: over (b) "
             "without compile at the same batch; bound: TFLOP per image / peak.",
         ]
+        for name, result in self.extra.get("breakdown", {}).items():
+            parts = ", ".join(
+                f"{part} {seconds:.3g}" for part, seconds in result["parts_s_per_image"].items()
+            )
+            lines.append(
+                f"- breakdown {name}, batch {result['batch']}: {result['s_per_image']:.3g} "
+                f"s/image = {parts}"
+            )
         for item in self.skipped:
             lines.append(f"- skipped {item['measurement']}: {item['reason']}")
         for item in self.errors:
@@ -707,10 +729,14 @@ def measure_case(bench: Bench, case: Case, prompts: Any) -> None:
     def card() -> dict[str, Any]:
         return generator.card_loop(model_dir, card_prompts, sampler, args.warmup)
 
-    row = bench.attempt(
-        f"{case.name}: (a) card loop",
-        bench.estimate(case, sampler, args.warmup + args.images),
-        card,
+    row = (
+        bench.attempt(
+            f"{case.name}: (a) card loop",
+            bench.estimate(case, sampler, args.warmup + args.images),
+            card,
+        )
+        if "card" in args.measure
+        else None
     )
     card_rate = None
     if row is not None:
@@ -719,6 +745,10 @@ def measure_case(bench: Bench, case: Case, prompts: Any) -> None:
         if row["s_per_image"]:
             bench.s_per_image[case.name] = row["s_per_image"]
 
+    if "breakdown" in args.measure:
+        measure_breakdown(bench, case, sampler, model_dir, prompts)
+    if "stage" not in args.measure:
+        return
     sweep = fit_sweep(bench, case, sampler)
     if not sweep:
         bench.report.skipped.append(
@@ -745,6 +775,23 @@ def measure_case(bench: Bench, case: Case, prompts: Any) -> None:
     measured = [row["s_per_image"] for row in rows if row["s_per_image"]]
     if measured:
         bench.s_per_image[case.name] = min(measured)
+
+
+def measure_breakdown(
+    bench: Bench, case: Case, sampler: common.Sampler, model_dir: Path, prompts: Any
+) -> None:
+    """(b)'s seconds per image in each part of the pipeline call, eager, at --batch."""
+    args = bench.args
+    spec = stage_spec(args, model_dir, sampler, args.batch, None)
+    work = common.work_rows(spec, prompts)
+    result = bench.attempt(
+        f"{case.name}: (b) breakdown, batch {args.batch}",
+        bench.estimate(case, sampler, args.warmup * args.batch + args.images),
+        lambda: generator.component_breakdown(spec, work, args.batch, args.threads, args.warmup),
+    )
+    if result is not None:
+        bench.report.extra.setdefault("breakdown", {})[case.name] = result
+        bench.report.save()
 
 
 def fit_sweep(bench: Bench, case: Case, sampler: common.Sampler) -> list[int]:
@@ -864,6 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch": args.batch,
         "sweep": args.sweep,
         "compile_modes": args.compile_modes,
+        "measure": args.measure,
         "dtype_a": "float16 on CUDA, float32 on CPU (the card's)",
         "dtype_b": args.dtype,
         "channels_last": args.channels_last,

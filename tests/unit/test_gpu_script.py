@@ -227,3 +227,32 @@ def test_runs_as_a_file_from_anywhere(tmp_path):
 def test_bench_common_architectures_cover_the_flop_model():
     assert set(gpu.UNET_TFLOP_AT_128) <= set(common.REAL_ARCHITECTURES)
     assert set(gpu.DEFAULT_CASES) <= set(gpu.UNET_TFLOP_AT_128)
+
+
+def test_measure_chooses_what_runs(tmp_path):
+    assert gpu.parse_args(["--out", "x"]).measure == list(gpu.MEASUREMENTS)
+    only = gpu.parse_args(["--out", "x", "--measure", "breakdown"])
+    assert only.measure == ["breakdown"] and only.compile_modes == []
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--out", "x", "--measure", "profile"])
+
+
+def test_breakdown_parts_add_up_to_the_call(model_cache, tmp_path, one_thread):
+    from bench import generator
+    from koala_batch.config import spec_from_dict
+    from tests.conftest import tiny_spec
+
+    spec = spec_from_dict(tiny_spec("in.parquet", str(tmp_path / "out")))
+    work = common.work_rows(spec, common.prompt_table(4))
+    result = generator.component_breakdown(spec, work, batch_size=2, threads=1, warmup=1)
+    parts = result["parts_s_per_image"]
+    steps = spec.generation.steps
+    # Two calls of two images: each call one VAE decode and a U-Net forward per step
+    # (guidance's two latents go through in one forward).
+    assert result["calls"]["call"] == 2 and result["calls"]["vae_decode"] == 2
+    assert result["calls"]["unet"] == 2 * steps
+    assert all(parts[name] > 0 for name in ("text_encoder", "text_encoder_2", "unet", "vae_decode"))
+    # The rest is what the timed parts leave of the call: never negative, as it would be
+    # if a part were counted twice.
+    assert 0 <= parts["other"] < result["s_per_image"]
+    assert sum(parts.values()) == pytest.approx(result["s_per_image"])
