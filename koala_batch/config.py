@@ -236,6 +236,12 @@ class ComputeSpec(_Section):
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per actor (CPU runs); default = num_cpus_per_actor."
     )
+    encode_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads per generator actor encoding its images (PNG and WebP "
+        "compression runs in parallel); default = num_cpus_per_actor, at least 1.",
+    )
     max_task_retries: int | None = Field(
         None,
         ge=-1,
@@ -280,6 +286,11 @@ class ComputeSpec(_Section):
         description="Fuse each attention's query/key/value projections into one matmul; "
         "unset = on CUDA only.",
     )
+
+    @property
+    def resolved_encode_threads(self) -> int:
+        """Encoding threads per actor: as many as the CPUs it reserves, unless set."""
+        return self.encode_threads or max(1, int(self.num_cpus_per_actor))
 
     @property
     def actor_range(self) -> tuple[int, int]:

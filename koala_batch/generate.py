@@ -159,7 +159,11 @@ class GenerateImages:
         self.height = spec.generation.height
         self.batch_size = spec.compute.batch_size
         self.default_negative = spec.generation.negative_prompt
-        self.encoder = ImageEncoder(spec.output.image_format, spec.output.quality)
+        self.encoder = ImageEncoder(
+            spec.output.image_format,
+            spec.output.quality,
+            threads=spec.compute.resolved_encode_threads,
+        )
         # The pipeline (and its tokenizers) serve one call at a time; encoding does not
         # need them and runs beside.
         self.pipeline_lock = threading.Lock()
@@ -384,13 +388,16 @@ class GenerateImages:
         with self.pipeline_lock:
             truncated = self.truncated_prompts(prompts)
         finished = time.time()
+        made: list[int] = []
         for row, outcome in zip(todo, outcomes, strict=True):
             generated_at[row] = finished
             if isinstance(outcome, ImageGenerationError):
                 statuses[row] = STATUS_ERROR
                 errors[row] = str(outcome)
-                continue
-            encoded = self.encoder(outcome)
+            else:
+                made.append(row)
+        pixels = [outcome for outcome in outcomes if not isinstance(outcome, ImageGenerationError)]
+        for row, encoded in zip(made, self.encoder.encode_all(pixels), strict=True):
             images[row], digests[row], sizes[row] = encoded.data, encoded.sha256, len(encoded.data)
         table = table.set_column(
             table.schema.get_field_index(Col.STATUS), Col.STATUS, pa.array(statuses, pa.string())

@@ -499,6 +499,7 @@ def test_fingerprint_changes_with_what_decides_the_images(sections):
     [
         {"compute": {"batch_size": 16}},
         {"compute": {"actors": {"min": 1, "max": 4}}},
+        {"compute": {"encode_threads": 8}},
         {"output": {"uri": "elsewhere/"}},
         {"output": {"rows_per_shard": 100}},
         {"input": {"uri": "other.parquet"}},
@@ -568,3 +569,17 @@ def test_compile_and_deep_cache_together_are_refused():
     raw.setdefault("compute", {})["compile"] = True
 
     assert "cannot be combined" in spec_error(raw)
+
+
+@pytest.mark.parametrize(
+    ("compute", "threads"),
+    [
+        ({}, 1),
+        ({"num_cpus_per_actor": 0.5}, 1),
+        ({"num_cpus_per_actor": 6.5}, 6),
+        ({"num_cpus_per_actor": 2, "encode_threads": 5}, 5),
+    ],
+)
+def test_encode_threads_follow_the_actors_cpus_unless_set(compute, threads):
+    spec = spec_from_dict(tiny_spec("in.parquet", "out", compute=compute))
+    assert spec.compute.resolved_encode_threads == threads

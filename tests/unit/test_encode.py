@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -94,3 +95,33 @@ def test_encoder_png_is_lossless():
 def test_encoder_refuses_an_unknown_format_when_built():
     with pytest.raises(ValueError, match="gif"):
         ImageEncoder("gif", 95)
+
+
+def test_encode_all_keeps_the_order_of_the_batch():
+    batch = [gradient(seed) for seed in range(5)]
+    encoder = ImageEncoder("png", 95, threads=3)
+    assert [e.data for e in encoder.encode_all(batch)] == [
+        encode_image(pixels, "png", 95) for pixels in batch
+    ]
+    assert encoder.encode_all([]) == []
+
+
+def test_encode_all_encodes_the_batch_in_parallel():
+    # Three images meet at a barrier that a one-at-a-time encoder never passes.
+    meeting = threading.Barrier(3, timeout=10)
+
+    class MeetingEncoder(ImageEncoder):
+        def __call__(self, pixels):
+            meeting.wait()
+            return super().__call__(pixels)
+
+    assert (
+        len(MeetingEncoder("png", 95, threads=3).encode_all([gradient(s) for s in range(3)])) == 3
+    )
+    with pytest.raises(threading.BrokenBarrierError):
+        MeetingEncoder("png", 95, threads=1).encode_all([gradient(0), gradient(1)])
+
+
+def test_encoder_refuses_no_threads():
+    with pytest.raises(ValueError, match="threads"):
+        ImageEncoder("png", 95, threads=0)
