@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 import yaml
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     validate = commands.add_parser(
-        "validate", help="check a spec and its input (schema, row count); generates nothing"
+        "validate",
+        help="check a spec, its input (schema, row count) and that the output can be "
+        "written; generates nothing",
     )
     _add_spec_arguments(validate)
 
@@ -76,13 +79,15 @@ def _load(args: argparse.Namespace):
 def command_validate(args: argparse.Namespace) -> int:
     from koala_batch.commit import check_output
     from koala_batch.config import reveal_storage_options
+    from koala_batch.layout import JOB_FILE
     from koala_batch.read import plan_input
     from koala_batch.storage import Storage
 
     spec = _load(args)
-    plan = plan_input(spec.input)
+    plan = plan_input(spec.input, output_uri=spec.output.uri)
     storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options))
     state = check_output(storage, spec, spec.output.overwrite)
+    storage.check_writable(JOB_FILE)  # the first file a run writes
     print("# resolved spec (secrets masked)")
     print(yaml.safe_dump(spec.snapshot(), sort_keys=False).rstrip())
     print(f"# steps: {spec.resolved_steps}, guidance_scale: {spec.resolved_guidance_scale}")
@@ -113,9 +118,21 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from koala_batch.job import run
+    from koala_batch.errors import Interrupted
+    from koala_batch.job import run, stop_on_signals
 
-    record = run(_load(args))
+    # From the first line on, so that a signal before or after the Ray part (planning the
+    # input, writing _SUCCESS) also ends in one line and 130/143.
+    with stop_on_signals() as stop:
+        try:
+            record = run(_load(args))
+        except KeyboardInterrupt:
+            signum = stop.received or signal.SIGINT
+            raise Interrupted(
+                signum,
+                f"stopped by {signal.Signals(signum).name}; every committed shard is kept: "
+                "rerun the same command to resume",
+            ) from None
     counts = record["counts"]
     print(
         json.dumps(
@@ -166,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except KoalaBatchError as exc:
         print(f"koala-batch: {exc.headline or args.command + ' failed'}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"koala-batch: interrupted: {args.command} stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as exc:
         if args.verbose:
             raise

@@ -20,10 +20,11 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec
-from koala_batch.errors import OutputConflictError
+from koala_batch.errors import OutputConflictError, OutputUnwritableError
 from koala_batch.keys import KeySet, key_digest
 from koala_batch.layout import (
     JOB_FILE,
@@ -32,6 +33,7 @@ from koala_batch.layout import (
     OutputListing,
     list_output,
     manifest_path,
+    recorded_tar_bytes,
     summary_from_manifest,
     tar_path,
 )
@@ -45,10 +47,12 @@ JOB_FILE_FORMAT = 1
 
 @dataclass
 class CommittedState:
-    """What earlier runs committed to an output: per-shard stats and every key."""
+    """What earlier runs committed to an output: per-shard stats and every key, and the
+    committed shards that cannot be trusted (`damaged`: name -> why), left out of both."""
 
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     keys: KeySet = field(default_factory=KeySet)
+    damaged: dict[str, str] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
@@ -140,6 +144,11 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> Ou
         raise OutputConflictError(
             f"output {storage.url('')}: cannot list it ({type(exc).__name__}: {exc})"
         ) from None
+    if listing.foreign and storage.is_file(""):
+        raise OutputUnwritableError(
+            f"output {storage.url('')} is a file, not a directory (prefix); choose a "
+            "directory for output.uri. Nothing was written."
+        )
     if listing.foreign:
         foreign = listing.foreign
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -150,7 +159,8 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> Ou
     if overwrite:
         return OutputState("overwrite" if listing.files else "new", listing)
     if not listing.has_job_file:
-        if listing.files:
+        # A `_job.json` write cut short (or a `validate` probe left behind) is no job yet.
+        if any(not relative.startswith(f"{JOB_FILE}.") for relative in listing.files):
             raise OutputConflictError(
                 f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a "
                 "new output prefix or pass --overwrite"
@@ -182,9 +192,14 @@ def claim_output(
     """Make the output prefix this job's; True when an earlier run of the same job is resumed.
 
     Checks it first (`check_output`); `overwrite` deletes koala-batch's own files, never
-    others. Then writes `_job.json` and removes a stale `_SUCCESS`.
+    others. Then writes `_job.json` with this run's id: create-only on a prefix without
+    one, so of two runs started together on a new output exactly one gets it. A resume
+    takes the output over from the run before (whose writers then stop). `_SUCCESS` is
+    left alone: the run removes it once it has something to change.
     """
     state = check_output(storage, spec, overwrite)
+    # A missing bucket or a file in the way fails here, naming the output, not mid-run.
+    storage.check_writable(JOB_FILE)
     if state.action == "overwrite":
         for relative in state.listing.own_files:
             storage.remove(relative)
@@ -196,24 +211,44 @@ def claim_output(
                 "generated now may differ from the committed ones by a few levels",
                 ", ".join(changes),
             )
-    storage.write_bytes(JOB_FILE, json.dumps(job_file_contents(spec, run_id), indent=2).encode())
-    storage.remove(SUCCESS_FILE)
+    contents = json.dumps(job_file_contents(spec, run_id), indent=2).encode()
+    if state.action == "resume":
+        storage.write_bytes(JOB_FILE, contents)
+    elif not storage.create_exclusive(JOB_FILE, contents):
+        raise OutputConflictError(
+            f"output {storage.url('')} was claimed by another run while this one started "
+            "(two runs on one output at once); let that run finish, then rerun this spec to "
+            "resume"
+        )
     return state.action == "resume"
 
 
 def load_committed(storage: Storage, listing: OutputListing | None = None) -> CommittedState:
-    """Committed shards (those with a manifest) and their keys; fails on any duplicate key."""
-    names = (listing or list_output(storage)).committed
+    """Committed shards (those with a manifest) and their keys; fails on any duplicate key.
 
-    def read(shard: str):
+    Each shard is checked as cheaply as a listing allows: its manifest must read and its
+    tar exist with the size the manifest records. One that fails is `damaged`, not
+    committed: `uncommit` it and its rows are generated again.
+    """
+    listing = listing or list_output(storage)
+
+    def read(shard: str) -> tuple[str, pa.Table | None, str | None]:
         data = storage.read_bytes(manifest_path(shard))
         columns = [Col.KEY, Col.STATUS, Col.BYTES, Col.ORDINAL]
-        return shard, pq.read_table(io.BytesIO(data), columns=columns)
+        try:
+            manifest = pq.read_table(io.BytesIO(data), columns=columns)
+        except (pa.ArrowException, KeyError) as exc:
+            return shard, None, f"its manifest is unreadable ({type(exc).__name__}: {exc})"
+        return shard, manifest, listing.shard_damage(shard, recorded_tar_bytes(manifest.schema))
 
     shards: dict[str, dict[str, Any]] = {}
+    damaged: dict[str, str] = {}
     digests: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for shard, manifest in pool.map(read, names):
+        for shard, manifest, damage in pool.map(read, listing.committed):
+            if damage is not None or manifest is None:
+                damaged[shard] = damage or "its manifest is unreadable"
+                continue
             keys = manifest.column(Col.KEY).to_pylist()
             digests.append(np.array([key_digest(key) for key in keys], dtype="S16"))
             shards[shard] = summary_from_manifest(storage, shard, manifest)
@@ -225,7 +260,15 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
             f"({', '.join(_shards_sharing_keys(list(shards), digests))} share some); "
             "run `koala-batch verify` on the output"
         )
-    return CommittedState(shards=shards, keys=keys)
+    return CommittedState(shards=shards, keys=keys, damaged=damaged)
+
+
+def uncommit(storage: Storage, shards: list[str]) -> None:
+    """Take shards out of the output: manifest first (the commit marker), then the tar, so
+    that a cut at any point leaves at worst a leftover, never a committed half."""
+    for shard in shards:
+        storage.remove(manifest_path(shard))
+        storage.remove(tar_path(shard))
 
 
 def _shards_sharing_keys(names: list[str], digests: list[np.ndarray]) -> list[str]:
@@ -267,8 +310,7 @@ def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
                 "during this run and holds images this run did not produce; is another job "
                 "writing to this output? Run `koala-batch verify` on it"
             )
-        storage.remove(manifest_path(shard))
-        storage.remove(tar_path(shard))
+        uncommit(storage, [shard])
         retired.append(shard)
     return retired
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -264,6 +265,13 @@ class ComputeSpec(_Section):
     local_object_store_mb: int = Field(
         512, ge=75, description="Object store size of a local Ray cluster, in MiB."
     )
+    actor_placement_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds to wait for a cluster joined by address to make room for the "
+        "minimum of generator actors (an autoscaler may add nodes meanwhile) before the job "
+        "gives up; a local cluster started by the job is checked at once.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the U-Net and the VAE decoder, warmed up before the first "
@@ -443,23 +451,119 @@ class JobSpec(_Section):
 # Loading and overrides
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types a field annotation admits, unions and `Annotated` unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _field_annotation(path: list[str]) -> Any | None:
+    """The annotation of the spec field at a dotted path; None where no field is."""
+    annotation: Any = JobSpec
+    for part in path:
+        members = _members(annotation)
+        model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+        mapping = next((m for m in members if get_origin(m) is dict), None)
+        if model is not None and part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+        elif mapping is not None:
+            annotation = get_args(mapping)[1] if get_args(mapping) else Any
+        else:
+            return None
+    return annotation
+
+
+def _is_text(member: Any) -> bool:
+    return member is str or (
+        get_origin(member) is Literal and all(isinstance(v, str) for v in get_args(member))
+    )
+
+
+# What each parsed YAML scalar may become; an int is a valid float too.
+_SCALAR_TYPES: dict[type, tuple[Any, ...]] = {
+    bool: (bool,),
+    int: (int, float),
+    float: (float,),
+    type(None): (type(None),),
+}
+
+
+def _comment_in(raw: str) -> bool:
+    """Whether YAML would drop part of `raw` as a comment (anything after its last token)."""
+    # Block and stream ends sit at the end of the text, past any comment.
+    ends = (yaml.StreamEndToken, yaml.BlockEndToken)
+    tokens = [t for t in yaml.scan(raw) if not isinstance(t, ends)]
+    end = tokens[-1].end_mark.index if tokens else 0
+    return bool(raw[end:].strip())
+
+
+def _parse_yaml(dotted: str, raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        commented = _comment_in(raw)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise SpecError(f"--set {dotted}: value {raw!r} is not valid YAML ({detail})") from None
+    if commented:
+        # A `#` after a space starts a YAML comment: refuse rather than drop half a value.
+        raise SpecError(
+            f"--set {dotted}: value {raw!r} holds a YAML comment (a '#' after a space) that "
+            "would be dropped; remove it, or quote the part of a list that holds the '#'"
+        )
+    return value
+
+
+def _override_value(path: list[str], raw: str) -> Any:
+    """A `--set` value for the field at `path`.
+
+    Text fields take the text as given: YAML would cut `/data/run #1` at the `#`, read
+    `0123` as the octal 83 and `yes` as a bool. Typed fields are parsed as YAML; a field that
+    takes text or another type (`input.uri`, a storage option) is text unless YAML reads
+    it as a value of one of its other types (a list, a bool, a number, null).
+    """
+    dotted = ".".join(path)
+    if "storage_options" in path[:-1] and path[-1].lower() in SECRET_OPTION_NAMES:
+        return raw  # a credential is text, however it looks
+    annotation = _field_annotation(path)
+    if annotation is None:
+        return _parse_yaml(dotted, raw)  # no such field: pydantic names it as unknown
+    members = _members(annotation)
+    others = [m for m in members if m is not type(None) and not _is_text(m)]
+    optional = type(None) in members or Any in members
+    if not others and any(_is_text(m) for m in members):
+        # `null` (or `~`) unsets an optional text field, as in the file.
+        return None if optional and raw in ("null", "~") else raw
+    if not any(_is_text(m) or m is Any for m in members) or raw.lstrip()[:1] in ("[", "{"):
+        return _parse_yaml(dotted, raw)  # a flow list or mapping is meant as YAML
+    try:
+        value = _parse_yaml(dotted, raw)
+    except SpecError:
+        return raw
+    if isinstance(value, (list, dict)):
+        return value  # what the other types are for
+    admitted = _SCALAR_TYPES.get(type(value), ())  # a YAML date, say, stays text
+    return value if admitted and any(m in admitted or m is Any for m in members) else raw
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` to (["a", "b"], value), the value parsed as a YAML scalar or list."""
+    """`a.b=value` to (["a", "b"], value): the text as given for a text field, else YAML."""
     if "=" not in text:
         raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. compute.batch_size=8")
     dotted, _, raw = text.partition("=")
     path = [part for part in dotted.strip().split(".")]
     if not all(path):
         raise SpecError(f"--set {text!r}: malformed key {dotted!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {dotted}: value {raw!r} is not valid YAML ({exc})") from None
-    return path, value
+    return path, _override_value(path, raw)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of the raw spec dict with each `a.b=value` override set."""
+    if not isinstance(raw, dict):
+        raise SpecError(_not_a_mapping("<dict>", raw))
     merged = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
@@ -496,10 +600,20 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _not_a_mapping(source: str, raw: Any) -> str:
+    kinds: dict[type, str] = {list: "a list", str: "a single string"}
+    kind = kinds.get(type(raw), f"a {type(raw).__name__}")
+    return (
+        f"invalid job spec {source}: its top level is {kind}, not a mapping of sections; a "
+        "spec looks like `input: {uri: prompts.parquet}` and `output: {uri: out/}` on two "
+        "lines, plus optional model, generation and compute sections (see jobs/smoke.yaml)"
+    )
+
+
 def spec_from_dict(raw: dict[str, Any], source: str = "<dict>") -> JobSpec:
     """Validate a raw dict into a JobSpec; SpecError names every bad field."""
     if not isinstance(raw, dict):
-        raise SpecError(f"invalid job spec {source}: expected a mapping at the top level")
+        raise SpecError(_not_a_mapping(source, raw))
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
@@ -513,6 +627,15 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise SpecError(f"job spec {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(
+            f"job spec {path} cannot be read as a text file ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}); pass the path of a YAML file"
+        ) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"job spec {path} is not valid YAML: {exc}") from None
+        detail = " ".join(str(exc).split())
+        raise SpecError(f"job spec {path} is not valid YAML: {detail}") from None
+    if not isinstance(raw, dict):
+        # Checked before the overrides, which would otherwise fail inside a list.
+        raise SpecError(_not_a_mapping(str(path), raw))
     return spec_from_dict(apply_overrides(raw, overrides or []), source=str(path))

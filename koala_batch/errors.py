@@ -39,14 +39,36 @@ class OutputConflictError(UsageError):
     """The output prefix holds something this job must not touch or resume."""
 
 
+class OutputUnwritableError(UsageError):
+    """The output prefix cannot be written (no such bucket, a file in the way, no
+    permission); the message names the output URL."""
+
+
 class UnsafeWeightsError(UsageError, ValueError):
     """The model directory holds pickle weights only; they are never loaded."""
+
+
+class ClusterResourcesError(UsageError):
+    """The Ray cluster can never hold the generator actors the spec asks for (compute.*);
+    the message says what the cluster has. Nothing was generated."""
 
 
 class JobFailedError(KoalaBatchError):
     """The job ran but its result is not acceptable (too many failed images, say)."""
 
     headline = "job failed"
+
+
+class Interrupted(KoalaBatchError):
+    """SIGINT or SIGTERM stopped the job; what it committed is kept. Exit 128 + the signal
+    number (130, 143), as a shell reports a process ended by that signal."""
+
+    headline = "interrupted"
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class StorageError(KoalaBatchError, OSError):

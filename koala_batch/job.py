@@ -8,14 +8,22 @@ This module also owns the Ray session; the commit protocol and the job record li
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from koala_batch.commit import (
     CommittedState,
@@ -25,13 +33,29 @@ from koala_batch.commit import (
     load_committed,
     remove_leftovers,
     retire_late_duplicates,
+    uncommit,
     write_success,
 )
 from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
-from koala_batch.errors import InputError, JobFailedError, UsageError
+from koala_batch.errors import (
+    ClusterResourcesError,
+    InputError,
+    Interrupted,
+    JobFailedError,
+    OutputConflictError,
+    RunSupersededError,
+    UsageError,
+)
 from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
 from koala_batch.keys import KeySet
-from koala_batch.layout import MANIFESTS_DIR, list_output
+from koala_batch.layout import (
+    MANIFESTS_DIR,
+    SUCCESS_FILE,
+    FileKind,
+    classify,
+    list_output,
+    manifest_path,
+)
 from koala_batch.read import InputPlan, ReadRowGroups, plan_input
 from koala_batch.schemas import SUMMARY_SCHEMA
 from koala_batch.storage import Storage
@@ -83,6 +107,15 @@ def describe_failure(exc: BaseException) -> str:
     return f"{text} ({notes})" if notes else text
 
 
+def stage_error(exc: BaseException) -> BaseException:
+    """A stage's own error as it raised it. Ray Data appends its retry advice to the
+    message of a failed task's exception, on lines of their own; koala-batch's messages
+    are one line, and that advice is wrong for an error that is final."""
+    if exc.args and isinstance(exc.args[0], str) and "\n" in exc.args[0]:
+        exc.args = (exc.args[0].split("\n", 1)[0], *exc.args[1:])
+    return exc
+
+
 def coerce_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
     """Accept a JobSpec, a raw dict, or a YAML path."""
     if isinstance(spec, JobSpec):
@@ -92,32 +125,276 @@ def coerce_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
     return load_spec(spec)
 
 
+def ray_address(spec: JobSpec) -> str | None:
+    """The cluster a job joins: compute.ray_address, else $RAY_ADDRESS; None starts one."""
+    return spec.compute.ray_address or os.environ.get("RAY_ADDRESS")
+
+
 def connect_ray(spec: JobSpec) -> bool:
     """Join RAY_ADDRESS / compute.ray_address, or start a local cluster; True if started here."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = spec.compute.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    num_cpus = spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(
-        num_cpus=num_cpus,
-        object_store_memory=spec.compute.local_object_store_mb * 2**20,
-        include_dashboard=False,
-    )
+    address = ray_address(spec)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                object_store_memory=spec.compute.local_object_store_mb * 2**20,
+                include_dashboard=False,
+            )
+    except BaseException:
+        # Interrupted or failed half-way: no local cluster processes may outlive the job.
+        ray.shutdown()
+        raise
     return True
 
 
-def resolve_gpus_per_actor(spec: JobSpec) -> float:
-    """compute.num_gpus_per_actor, with auto = 1 when the cluster has any GPU."""
+@dataclass(frozen=True)
+class ClusterView:
+    """What a Ray cluster can hold, as far as it says.
+
+    `nodes`: the total resources of each node alive now. `node_types`: the nodes its
+    autoscaler may add (one node's resources, and how many at most; -1: no limit).
+    `complete`: nothing else can ever join, as for a local cluster this job started, or an
+    autoscaler that reports its node types; otherwise (an autoscaler that does not say,
+    nodes added by hand) the cluster may still grow in ways nobody can check up front.
+    """
+
+    nodes: tuple[dict[str, float], ...]
+    node_types: tuple[tuple[dict[str, float], int], ...] = ()
+    complete: bool = False
+    local: bool = False
+
+    @property
+    def has_gpus(self) -> bool:
+        """A node has a GPU, or the autoscaler may add one that has."""
+        shapes = [*self.nodes, *(resources for resources, _ in self.node_types)]
+        return any(shape.get("GPU", 0) > 0 for shape in shapes)
+
+    def describe(self) -> str:
+        """The cluster in a few words, for messages."""
+
+        def amounts(cpus: float, gpus: float) -> str:
+            return f"{cpus:g} CPUs, " + (f"{gpus:g} GPUs" if gpus else "no GPU")
+
+        cpus = sum(node.get("CPU", 0) for node in self.nodes)
+        gpus = sum(node.get("GPU", 0) for node in self.nodes)
+        if self.local:
+            return f"the local Ray cluster ({amounts(cpus, gpus)})"
+        text = f"the Ray cluster ({len(self.nodes)} node(s), {amounts(cpus, gpus)} in all"
+        for resources, most in self.node_types:
+            count = "any number" if most < 0 else f"up to {most}"
+            shape = amounts(resources.get("CPU", 0), resources.get("GPU", 0))
+            text += f"; its autoscaler may add {count} of {shape}"
+        return text + ")"
+
+
+def cluster_view(local: bool) -> ClusterView:
+    """The cluster this process is connected to; `local`: a local one the job started."""
     import ray
 
+    nodes = tuple(
+        {name: float(amount) for name, amount in node["Resources"].items()}
+        for node in ray.nodes()
+        if node.get("Alive")
+    )
+    if local:
+        return ClusterView(nodes, complete=True, local=True)
+    try:
+        from ray._private.state import state
+
+        # Written by autoscaler v2 (KubeRay's `version: v2`): its node groups and their limits.
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it the cluster is open-ended
+        config = None
+    if config is None:
+        return ClusterView(nodes)
+    node_types = tuple(
+        ({name: float(amount) for name, amount in group.resources.items()}, int(group.max_count))
+        for group in config.node_group_configs
+        if group.max_count != 0
+    )
+    return ClusterView(nodes, node_types, complete=True)
+
+
+def resolve_gpus_per_actor(spec: JobSpec) -> float:
+    """compute.num_gpus_per_actor, with auto = 1 when the cluster has any GPU (or its
+    autoscaler may add a node with one: GPU workers often scale from zero)."""
     if spec.compute.num_gpus_per_actor == "auto":
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return 1.0 if cluster_view(local=False).has_gpus else 0.0
     return float(spec.compute.num_gpus_per_actor)
+
+
+def actors_on_node(
+    resources: dict[str, float], cpus: float, gpus: float, reserve: float = 0.0
+) -> int:
+    """How many actors of `cpus` CPUs and `gpus` GPUs one node holds, `reserve` CPUs aside."""
+    # The tolerance keeps 3 x 0.1 CPU within 0.3 CPU.
+    most = math.floor((resources.get("CPU", 0.0) - reserve) / cpus + 1e-9)
+    if gpus > 0:
+        most = min(most, math.floor(resources.get("GPU", 0.0) / gpus + 1e-9))
+    return max(0, most)
+
+
+def describe_demand(actors: int, cpus: float, gpus: float) -> str:
+    """The resources the generator actors and one light task need, for messages."""
+    return (
+        f"{actors} generator actor(s) of {cpus:g} CPU and {gpus:g} GPU each (compute.actors or "
+        "its min, compute.num_cpus_per_actor, compute.num_gpus_per_actor), plus "
+        f"{LIGHT_TASK_CPUS:g} CPU beside them for the read and write tasks"
+    )
+
+
+def placement_problem(view: ClusterView, actors: int, cpus: float, gpus: float) -> str | None:
+    """Why `actors` generator actors of `cpus` CPUs and `gpus` GPUs each, and one light task
+    beside them, can never be placed on the cluster (one line, saying what to change); None
+    if they can, or if the cluster may yet grow in ways it does not report."""
+    if not view.complete:
+        return None
+    shapes = list(view.nodes)
+    for resources, most in view.node_types:
+        shapes += [resources] * (actors + 1 if most < 0 else min(most, actors + 1))
+    need = f"compute asks for {describe_demand(actors, cpus, gpus)}, but"
+    bigger = "raise compute.local_num_cpus" if view.local else "add bigger nodes"
+    if gpus > 0 and not view.has_gpus:
+        return (
+            f"{need} no node of {view.describe()} has a GPU: set compute.num_gpus_per_actor "
+            "to auto or 0"
+        )
+    fits = [actors_on_node(shape, cpus, gpus) for shape in shapes]
+    if not any(fits):
+        one = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+        lower = "compute.num_cpus_per_actor" + (" or compute.num_gpus_per_actor" if gpus else "")
+        return f"{need} no node of {view.describe()} has {one}: lower {lower}, or {bigger}"
+    most = max(
+        sum(fits) - fit + actors_on_node(shape, cpus, gpus, reserve=LIGHT_TASK_CPUS)
+        for shape, fit in zip(shapes, fits, strict=True)
+    )
+    if most < actors:
+        more = "raise compute.local_num_cpus" if view.local else "add nodes"
+        return (
+            f"{need} {view.describe()} holds at most {most} such actor(s) beside the read and "
+            f"write tasks: lower compute.actors (or its min), or {more}"
+        )
+    return None
+
+
+# How long the placement check waits silently before it says what it is waiting for.
+PLACEMENT_NOTICE_S = 5.0
+
+
+def wait_for_placement(spec: JobSpec, gpus: float) -> None:
+    """Return once the cluster can place the minimum of generator actors and one light task
+    beside them; fail after compute.actor_placement_timeout_s. Ray Data would otherwise wait
+    for them forever without a word."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    actors = spec.compute.actor_range[0]
+    cpus = spec.compute.num_cpus_per_actor
+    actor = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    timeout = spec.compute.actor_placement_timeout_s
+    # A trial reservation, released at once: Ray places it as it would the actors, and an
+    # autoscaler adds nodes for it as it would for them.
+    group = placement_group([actor] * actors + [{"CPU": LIGHT_TASK_CPUS}], strategy="PACK")
+    try:
+        ready = group.wait(min(PLACEMENT_NOTICE_S, timeout))
+        if not ready and timeout > PLACEMENT_NOTICE_S:
+            logger.warning(
+                "waiting up to %g s more (compute.actor_placement_timeout_s) for %s to make "
+                "room for %s",
+                timeout - PLACEMENT_NOTICE_S,
+                cluster_view(local=False).describe(),
+                describe_demand(actors, cpus, gpus),
+            )
+            ready = group.wait(timeout - PLACEMENT_NOTICE_S)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise JobFailedError(
+            f"{cluster_view(local=False).describe()} did not make room for "
+            f"{describe_demand(actors, cpus, gpus)} within {timeout:g} s: lower those "
+            "settings, add nodes, or raise compute.actor_placement_timeout_s"
+        )
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised in the main thread by `SignalStop`: a KeyboardInterrupt, which Ray's waits
+    (ray.get) pass on as they do a Ctrl-C, where they would swallow another exception."""
+
+
+class SignalStop:
+    """SIGINT and SIGTERM, turned into `StopRequested` in the main thread.
+
+    Only the first signal raises, and only outside `held()`: a repeat (a second Ctrl-C)
+    while the job stops is ignored, so that shutting the local cluster down completes; one
+    that arrives within `held()` raises when the hold ends. A signal that was ignored when
+    the stop was made (a job started in the background) stays ignored.
+    """
+
+    def __init__(self) -> None:
+        self.signals = [
+            signum
+            for signum in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        ]
+        self.received: int | None = None
+        self._raised = False
+        self._holds = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        """The signal handler."""
+        if self.received is None:
+            self.received = signum
+        if not self._raised and not self._holds:
+            self._raised = True
+            raise StopRequested(signum)
+
+    def install(self) -> None:
+        """Install the handler (again after ray.init, which puts in its own for SIGTERM: it
+        kills the local cluster under the running job, which then aborts with a C++ stack
+        dump)."""
+        for signum in self.signals:
+            signal.signal(signum, self.handle)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals wait for the end of the block."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+        if self.received is not None and not self._raised and not self._holds:
+            self._raised = True
+            raise StopRequested(self.received)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[SignalStop]:
+    """Within the block SIGINT and SIGTERM raise `StopRequested` (see `SignalStop`); the
+    handlers in place before are restored after it. Reuses an enclosing block's stop (the
+    CLI's); outside the main thread, where Python cannot handle signals, it does nothing."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        owner = getattr(signal.getsignal(signum), "__self__", None)
+        if isinstance(owner, SignalStop):
+            yield owner
+            return
+    stop = SignalStop()
+    if threading.current_thread() is not threading.main_thread():
+        stop.signals = []
+        yield stop
+        return
+    previous = {signum: signal.getsignal(signum) for signum in stop.signals}
+    stop.install()
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 # CPUs reserved by each task of the light stages: reading, the two rebundlings, writing.
@@ -277,11 +554,84 @@ def generate_remaining(
     overrides: Overrides | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the Ray Data graph over what is not committed: the stats of the shards it wrote
-    and the generators' busy summary."""
-    started_ray = connect_ray(spec)
+    and the generators' busy summary.
+
+    SIGINT or SIGTERM stops it: the local cluster is shut down and `Interrupted` says how
+    many images are committed (every committed shard is kept for the rerun).
+    """
     written: list[dict[str, Any]] = []
+    with stop_on_signals() as stop:
+        try:
+            generators = _run_graph(spec, plan, committed, run_id, overrides, stop, written)
+        except KeyboardInterrupt:
+            signum = stop.received or signal.SIGINT
+            planned = plan.num_rows * spec.generation.images_per_prompt
+            known = {shard: stats["rows"] for shard, stats in committed.shards.items()}
+            known.update((shard["shard"], shard["rows"]) for shard in written)
+            with stop.held():
+                images = count_committed(spec, overrides, known)
+            at_least = ""
+            if images is None:
+                at_least, images = "at least ", sum(known.values())
+            raise Interrupted(
+                signum,
+                f"stopped by {signal.Signals(signum).name}: {at_least}{images} of {planned} "
+                f"images are committed ({at_least}{images - len(committed.keys)} this run); "
+                "rerun the same command to resume",
+            ) from None
+    return written, generators
+
+
+def count_committed(
+    spec: JobSpec, overrides: Overrides | None, known: dict[str, int]
+) -> int | None:
+    """Images committed under the output now: `known` gives the rows of some shards, the
+    manifests of the others are read (writers may commit after the driver stopped listening).
+    None if the output cannot be read."""
+    overrides = overrides or Overrides()
+    try:
+        storage = Storage(
+            spec.output.uri,
+            reveal_storage_options(spec.output.storage_options),
+            overrides.output_filesystem,
+        )
+        images = 0
+        for name in storage.list_files(MANIFESTS_DIR):
+            kind, shard = classify(f"{MANIFESTS_DIR}/{name}")
+            if kind is not FileKind.MANIFEST or shard is None:
+                continue
+            if shard not in known:
+                metadata = pq.read_metadata(io.BytesIO(storage.read_bytes(manifest_path(shard))))
+                known[shard] = metadata.num_rows
+            images += known[shard]
+        return images
+    except Exception as exc:  # noqa: BLE001 - the count only words the message
+        logger.debug("cannot count the committed images: %s", describe_failure(exc))
+        return None
+
+
+def _run_graph(
+    spec: JobSpec,
+    plan: InputPlan,
+    committed: CommittedState,
+    run_id: str | None,
+    overrides: Overrides | None,
+    stop: SignalStop,
+    written: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """generate_remaining's work: `written` receives each shard's stats as it commits."""
+    started_ray = connect_ray(spec)
+    stop.install()
     try:
         _configure_ray_data()
+        gpus = resolve_gpus_per_actor(spec)
+        view = cluster_view(local=started_ray and ray_address(spec) is None)
+        problem = placement_problem(
+            view, spec.compute.actor_range[0], spec.compute.num_cpus_per_actor, gpus
+        )
+        if problem:
+            raise ClusterResourcesError(problem)
+        wait_for_placement(spec, gpus)
         stats = start_stats_collector()
         dataset = build_dataset(
             spec, plan, committed.keys, run_id=run_id, overrides=overrides, stats=stats
@@ -299,12 +649,23 @@ def generate_remaining(
                     remaining,
                 )
         generators = collect_busy_summary(stats, ended_at=time.time())
-    except (UsageError, JobFailedError):
+    except (UsageError, JobFailedError) as exc:
+        # Ray raises a stage's error as a subclass of its type whose message is the whole
+        # remote traceback; `cause` holds the original, one line.
+        original = getattr(exc, "cause", None)
+        if isinstance(original, (UsageError, JobFailedError)):
+            raise stage_error(original) from None
         raise
     except Exception as exc:
         cause = root_cause(exc)
         if isinstance(cause, InputError):
-            raise cause from None
+            raise stage_error(cause) from None
+        if isinstance(cause, RunSupersededError):
+            # Ray Data's notes on a failed task (retry advice) would mislead here.
+            raise JobFailedError(
+                f"{cause}: another run took it over (two runs on one output at once), so this "
+                "one stopped without committing more; the other carries on"
+            ) from None
         raise JobFailedError(
             f"{describe_failure(exc)}; {sum(s['rows'] for s in written)} images were committed "
             "this run and are kept: rerun the same spec to resume"
@@ -313,8 +674,19 @@ def generate_remaining(
         if started_ray:
             import ray
 
-            ray.shutdown()
-    return written, generators
+            with stop.held():
+                ray.shutdown()
+    return generators
+
+
+def stale_rows_error(storage: Storage, committed: int, planned: int) -> OutputConflictError:
+    """The refusal of an output holding images of rows that this input no longer has."""
+    return OutputConflictError(
+        f"output {storage.url('')} holds {committed} committed images but this input plans "
+        f"{planned}: {committed - planned} belong to rows no longer in the input (rows removed "
+        "or ids changed since the output was made); the output is left as it is. Write to a "
+        "new output prefix, or pass --overwrite to regenerate it for this input"
+    )
 
 
 def run(
@@ -333,7 +705,7 @@ def run(
     started_at = datetime.now(UTC).isoformat()
 
     # Input problems fail here, before Ray starts or any model loads.
-    plan = plan_input(spec.input, overrides.input_filesystem)
+    plan = plan_input(spec.input, overrides.input_filesystem, spec.output.uri)
     planned_images = plan.num_rows * spec.generation.images_per_prompt
     logger.info(
         "input: %d files, %d rows, %d images planned",
@@ -354,6 +726,21 @@ def run(
         # One listing serves both: a large output on object storage lists slowly.
         listing = list_output(storage)
         committed = load_committed(storage, listing)
+        if committed.images > planned_images:
+            raise stale_rows_error(storage, committed.images, planned_images)
+        if planned_images > len(committed.keys):
+            # The output is about to change: it is no longer what `_SUCCESS` describes.
+            storage.remove(SUCCESS_FILE)
+        if committed.damaged:
+            uncommit(storage, sorted(committed.damaged))
+            logger.warning(
+                "%d committed shard(s) were damaged and are generated again: %s",
+                len(committed.damaged),
+                "; ".join(
+                    f"{storage.url(manifest_path(shard))}: {why}"
+                    for shard, why in sorted(committed.damaged.items())
+                ),
+            )
         removed = remove_leftovers(storage, listing)
         logger.info(
             "resuming: %d images in %d shards already committed; %d leftovers removed",
@@ -390,6 +777,8 @@ def run(
         generators=generators,
     )
     counts = record["counts"]
+    if counts["images_committed"] > planned_images:
+        raise stale_rows_error(storage, counts["images_committed"], planned_images)
     if counts["images_committed"] != planned_images:
         raise JobFailedError(
             f"{counts['images_committed']} images are committed but {planned_images} were "

@@ -41,6 +41,10 @@ def image_seed(row_seed: int | None, job_seed: int, row_id: str, image_index: in
     return (row_seed + image_index) % SEED_MODULUS
 
 
+# What `shard_name` returns, and so the only shard names koala-batch owns.
+SHARD_NAME_PATTERN = r"\d{12}-[0-9a-f]{8}"
+
+
 def shard_name(first_ordinal: int, keys: list[str]) -> str:
     """Name of a shard: its smallest work ordinal (ordering) and a hash of its keys.
 

@@ -2,28 +2,38 @@
 
 Planning reads only Parquet footers, on the driver, so schema problems (a missing or
 mistyped column, a corrupt file) fail before any actor or model starts, naming the file
-and column. Each read unit is one row group; the read stage turns it into rows with
-their source file, row index and global ordinal.
+and column; so does an input that can reach the job's own output. Each read unit is one
+row group; the read stage turns it into rows with their source file, row index and
+global ordinal. A file that turns out damaged while it is read fails for good, naming
+the file and row group; only faults of the storage beneath it are retried.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.registry import get_filesystem_class
 from fsspec.utils import get_protocol
 
 from koala_batch.config import InputSpec, reveal_storage_options
-from koala_batch.errors import InputError
+from koala_batch.errors import InputError, SpecError
 from koala_batch.schemas import Col, require_columns
 from koala_batch.storage import filesystem_for, with_retries
 
+T = TypeVar("T")
+
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = "*?["
+# Names one store goes by, so that an input and an output on it are compared as such.
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file", "abfss": "abfs"}
 
 # What one read unit (a row group) carries to the read stage.
 READ_UNIT_FIELDS = (
@@ -100,11 +110,81 @@ def _input_filesystem(uri: str, options: dict[str, Any], filesystem: Any | None)
     return filesystem, filesystem._strip_protocol(uri)
 
 
+def _location(uri: str) -> tuple[str, str]:
+    """(protocol, absolute path without it) of a URI or glob, resolved as far as it can be
+    without listing anything: a local path is made absolute and its symlinks followed."""
+    protocol = get_protocol(uri)
+    protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
+    try:
+        path = get_filesystem_class(protocol)._strip_protocol(uri)
+    except (ImportError, ValueError):  # a filesystem not installed: compare the URL as given
+        path = uri.split("://", 1)[-1]
+    path = path.rstrip("/") or "/"
+    if protocol == "file":
+        literal = _glob_root(path) if _has_glob(path) else path
+        rest = path[len(literal) :]
+        path = os.path.realpath(literal) + rest
+    return protocol, path
+
+
+def _segments(path: str) -> list[str]:
+    return [part for part in path.split("/") if part]
+
+
+def _inside(location: tuple[str, str], prefix: tuple[str, str]) -> bool:
+    """Whether a (protocol, path) lies under a prefix given the same way."""
+    path, root = _segments(location[1]), _segments(prefix[1])
+    return location[0] == prefix[0] and len(path) > len(root) and path[: len(root)] == root
+
+
+def _can_match_below(pattern: list[str], prefix: list[str]) -> bool:
+    """Whether a glob (as path segments, `**` any depth) can match a path inside `prefix`."""
+    if not prefix:
+        return bool(pattern)
+    if not pattern:
+        return False
+    if "**" in pattern[0]:
+        return _can_match_below(pattern[1:], prefix) or _can_match_below(pattern, prefix[1:])
+    return fnmatchcase(prefix[0], pattern[0]) and _can_match_below(pattern[1:], prefix[1:])
+
+
+def check_output_outside_input(spec: InputSpec, output_uri: str) -> None:
+    """Raise SpecError naming both when the input can reach the output prefix.
+
+    A job whose input reaches its own output reads its manifests (Parquet files with a
+    `prompt` column) as new prompts on every rerun, and grows instead of resuming. A
+    directory or prefix input reaches everything below it; a glob only what its pattern
+    can match, so `DIR/*.parquet` may sit beside `DIR/out`, and a single file reaches
+    nothing else. Decided from the URLs alone, so it holds before the output exists.
+    """
+    out_protocol, out_path = _location(output_uri)
+    output = _segments(out_path)
+    for uri in spec.uris:
+        protocol, path = _location(uri)
+        if protocol != out_protocol:
+            continue
+        literal = _segments(_glob_root(path) if _has_glob(path) else path)
+        pattern = _segments(path) if _has_glob(path) else [*literal, "**"]
+        if _can_match_below(pattern, output):
+            inside = literal[: len(output)] == output
+            raise SpecError(
+                f"input.uri {uri} {'lies inside' if inside else 'can reach'} output.uri "
+                f"{output_uri}: the job would read its own manifests as prompts on a rerun; "
+                "write the output outside the input, or name the input files (a glob or "
+                "single files) so that none can be under the output"
+            )
+
+
 def list_input_files(
-    spec: InputSpec, filesystem: Any | None = None
+    spec: InputSpec, filesystem: Any | None = None, output_uri: str | None = None
 ) -> list[tuple[Any, str, str, str]]:
-    """(filesystem, path, url, source) of every Parquet file the input names, sorted."""
+    """(filesystem, path, url, source) of every Parquet file the input names, sorted.
+
+    With `output_uri`, a file inside that prefix (reached by a path the URLs do not show,
+    a symlink, say) is refused rather than listed: it would be the job's own output.
+    """
     options = reveal_storage_options(spec.storage_options)
+    output = _location(output_uri) if output_uri else None
     found: list[tuple[Any, str, str, str]] = []
     for uri in spec.uris:
         fs, path = _input_filesystem(uri, options, filesystem)
@@ -138,6 +218,12 @@ def list_input_files(
         protocol = get_protocol(uri)
         for file_path in paths:
             url = file_path if protocol == "file" else fs.unstrip_protocol(file_path)
+            if output and _inside(_location(url), output):
+                raise SpecError(
+                    f"input.uri {uri} lists {url}, which is inside output.uri {output_uri}: "
+                    "the job would read its own output as prompts; write the output outside "
+                    "the input"
+                )
             source = posixpath.relpath(file_path, root) if root else file_path
             found.append((fs, file_path, url, source))
     seen: set[str] = set()
@@ -149,16 +235,80 @@ def list_input_files(
     return unique
 
 
-def _read_footer(fs: Any, path: str, url: str, source: str) -> InputFile:
-    def read() -> pq.FileMetaData:
+class _WatchedFile:
+    """A file object that remembers whether the storage beneath it failed.
+
+    pyarrow reports a damaged file (corrupt compressed data, a truncated page) as a plain
+    OSError, the type a dropped connection has too; only the handle knows which it was.
+    A storage fault comes out of pyarrow as the handle raised it.
+    """
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+        self.storage_failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._handle, name)
+        if not callable(attribute):
+            return attribute
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except BaseException:
+                self.storage_failed = True
+                raise
+
+        return watched
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def read_parquet(
+    fs: Any, path: str, read: Callable[[pq.ParquetFile], T], describe: str, damaged: str
+) -> T:
+    """Open a Parquet file and run `read` on it, retrying faults of the storage only.
+
+    `describe` names the operation in a storage error's note. Anything else that fails is
+    the file's own content, and rereading gives the same bytes: an InputError that starts
+    with `damaged` (which names the file and the part read) and says what to do, raised
+    at once.
+    """
+
+    def attempt() -> T:
         with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).metadata
+            watched = _WatchedFile(handle)
+            try:
+                return read(pq.ParquetFile(watched))
+            except Exception as exc:
+                if watched.storage_failed or isinstance(exc, MemoryError):
+                    raise
+                raise InputError(
+                    f"{damaged}: {_one_line(exc)}; the file is damaged: rewrite it, or take "
+                    "it out of the input"
+                ) from None
+
+    return with_retries(attempt, describe)
+
+
+def _read_footer(fs: Any, path: str, url: str, source: str) -> InputFile:
+    def schema_of(parquet: pq.ParquetFile) -> tuple[pq.FileMetaData, pa.Schema]:
+        return parquet.metadata, parquet.metadata.schema.to_arrow_schema()
 
     try:
-        metadata = with_retries(read, f"read footer of {url}")
-        schema = metadata.schema.to_arrow_schema()
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise InputError(f"input file {url} is not a readable Parquet file: {exc}") from None
+        metadata, schema = read_parquet(
+            fs,
+            path,
+            schema_of,
+            f"read footer of {url}",
+            f"input file {url} is not a readable Parquet file",
+        )
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"input file {url} cannot be read: {_one_line(exc)}") from None
     groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     return InputFile(url=url, source=source, schema=schema, row_group_rows=groups)
 
@@ -230,13 +380,20 @@ def check_schema(schema: pa.Schema, spec: InputSpec, file_url: str) -> None:
         require(column, "passthrough")
 
 
-def plan_input(spec: InputSpec, filesystem: Any | None = None) -> InputPlan:
+def plan_input(
+    spec: InputSpec, filesystem: Any | None = None, output_uri: str | None = None
+) -> InputPlan:
     """List the input files and read their footers (in parallel); check every schema.
+
+    With `output_uri` (the job's output prefix), an input that can reach it is refused
+    first (`check_output_outside_input`).
 
     With an id column, also reads that column everywhere to refuse duplicate ids: two
     rows with one id would get one key, and one would silently replace the other.
     """
-    listed = list_input_files(spec, filesystem)
+    if output_uri:
+        check_output_outside_input(spec, output_uri)
+    listed = list_input_files(spec, filesystem, output_uri)
     with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
         files = list(pool.map(lambda entry: _read_footer(*entry), listed))
         for input_file in files:
@@ -258,14 +415,61 @@ def plan_input(spec: InputSpec, filesystem: Any | None = None) -> InputPlan:
 
 
 def _read_column(fs: Any, path: str, url: str, column: str) -> list[Any]:
-    def read() -> list[Any]:
-        with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).read(columns=[column]).column(column).to_pylist()
+    """An id column's values; InputError naming the file and row of one not valid UTF-8."""
+    values = read_parquet(
+        fs,
+        path,
+        lambda parquet: parquet.read(columns=[column]).column(column),
+        f"read column {column} of {url}",
+        f"input file {url}: column {column!r} is unreadable",
+    )
+    ids, bad = text_values(values)
+    if bad:
+        row, why = next(iter(bad.items()))
+        raise InputError(
+            f"input file {url}: id column {column!r} row {row}: {why} ({len(bad)} such row(s) "
+            "in this file); ids must be text: rewrite the file with valid UTF-8 ids"
+        )
+    return ids
 
+
+_BINARY_OF = {
+    pa.string(): pa.binary(),
+    pa.large_string(): pa.large_binary(),
+    pa.string_view(): pa.binary_view(),
+}
+
+
+def text_values(column: pa.Array | pa.ChunkedArray) -> tuple[list[Any], dict[int, str]]:
+    """A column's values as Python objects, and {position: why} for text that is not UTF-8.
+
+    Parquet stores a string column as bytes, and neither writers nor readers check them,
+    so bad bytes surface only when a value becomes a Python str. Such a value comes back
+    decoded with backslash escapes (b"caf\\xe9" as "caf\\xe9"): readable, and storable
+    as a string.
+    """
     try:
-        return with_retries(read, f"read column {column} of {url}")
-    except (pa.ArrowInvalid, pa.ArrowException) as exc:
-        raise InputError(f"input file {url}: column {column!r} is unreadable: {exc}") from None
+        return column.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass  # the slow path below, only for a batch that holds a bad value
+    values: list[Any] = []
+    bad: dict[int, str] = {}
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if isinstance(chunk, pa.DictionaryArray):
+            chunk = chunk.dictionary_decode()
+        for raw in chunk.view(_BINARY_OF[chunk.type]).to_pylist():
+            if raw is None:
+                values.append(None)
+                continue
+            try:
+                values.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                bad[len(values)] = (
+                    f"byte 0x{raw[exc.start]:02x} at offset {exc.start} is not valid UTF-8"
+                )
+                values.append(raw.decode("utf-8", "backslashreplace"))
+    return values, bad
 
 
 def check_unique_ids(plan: InputPlan, id_columns: list[list[Any]], id_column: str) -> None:
@@ -320,19 +524,15 @@ class ReadRowGroups:
 
     def read_unit(self, unit: dict[str, Any]) -> pa.Table:
         fs, path = _input_filesystem(unit["url"], self.options, self.filesystem)
-
-        def read() -> pa.Table:
-            with fs.open(path, "rb") as handle:
-                return pq.ParquetFile(handle).read_row_group(
-                    unit["row_group"], columns=self.columns
-                )
-
-        try:
-            table = with_retries(read, f"read {unit['url']} row group {unit['row_group']}")
-        except (pa.ArrowInvalid, pa.ArrowException) as exc:
-            raise InputError(
-                f"input file {unit['url']}: row group {unit['row_group']} is unreadable: {exc}"
-            ) from None
+        first = unit["row_offset"]
+        table = read_parquet(
+            fs,
+            path,
+            lambda parquet: parquet.read_row_group(unit["row_group"], columns=self.columns),
+            f"read {unit['url']} row group {unit['row_group']}",
+            f"input file {unit['url']}: row group {unit['row_group']} (rows {first} to "
+            f"{first + unit['num_rows'] - 1}) is unreadable",
+        )
         count = table.num_rows
         row_index = pa.array(range(unit["row_offset"], unit["row_offset"] + count), pa.int64())
         ordinal = pa.array(

@@ -7,7 +7,9 @@ every path is checked to stay under the root.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -18,7 +20,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from koala_batch.errors import StorageError
+from koala_batch.errors import KoalaBatchError, OutputUnwritableError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,11 @@ def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = getattr(fs, "protocol", ())
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 class Storage:
     """A filesystem and a root prefix; all paths given to it are relative to the root."""
 
@@ -129,6 +136,12 @@ class Storage:
     def exists(self, relative: str) -> bool:
         return with_retries(
             lambda: self.fs.exists(self.path(relative)), f"exists {self.url(relative)}"
+        )
+
+    def is_file(self, relative: str) -> bool:
+        """Whether a relative path ("" for the root itself) is a file."""
+        return with_retries(
+            lambda: self.fs.isfile(self.path(relative)), f"stat {self.url(relative)}"
         )
 
     def read_bytes(self, relative: str) -> bytes:
@@ -188,6 +201,39 @@ class Storage:
         """Write a whole object atomically."""
         self._put_atomically(relative, lambda path: self.fs.pipe_file(path, data), "write")
 
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Write a whole object only where none exists: False if one does.
+
+        Atomic where the storage allows it: a hard link of a file written aside locally,
+        a conditional PUT (If-None-Match) on S3. Elsewhere the check and the write are two
+        steps. A retried attempt that finds its own earlier write counts as created.
+        """
+        target = self.path(relative)
+
+        def create() -> None:
+            if is_local(self.fs):
+                directory = posixpath.dirname(target)
+                self.fs.makedirs(directory, exist_ok=True)
+                aside = f"{target}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+                try:
+                    self.fs.pipe_file(aside, data)
+                    os.link(aside, target)
+                finally:
+                    with suppress(FileNotFoundError):
+                        self.fs.rm_file(aside)
+            elif "s3" in _protocols(self.fs):
+                self.fs.pipe_file(target, data, mode="create")
+            else:
+                if self.fs.exists(target):
+                    raise FileExistsError(target)
+                self.fs.pipe_file(target, data)
+
+        try:
+            with_retries(create, f"create {self.url(relative)}")
+        except FileExistsError:
+            return self.read_bytes(relative) == data
+        return True
+
     def upload_file(self, local_path: str, relative: str) -> None:
         """Copy a local file to a relative path atomically."""
         self._put_atomically(relative, lambda path: self.fs.put_file(local_path, path), "upload")
@@ -200,3 +246,70 @@ class Storage:
                 self.fs.rm_file(target)
 
         with_retries(remove_if_present, f"remove {self.url(relative)}")
+
+    def check_writable(self, relative: str) -> None:
+        """Prove the prefix can be written: write and remove an empty probe beside `relative`.
+
+        The probe is named as a write-aside partial of `relative`
+        (`{relative}.{hex}.partial`), so one left by a crash is a leftover that a resumed
+        run removes, never a foreign file. A local prefix that does not exist yet is not
+        made: its nearest existing parent must be a directory this process may write.
+        Raises OutputUnwritableError (StorageError where the storage stayed unreachable)
+        naming the prefix's URL.
+        """
+        probe = f"{relative}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        target = self.path(probe)
+        written = False
+
+        def write_probe() -> None:
+            nonlocal written
+            directory = posixpath.dirname(target)
+            if is_local(self.fs) and not os.path.isdir(directory):
+                # Made and removed here, a directory could vanish under a run making it.
+                existing = directory
+                while not os.path.exists(existing):
+                    existing = posixpath.dirname(existing)
+                if not os.path.isdir(existing):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+                if not os.access(existing, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), existing)
+                return
+            self.fs.pipe_file(target, b"")
+            written = True
+
+        try:
+            with_retries(write_probe, f"write {self.url(probe)}")
+        except Exception as exc:  # noqa: BLE001 - whatever refused the write, name the URL
+            raise unwritable_output(self.url(""), exc) from None
+        finally:
+            try:
+                if written:
+                    self.remove(probe)
+            except OSError as exc:
+                # Harmless: a partial write is a leftover that a resumed run removes.
+                logger.warning("could not remove the probe %s: %s", self.url(probe), exc)
+
+
+def unwritable_output(url: str, exc: BaseException) -> KoalaBatchError:
+    """The one-line error for an output prefix that refused a write, naming its URL."""
+    if isinstance(exc, KoalaBatchError):
+        return exc
+    detail = " ".join(str(exc).split()) or "no detail"
+    cause = f"{type(exc).__name__}: {detail}"
+    if is_transient(exc):
+        return StorageError(
+            f"output {url} cannot be written ({cause}, after retries); check that the "
+            "storage is reachable (output.storage_options endpoint_url), then rerun"
+        )
+    if isinstance(exc, FileNotFoundError):
+        hint = "does the bucket exist? Create it, or fix output.uri"
+    elif isinstance(exc, PermissionError):
+        hint = (
+            "the credentials may not write there: fix output.storage_options or the "
+            "bucket's permissions"
+        )
+    elif isinstance(exc, (FileExistsError, NotADirectoryError)):
+        hint = "a file stands where a directory is needed: choose another output.uri"
+    else:
+        hint = "fix output.uri or output.storage_options"
+    return OutputUnwritableError(f"output {url} cannot be written ({cause}); {hint}")

@@ -1,8 +1,8 @@
 """Validation: row checks that become error rows, and one work row per image.
 
 Schema problems were refused while planning the input (`read.check_schema`). A row
-problem (empty prompt, unusable seed, null id) makes that row's images manifest rows
-with status=error and the reason; nothing is dropped.
+problem (empty prompt, unusable seed, null id, text that is not valid UTF-8) makes that
+row's images manifest rows with status=error and the reason; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from koala_batch.config import JobSpec
 from koala_batch.keys import SEED_MODULUS, KeySet, derived_row_id, image_seed, sample_key
+from koala_batch.read import text_values
 from koala_batch.schemas import (
     READ_COLUMNS,
     STATUS_ERROR,
@@ -59,6 +60,38 @@ def _column_values(table: pa.Table, column: str | None) -> list[Any]:
     return table.column(column).to_pylist()
 
 
+def _text_column(
+    table: pa.Table, column: str | None, role: str, problems: dict[int, list[str]]
+) -> tuple[list[Any], set[int]]:
+    """A text column's values and the rows whose value is not valid UTF-8: each of those
+    adds a problem to its row, and its value comes back with the bad bytes escaped."""
+    if column is None:
+        return [None] * table.num_rows, set()
+    values, bad = text_values(table.column(column))
+    for row, why in bad.items():
+        problems.setdefault(row, []).append(f"{role} column {column!r}: {why}")
+    return values, set(bad)
+
+
+def _passthrough_column(
+    table: pa.Table, column: str, problems: dict[int, list[str]]
+) -> pa.ChunkedArray:
+    """A passthrough column as it is, unless it holds text that is not valid UTF-8: then
+    with those values escaped (the manifest and sidecars must stay readable) and a
+    problem on their rows."""
+    values = table.column(column)
+    value_type = values.type.value_type if pa.types.is_dictionary(values.type) else values.type
+    if value_type not in (pa.string(), pa.large_string(), pa.string_view()):
+        return values
+    try:
+        values.validate(full=True)  # checks UTF-8 in C++, far cheaper than decoding
+        return values
+    except pa.ArrowInvalid:
+        pass
+    decoded, _ = _text_column(table, column, "passthrough", problems)
+    return pa.chunked_array([pa.array(decoded, value_type).cast(values.type)])
+
+
 class ExpandImages:
     """Validate stage: input rows in, one work row per (row, image index) out.
 
@@ -90,20 +123,31 @@ class ExpandImages:
         sources = table.column(Col.SOURCE).to_pylist()
         row_indices = table.column(Col.ROW_INDEX).to_pylist()
         row_ordinals = table.column(Col.ROW_ORDINAL).to_pylist()
-        prompts = _column_values(table, spec.prompt_column)
-        raw_ids = _column_values(table, spec.id_column)
-        negatives = _column_values(table, spec.negative_prompt_column)
+        # Row problems found column-wise: text that is not valid UTF-8.
+        column_problems: dict[int, list[str]] = {}
+        prompts, _ = _text_column(table, spec.prompt_column, "prompt", column_problems)
+        raw_ids, bad_ids = _text_column(table, spec.id_column, "id", column_problems)
+        negatives, _ = _text_column(
+            table, spec.negative_prompt_column, "negative prompt", column_problems
+        )
         seeds = _column_values(table, spec.seed_column)
+        passthrough = {
+            column: _passthrough_column(table, column, column_problems)
+            for column in spec.passthrough_columns
+        }
 
         out: dict[str, list[Any]] = {field.name: [] for field in WORK_FIELDS}
         take: list[int] = []
         for row in range(table.num_rows):
-            problems = []
+            problems = column_problems.get(row, [])
             if spec.id_column is None:
                 row_id = derived_row_id(sources[row], row_indices[row])
             elif raw_ids[row] is None:
                 row_id = derived_row_id(sources[row], row_indices[row])
                 problems.append(f"id column {spec.id_column!r} is null")
+            elif row in bad_ids:
+                # Planning refuses such ids; an id must never be its escaped bytes.
+                row_id = derived_row_id(sources[row], row_indices[row])
             else:
                 row_id = str(raw_ids[row])
             prompt_problem = check_prompt(prompts[row])
@@ -130,7 +174,7 @@ class ExpandImages:
         columns = {field.name: pa.array(out[field.name], field.type) for field in WORK_FIELDS}
         indices = pa.array(take, pa.int64())
         for column in spec.passthrough_columns:
-            columns[column] = table.column(column).take(indices)
+            columns[column] = passthrough[column].take(indices)
         work = pa.table(columns)
         committed = self.committed_keys.contains_many(out[Col.KEY])
         return work.filter(pa.array(~committed)) if committed.any() else work

@@ -599,9 +599,12 @@ def _track_identity(
         )
 
 
-def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int):
-    """Yield (key, source, row_index, id, image_index) of every image the input plans."""
-    plan = plan_input(spec.input, input_filesystem)
+def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int, output_uri: str):
+    """Yield (key, source, row_index, id, image_index) of every image the input plans.
+
+    An input that can reach the output being verified is refused, as `run` refuses it:
+    its expected images would include the output's own manifests."""
+    plan = plan_input(spec.input, input_filesystem, output_uri)
     reader = ReadRowGroups(spec.input, input_filesystem)
     expand = ExpandImages(spec)
 
@@ -629,8 +632,9 @@ def verify_output(
 
     `storage_options` default to the spec's output storage options when a spec is given.
     `filesystem` / `input_filesystem` replace the filesystems built from the URLs (tests).
-    Input problems with a spec (no such file, bad schema, duplicate ids) raise
-    `koala_batch.read.InputError`, as they do for `run`.
+    Input problems with a spec (no such file, bad schema, duplicate ids, a damaged row
+    group) raise `koala_batch.errors.InputError`, and an input that can reach `uri`
+    raises `SpecError`, as they do for `run`.
     """
     if storage_options is None and spec is not None:
         storage_options = reveal_storage_options(spec.output.storage_options)
@@ -707,7 +711,7 @@ def verify_output(
         matched: set[str] = set()
         expected_count = 0
         for key, source, row_index, row_id, image_index in _expected_images(
-            spec, input_filesystem, max(1, workers)
+            spec, input_filesystem, max(1, workers), uri
         ):
             expected_count += 1
             if key in owner:

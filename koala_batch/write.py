@@ -28,6 +28,7 @@ from koala_batch.layout import (
     manifest_path,
     sidecar_member,
     summary_from_manifest,
+    tar_bytes_metadata,
     tar_path,
 )
 from koala_batch.schemas import (
@@ -98,8 +99,7 @@ class WriteShard:
         owner = json.loads(self.storage.read_bytes(JOB_FILE)).get("run_id")
         if owner != self.run_id:
             raise RunSupersededError(
-                f"output {self.storage.url('')} now belongs to run {owner}, not {self.run_id}: "
-                "this writer stops without committing"
+                f"output {self.storage.url('')} now belongs to run {owner}, not {self.run_id}"
             )
 
     def build_manifest(self, table: pa.Table, shard: str) -> pa.Table:
@@ -148,7 +148,9 @@ class WriteShard:
         shard = shard_name(min(table.column(Col.ORDINAL).to_pylist()), keys)
         storage = self.storage
         if storage.exists(manifest_path(shard)):
-            # A retry of a write that already committed: keep what is there.
+            # Committed already: by this run's earlier attempt (keep it), or by a run that
+            # took the output over, in which case this run must stop, not count it as its own.
+            self.check_still_owner()
             existing = pq.read_table(io.BytesIO(storage.read_bytes(manifest_path(shard))))
             return pa.Table.from_pylist(
                 [summary_from_manifest(storage, shard, existing)], schema=SUMMARY_SCHEMA
@@ -158,6 +160,10 @@ class WriteShard:
         with tempfile.TemporaryDirectory(prefix="koala-shard-") as scratch:
             local_tar = os.path.join(scratch, f"{shard}.tar")
             self.write_tar(manifest, images, local_tar)
+            recorded = tar_bytes_metadata(os.path.getsize(local_tar))
+            manifest = manifest.replace_schema_metadata(
+                {**(manifest.schema.metadata or {}), **recorded}
+            )
             self.check_still_owner()
             storage.upload_file(local_tar, tar_path(shard))
         buffer = io.BytesIO()

@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch.errors import InputError, OutputConflictError
+from koala_batch.config import spec_from_dict
+from koala_batch.errors import InputError, OutputConflictError, SpecError
 from koala_batch.keys import derived_seed
+from koala_batch.verify import verify_output
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
@@ -219,3 +221,99 @@ def test_wrong_credentials_are_one_clear_message(tmp_path, s3_server, s3_bucket)
     assert message.startswith(f"input s3://{s3_bucket}/in/: access denied")
     assert "Access Key Id you provided does not exist" in message
     assert "wrong-secret-SENTINEL" not in message
+
+
+# ---------------------------------------------------------------------------------------
+# issue 8, case 1: the output inside the input
+
+
+def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CLI, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_output_inside_the_input_is_refused_by_validate_and_run(tmp_path):
+    # Once every rerun read its own manifests as new prompts: 16, 32, then 48 images,
+    # each exit 0 and `verify` OK.
+    data = tmp_path / "data"
+    write_prompt_table(data / "in.parquet", ["a cat", "a dog"])
+    spec = tiny_spec(str(data), str(data / "out"))
+    spec["model"] = dict(UNLOADABLE_MODEL)
+    spec_path = tmp_path / "spec.json"  # JSON is YAML
+    spec_path.write_text(json.dumps(spec))
+    expected = f"input.uri {data} can reach output.uri {data / 'out'}: "
+    for command in ("validate", "run"):
+        result = cli(command, str(spec_path))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"koala-batch: error: {expected}")
+    assert not (data / "out").exists()
+
+
+def test_output_inside_the_input_is_refused_on_s3(s3_server, s3_bucket):
+    fs = s3_server.filesystem()
+    fs.pipe_file(
+        f"{s3_bucket}/data/in.parquet", (REPO_ROOT / "jobs/data/parti-sample.parquet").read_bytes()
+    )
+    spec = tiny_spec(f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/data/out")
+    for section in ("input", "output"):
+        spec[section]["storage_options"] = s3_server.storage_options
+    spec["model"] = dict(UNLOADABLE_MODEL)
+    with pytest.raises(
+        SpecError,
+        match=rf"input\.uri s3://{s3_bucket}/data can reach output\.uri s3://{s3_bucket}/data/out",
+    ):
+        koala_batch.run(spec)
+    assert fs.find(f"{s3_bucket}/data") == [f"{s3_bucket}/data/in.parquet"]
+
+
+# ---------------------------------------------------------------------------------------
+# issue 8, case 5: problems that were found only inside Ray
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_prompt_that_is_not_utf8_is_an_error_row_and_verifies(tmp_path):
+    # Once: `validate` OK, `run` exit 1 with a page of traceback, `verify --spec` crashed.
+    prompts = pa.array([b"a cat", b"caf\xe9 au lait", b"a dog", b"a fox"], pa.binary())
+    table = write_prompt_table(tmp_path / "in.parquet", prompts.view(pa.string()))
+    output = tmp_path / "out"
+    spec = tiny_spec(str(table), str(output), output={"max_failed_fraction": 0.5})
+
+    record = koala_batch.run(spec)
+
+    assert record["counts"]["images_ok"] == 3 and record["counts"]["images_failed"] == 1
+    rows = [
+        row
+        for path in sorted((output / "manifests").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
+    bad = next(row for row in rows if row["status"] == "error")
+    assert bad["row_index"] == 1 and bad["prompt"] == "caf\\xe9 au lait"
+    assert bad["error"] == "prompt column 'prompt': byte 0xe9 at offset 3 is not valid UTF-8"
+    report = verify_output(str(output), spec=spec_from_dict(spec))
+    assert report.ok, report.format()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_damaged_data_page_fails_the_run_with_one_line_naming_file_and_rows(tmp_path):
+    # Once: retried as if transient, then exit 1 with a last line that named no file.
+    path = tmp_path / "in" / "part-0.parquet"
+    path.parent.mkdir()
+    prompts = [f"prompt number {i}, " * 5 for i in range(64)]
+    pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=32)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    offset = (chunk.dictionary_page_offset or chunk.data_page_offset) + 4
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 32] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    spec = tiny_spec(str(path.parent), str(tmp_path / "out"))
+
+    with pytest.raises(InputError) as raised:
+        koala_batch.run(spec)
+
+    message = str(raised.value)
+    assert message.startswith(
+        f"input file {path}: row group 1 (rows 32 to 63) is unreadable: OSError: "
+    )
+    assert "\n" not in message

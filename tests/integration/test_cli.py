@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from tests.conftest import REPO_ROOT
+from koala_batch import cli
+from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
 SMOKE = str(REPO_ROOT / "jobs" / "smoke.yaml")
@@ -73,6 +75,115 @@ def test_missing_spec_file_exits_2(tmp_path):
     result = koala_batch("run", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def write_spec(tmp_path: Path, output: dict) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"input": {"uri": str(SAMPLE_PROMPTS)}, "output": output}))
+    return str(path)
+
+
+def test_set_takes_a_text_field_as_given(tmp_path, capsys):
+    # YAML would read "run #1" as "run" and a comment: the job would write elsewhere.
+    spec = write_spec(tmp_path, {"uri": str(tmp_path / "elsewhere")})
+
+    code = cli.main(["validate", spec, "--set", f"output.uri={tmp_path}/run #1"])
+
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"# output file://{tmp_path}/run #1: new (nothing there yet)" in out
+
+
+def test_set_of_a_number_with_a_comment_exits_2(tmp_path, capsys):
+    spec = write_spec(tmp_path, {"uri": str(tmp_path / "out")})
+
+    code = cli.main(["validate", spec, "--set", "compute.batch_size=8 #was 4"])
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith("koala-batch: error: --set compute.batch_size: ")
+
+
+@pytest.mark.parametrize("text", ["- input: {uri: prompts.parquet}\n", "just words\n"])
+def test_spec_that_is_not_a_mapping_exits_2_saying_what_a_spec_looks_like(tmp_path, text):
+    spec = tmp_path / "list.yaml"
+    spec.write_text(text)
+
+    result = koala_batch("validate", str(spec), "--set", "output.uri=out/x")
+
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"koala-batch: error: invalid job spec {spec}: its top level is ")
+    assert "input: {uri: prompts.parquet}" in line and "Traceback" not in result.stderr
+
+
+def test_output_that_is_a_file_exits_2_saying_so(tmp_path, capsys):
+    output = tmp_path / "out.tar"
+    output.write_bytes(b"not a directory")
+    spec = write_spec(tmp_path, {"uri": str(output)})
+
+    for command in ("validate", "run"):
+        code = cli.main([command, spec])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.strip() == (
+            f"koala-batch: error: output file://{output} is a file, not a directory (prefix); "
+            "choose a directory for output.uri. Nothing was written."
+        )
+    assert output.read_bytes() == b"not a directory"
+
+
+def test_validate_checks_that_the_output_can_be_written(tmp_path, capsys):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("x")
+    spec = write_spec(tmp_path, {"uri": str(in_the_way / "out")})
+
+    code = cli.main(["validate", spec])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"koala-batch: error: output file://{in_the_way}/out cannot be written")
+
+
+def test_validate_leaves_a_new_output_as_it_was(tmp_path, capsys):
+    spec = write_spec(tmp_path, {"uri": str(tmp_path / "new" / "out")})
+
+    assert cli.main(["validate", spec]) == 0, capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def s3_output(s3_server, url: str) -> dict:
+    return {"uri": url, "storage_options": s3_server.storage_options}
+
+
+def test_missing_output_bucket_exits_2_naming_the_url(s3_server, tmp_path, capsys):
+    url = "s3://no-such-bucket-koala/run1"
+    spec = write_spec(tmp_path, s3_output(s3_server, url))
+
+    for command in ("validate", "run"):
+        code = cli.main([command, spec])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"koala-batch: error: output {url} cannot be written (")
+        assert "bucket does not exist" in line and "Create it, or fix output.uri" in line
+
+
+def test_output_that_is_an_object_exits_2_saying_so(s3_server, s3_bucket, tmp_path, capsys):
+    s3_server.filesystem().pipe_file(f"{s3_bucket}/run1", b"an object, not a prefix")
+    spec = write_spec(tmp_path, s3_output(s3_server, f"s3://{s3_bucket}/run1"))
+
+    assert cli.main(["validate", spec]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"koala-batch: error: output s3://{s3_bucket}/run1 is a file, not a directory (prefix)"
+    )
+
+
+def test_validate_probe_leaves_nothing_in_the_bucket(s3_server, s3_bucket, tmp_path, capsys):
+    spec = write_spec(tmp_path, s3_output(s3_server, f"s3://{s3_bucket}/run1"))
+
+    assert cli.main(["validate", spec]) == 0, capsys.readouterr().err
+    assert f"s3://{s3_bucket}/run1: new (nothing there yet)" in capsys.readouterr().out
+    assert s3_server.filesystem().find(s3_bucket) == []
 
 
 def test_run_smoke_job_then_resume(model_cache, tmp_path):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from koala_batch.commit import (
@@ -12,9 +15,11 @@ from koala_batch.commit import (
     claim_output,
     load_committed,
     remove_leftovers,
+    uncommit,
     write_success,
 )
 from koala_batch.keys import sample_key
+from koala_batch.layout import recorded_tar_bytes
 from koala_batch.schemas import RUN_TIMING_FIELDS
 from koala_batch.storage import Storage
 from koala_batch.write import WriteShard
@@ -78,14 +83,36 @@ def test_resume_ignores_what_does_not_change_the_images(storage, out_dir):
     )
 
 
-def test_resume_removes_an_earlier_success_record(storage, out_dir):
+def test_resume_leaves_the_success_record_to_the_run(storage, out_dir):
+    # A rerun that is then refused (or has nothing to do) must not unmake a complete
+    # output: the run removes _SUCCESS only once it is about to change the output.
     spec = make_spec(out_dir)
     claim_output(storage, spec)
     write_success(storage, {"status": "succeeded"})
-    assert (out_dir / "_SUCCESS").exists()
 
     assert claim_output(storage, spec) is True
-    assert not (out_dir / "_SUCCESS").exists()
+    assert (out_dir / "_SUCCESS").exists()
+
+
+def test_of_claims_racing_for_a_new_output_exactly_one_creates_it(storage, out_dir):
+    spec = make_spec(out_dir)
+    start = threading.Barrier(6)
+
+    def claim(run_id: str) -> str:
+        start.wait()
+        try:
+            return "resumed" if claim_output(storage, spec, run_id=run_id) else "created"
+        except OutputConflictError as refused:
+            assert "claimed by another run while this one started" in str(refused)
+            return "refused"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(claim, [f"run{i}" for i in range(6)]))
+
+    # The others either lost the create (refused) or came late enough to see the winner's
+    # _job.json and take the output over (resumed; the winner's writers then stop).
+    assert outcomes.count("created") == 1, outcomes
+    assert all_files(out_dir) == ["_job.json"]
 
 
 def test_job_file_records_the_versions_that_decide_pixels(storage, out_dir):
@@ -182,12 +209,19 @@ def test_overwrite_of_an_empty_prefix_is_a_fresh_claim(storage, out_dir):
         "manifests/x.csv",
         "shards/nested/a.tar",
         "data/part-0.parquet",
+        # Named like koala-batch's files but not with its shard names: a user's.
+        "shards/my-backup.tar",
+        "shards/extra.tar",
+        "manifests/my_analysis.parquet",
+        "manifests/1-deadbeef.parquet",
+        "shards/backup.tar.1234.partial",
     ],
 )
 def test_foreign_files_are_refused_and_left_untouched(storage, out_dir, foreign, overwrite):
     spec = make_spec(out_dir)
     claim_output(storage, spec)
     shard = write_shard(spec, ["a"])
+    write_success(storage, {"status": "succeeded"})
     path = out_dir / foreign
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"someone else's data")
@@ -197,8 +231,9 @@ def test_foreign_files_are_refused_and_left_untouched(storage, out_dir, foreign,
         claim_output(storage, spec, overwrite=overwrite)
 
     assert foreign in str(info.value)
+    # Nothing deleted, not even the complete output's _SUCCESS.
     assert {name: (out_dir / name).read_bytes() for name in all_files(out_dir)} == before
-    assert f"shards/{shard}.tar" in before
+    assert f"shards/{shard}.tar" in before and "_SUCCESS" in before
 
 
 def test_foreign_file_in_an_unclaimed_prefix_writes_nothing(storage, out_dir):
@@ -279,6 +314,49 @@ def test_tar_without_manifest_is_not_committed(storage, out_dir):
     (out_dir / "manifests" / f"{shard}.parquet").unlink()
 
     assert len(load_committed(storage).keys) == 0
+
+
+def test_committed_shards_are_checked_against_the_listing(storage, out_dir):
+    spec = make_spec(out_dir)
+    good = write_shard(spec, ["a", "b"])
+    lost = write_shard(spec, ["c"], first_ordinal=2)
+    cut = write_shard(spec, ["d"], first_ordinal=3)
+    garbled = write_shard(spec, ["e"], first_ordinal=4)
+    (out_dir / "shards" / f"{lost}.tar").unlink()
+    tar = out_dir / "shards" / f"{cut}.tar"
+    size = tar.stat().st_size
+    tar.write_bytes(tar.read_bytes()[:512])
+    (out_dir / "manifests" / f"{garbled}.parquet").write_bytes(b"PAR1 no footer")
+
+    state = load_committed(storage)
+
+    assert set(state.shards) == {good}
+    assert state.damaged == {
+        lost: "its tar is missing",
+        cut: f"its tar has 512 bytes, its manifest records {size}",
+        garbled: state.damaged[garbled],
+    }
+    assert state.damaged[garbled].startswith("its manifest is unreadable (")
+    # Damaged shards' keys are not committed: their rows are generated again.
+    assert [row_id for row_id in "abcde" if sample_key(row_id, 0) in state.keys] == ["a", "b"]
+
+    uncommit(storage, sorted(state.damaged))
+    assert all_files(out_dir) == sorted([f"manifests/{good}.parquet", f"shards/{good}.tar"])
+
+
+def test_a_manifest_without_a_recorded_tar_size_needs_only_its_tar(storage, out_dir):
+    spec = make_spec(out_dir)
+    shard = write_shard(spec, ["a"])
+    path = out_dir / "manifests" / f"{shard}.parquet"
+    table = pq.read_table(path)
+    assert recorded_tar_bytes(table.schema) == (out_dir / "shards" / f"{shard}.tar").stat().st_size
+    pq.write_table(table.replace_schema_metadata(None), path)  # as written before sizes were
+
+    assert load_committed(storage).damaged == {}
+    (out_dir / "shards" / f"{shard}.tar").write_bytes(b"short")
+    assert load_committed(storage).damaged == {}  # no size to compare
+    (out_dir / "shards" / f"{shard}.tar").unlink()
+    assert load_committed(storage).damaged == {shard: "its tar is missing"}
 
 
 def test_duplicate_keys_across_manifests_are_refused(storage, out_dir):

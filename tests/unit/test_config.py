@@ -116,6 +116,43 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_spec(path)
 
 
+@pytest.mark.parametrize("text", ["- just\n- a list\n", "just a string\n", "42\n"])
+def test_top_level_that_is_not_a_mapping_is_refused_before_any_override(tmp_path, text):
+    # With a --set, the overrides used to walk into the list: AttributeError, exit 1.
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["output.uri=out/"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "not a mapping" in message
+    assert "input: {uri: " in message and "output: {uri: " in message  # what a spec looks like
+
+
+def test_apply_overrides_to_something_not_a_mapping_is_a_spec_error():
+    with pytest.raises(SpecError, match="not a mapping"):
+        apply_overrides(["a", "list"], ["output.uri=out/"])  # type: ignore[arg-type]
+
+
+def test_spec_that_is_a_directory_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match="cannot be read as a text file") as info:
+        load_spec(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_spec_that_is_binary_is_a_spec_error(tmp_path):
+    path = tmp_path / "prompts.parquet"
+    path.write_bytes(b"PAR1\xff\xfe\x00binary")
+    with pytest.raises(SpecError, match="cannot be read as a text file"):
+        load_spec(path)
+
+
+def test_invalid_yaml_error_is_one_line(tmp_path):
+    path = write_yaml(tmp_path, "input: [unclosed\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "\n" not in str(info.value)
+
+
 def test_spec_error_names_the_file(tmp_path):
     path = write_yaml(tmp_path, BASE_YAML.replace("steps: 2", "steps: '2'"))
     with pytest.raises(SpecError) as info:
@@ -316,6 +353,112 @@ def test_parse_override_splits_the_key_and_parses_the_value():
     assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
     assert parse_override("a.b=") == (["a", "b"], "")
     assert parse_override("a=null") == (["a"], None)
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [
+        # YAML would cut the text at " #", or read it as a number or a bool.
+        ("output.uri=/data/run #1", ("output", "uri"), "/data/run #1"),
+        ("output.uri=1e3", ("output", "uri"), "1e3"),
+        ("model.name=koala-700m #fast", ("model", "name"), "koala-700m #fast"),
+        ("model.revision=1234567", ("model", "revision"), "1234567"),
+        ("model.revision=yes", ("model", "revision"), "yes"),
+        (
+            "generation.negative_prompt=blurry, text #2",
+            ("generation", "negative_prompt"),
+            "blurry, text #2",
+        ),
+        ("input.prompt_column= caption", ("input", "prompt_column"), " caption"),
+        ("input.uri=/data/p #1.parquet", ("input", "uri"), "/data/p #1.parquet"),
+        ("input.uri=2024", ("input", "uri"), "2024"),
+        ("input.uri=2024-01-01", ("input", "uri"), "2024-01-01"),  # YAML: a date
+        ("compute.ray_address=ray://head:10001", ("compute", "ray_address"), "ray://head:10001"),
+    ],
+)
+def test_override_of_a_text_field_takes_the_text_as_given(override, field, expected):
+    spec = spec_from_dict(apply_overrides(base_raw(), [override]))
+    section, name = field
+    assert getattr(getattr(spec, section), name) == expected
+
+
+def test_override_of_an_optional_text_field_with_null_unsets_it():
+    raw = base_raw()
+    raw["model"]["revision"] = "main"
+    spec = spec_from_dict(apply_overrides(raw, ["model.revision=null"]))
+    assert spec.model.revision is None
+    spec = spec_from_dict(apply_overrides(raw, ["generation.negative_prompt=~"]))
+    assert spec.generation.negative_prompt is None
+
+
+def test_override_of_a_typed_field_is_parsed():
+    spec = spec_from_dict(
+        apply_overrides(
+            base_raw(),
+            [
+                "compute.batch_size=8",
+                "compute.channels_last=false",
+                "compute.fuse_qkv=null",
+                "output.overwrite=true",
+                "generation.guidance_cutoff=0.5",
+                "compute.num_gpus_per_actor=0.5",
+                "compute.actors={min: 2, max: 3}",
+                "input.uri=[a.parquet, 'b #1.parquet']",
+            ],
+        )
+    )
+    assert spec.compute.batch_size == 8
+    assert spec.compute.channels_last is False and spec.compute.fuse_qkv is None
+    assert spec.output.overwrite is True
+    assert spec.generation.guidance_cutoff == 0.5
+    assert spec.compute.num_gpus_per_actor == 0.5
+    assert spec.compute.actor_range == (2, 3)
+    assert spec.input.uris == ["a.parquet", "b #1.parquet"]
+    auto = spec_from_dict(apply_overrides(base_raw(), ["compute.num_gpus_per_actor=auto"]))
+    assert auto.compute.num_gpus_per_actor == "auto"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "compute.batch_size=8 #was 4",
+        "output.overwrite=true # careful",
+        "generation.seed=#7",
+        "input.uri=[a.parquet] #two",
+    ],
+)
+def test_override_of_a_typed_field_with_a_comment_is_refused(override):
+    dotted = override.partition("=")[0]
+    with pytest.raises(SpecError) as info:
+        apply_overrides(base_raw(), [override])
+    assert f"--set {dotted}:" in str(info.value) and "comment" in str(info.value)
+
+
+def test_override_of_storage_options_keeps_credentials_and_text_as_given():
+    spec = spec_from_dict(
+        apply_overrides(
+            base_raw(),
+            [
+                "output.storage_options.secret=0123 #abc",  # YAML: the int 123, cut at '#'
+                "output.storage_options.key=012345",  # YAML 1.1: an octal int
+                "output.storage_options.endpoint_url=http://127.0.0.1:9000/#x",
+                "output.storage_options.anon=false",
+                "output.storage_options.max_concurrency=4",
+                "input.storage_options.client_kwargs.region_name=eu #1",
+                "input.storage_options.client_kwargs.aws_session_token=0x1F",
+            ],
+        )
+    )
+    output = reveal_storage_options(spec.output.storage_options)
+    assert output == {
+        "secret": "0123 #abc",
+        "key": "012345",
+        "endpoint_url": "http://127.0.0.1:9000/#x",
+        "anon": False,
+        "max_concurrency": 4,
+    }
+    client = reveal_storage_options(spec.input.storage_options)["client_kwargs"]
+    assert client == {"region_name": "eu #1", "aws_session_token": "0x1F"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from tests.conftest import SAMPLE_PROMPTS
         (errors.InputError, 2, "error"),
         (errors.OutputConflictError, 2, "error"),
         (errors.UnsafeWeightsError, 2, "error"),
+        (errors.OutputUnwritableError, 2, "error"),
+        (errors.ClusterResourcesError, 2, "error"),
         (errors.JobFailedError, 1, "job failed"),
         (errors.StorageError, 1, None),
         (errors.RunSupersededError, 1, None),
@@ -25,6 +27,13 @@ def test_each_error_carries_its_exit_code(error, code, headline):
     assert issubclass(error, errors.KoalaBatchError)
     assert error.exit_code == code
     assert error.headline == headline
+
+
+@pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)])
+def test_an_interrupted_job_exits_as_a_shell_reports_the_signal(signum, code):
+    stopped = errors.Interrupted(signum, "stopped")
+    assert isinstance(stopped, errors.KoalaBatchError)
+    assert (stopped.exit_code, stopped.headline) == (code, "interrupted")
 
 
 def test_cli_reports_a_usage_error_in_one_line_with_exit_2(tmp_path, capsys):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
-from koala_batch.errors import StorageError
+from koala_batch.commit import check_output, claim_output, remove_leftovers
+from koala_batch.errors import OutputUnwritableError, StorageError
+from koala_batch.layout import FileKind, classify
 from koala_batch.storage import Storage, is_transient, with_retries
+from tests.unit.conftest import make_spec
 
 
 @pytest.fixture
@@ -219,3 +225,97 @@ def test_is_transient_classification():
     assert not is_transient(FileNotFoundError("x"))
     assert not is_transient(PermissionError("x"))
     assert not is_transient(KeyError("x"))
+
+
+# ---------------------------------------------------------------------------------------
+# Probing that the output can be written
+
+
+def test_check_writable_of_a_new_prefix_leaves_nothing_not_even_its_directories(tmp_path):
+    Storage(str(tmp_path / "a" / "b" / "out")).check_writable("_job.json")
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_of_an_existing_output_leaves_it_as_it_was(storage, out_dir):
+    storage.write_bytes("_job.json", b"{}")
+
+    storage.check_writable("_job.json")
+
+    assert all_files(out_dir) == ["_job.json"]
+    assert (out_dir / "_job.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("below", ["out", "deep/out"])
+def test_check_writable_below_a_file_names_the_output(tmp_path, below):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("mine")
+    storage = Storage(str(in_the_way / below))
+
+    with pytest.raises(OutputUnwritableError) as info:
+        storage.check_writable("_job.json")
+
+    message = str(info.value)
+    assert message.startswith(f"output file://{in_the_way}/{below} cannot be written (")
+    assert "a file stands where a directory is needed" in message and "\n" not in message
+    assert info.value.exit_code == 2
+    assert in_the_way.read_text() == "mine"
+
+
+def test_is_file(storage, out_dir, tmp_path):
+    assert not storage.is_file("")
+    storage.write_bytes("a.txt", b"x")
+    assert storage.is_file("a.txt") and not storage.is_file("")
+    (tmp_path / "plain").write_text("x")
+    assert Storage(str(tmp_path / "plain")).is_file("")
+
+
+class NoDeleteFileSystem(LocalFileSystem):
+    """A local disk whose deletes are refused, as on a bucket that grants PUT only."""
+
+    def rm_file(self, path, **kwargs):
+        raise PermissionError(f"Access Denied: delete {path}")
+
+
+def test_a_probe_left_behind_is_a_leftover_a_resumed_run_removes(out_dir):
+    out_dir.mkdir()
+    # The probe cannot be removed: it stays, named as a partial write of _job.json.
+    Storage(str(out_dir), filesystem=NoDeleteFileSystem()).check_writable("_job.json")
+    (probe,) = all_files(out_dir)
+    assert classify(probe) == (FileKind.PARTIAL, None)
+
+    # Neither refused as foreign nor as "koala-batch files but no _job.json".
+    storage = Storage(str(out_dir))
+    spec = make_spec(out_dir)
+    assert check_output(storage, spec).action == "new"
+    assert claim_output(storage, spec) is False
+    state = check_output(storage, spec)
+    assert state.action == "resume" and state.listing.leftovers == ((probe, "partial write"),)
+    assert remove_leftovers(storage, state.listing) == [probe]
+    assert all_files(out_dir) == ["_job.json"]
+
+
+# Reconstructed after an edit of this file cut them off (same names as before).
+def test_create_exclusive_creates_once(storage, out_dir):
+    assert storage.create_exclusive("_job.json", b"first") is True
+    assert storage.create_exclusive("_job.json", b"second") is False
+    assert (out_dir / "_job.json").read_bytes() == b"first"
+    # A retried create that finds its own bytes (its first attempt went through) created it.
+    assert storage.create_exclusive("_job.json", b"first") is True
+    assert all_files(out_dir) == ["_job.json"]
+
+
+def test_create_exclusive_has_one_winner_among_racers(storage, out_dir):
+    start = threading.Barrier(8)
+
+    def create(racer: int) -> bool:
+        start.wait()
+        return storage.create_exclusive("_job.json", f"run{racer}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(create, range(8)))
+
+    assert outcomes.count(True) == 1, outcomes
+    winner = outcomes.index(True)
+    assert (out_dir / "_job.json").read_bytes() == f"run{winner}".encode()
+    assert all_files(out_dir) == ["_job.json"]

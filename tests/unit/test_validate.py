@@ -297,3 +297,96 @@ def test_dictionary_encoded_prompt_column_is_accepted():
     assert out.column("status").to_pylist() == ["ok"] * 3
 
     check_schema(pa.schema([pa.field("prompt", prompts.type)]), spec.input, FILE)
+
+
+# ---------------------------------------------------------------------------------------
+# text that is not valid UTF-8 (issue 8, case 5)
+
+
+def not_utf8(values: list[bytes | None], text_type: pa.DataType | None = None) -> pa.Array:
+    """A string column holding these bytes as they are, as a Parquet file can: neither
+    pyarrow's writer nor its reader checks them."""
+    text_type = text_type or pa.string()
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}[text_type]
+    return pa.array(values, binary).view(text_type)
+
+
+def provenance(count: int) -> dict[str, pa.Array]:
+    return {
+        "source": pa.array(["part-0.parquet"] * count),
+        "row_index": pa.array(range(count), pa.int64()),
+        "row_ordinal": pa.array(range(count), pa.int64()),
+    }
+
+
+@pytest.mark.parametrize("text_type", [pa.string(), pa.large_string()])
+def test_prompt_that_is_not_utf8_is_an_error_row_naming_the_column(text_type):
+    prompts = not_utf8([b"a cat", b"caf\xe9 au lait", None, b"a dog"], text_type)
+    table = pa.table({**provenance(4), "prompt": prompts})
+
+    out = ExpandImages(make_spec("out"))(table)
+
+    assert out.column("status").to_pylist() == ["ok", "error", "error", "ok"]
+    assert out.column("error").to_pylist()[1] == (
+        "prompt column 'prompt': byte 0xe9 at offset 3 is not valid UTF-8"
+    )
+    assert out.column("error").to_pylist()[2] == "prompt is null"
+    # The manifest keeps the bytes readable (escaped), and stays valid UTF-8 itself.
+    assert out.column("prompt").to_pylist() == ["a cat", "caf\\xe9 au lait", None, "a dog"]
+    out.validate(full=True)
+
+
+def test_dictionary_encoded_prompt_that_is_not_utf8_is_an_error_row():
+    prompts = not_utf8([b"ok", b"\xff", b"ok"]).dictionary_encode()
+    table = pa.table({**provenance(3), "prompt": prompts})
+    out = ExpandImages(make_spec("out"))(table)
+    assert out.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert "byte 0xff at offset 0" in out.column("error").to_pylist()[1]
+
+
+def test_negative_prompt_and_passthrough_that_are_not_utf8_are_error_rows():
+    spec = make_spec(
+        "out",
+        input={"negative_prompt_column": "neg", "passthrough_columns": ["note", "n"]},
+    )
+    table = pa.table(
+        {
+            **provenance(3),
+            "prompt": ["a cat", "a dog", "a fox"],
+            "neg": not_utf8([b"blurry", b"bad \xc3(", None]),
+            "note": not_utf8([b"fine", b"fine", b"\x80 note"]),
+            "n": pa.array([1, 2, 3]),
+        }
+    )
+
+    out = ExpandImages(spec)(table)
+
+    assert out.column("status").to_pylist() == ["ok", "error", "error"]
+    errors = out.column("error").to_pylist()
+    assert errors[1] == "negative prompt column 'neg': byte 0xc3 at offset 4 is not valid UTF-8"
+    assert errors[2] == "passthrough column 'note': byte 0x80 at offset 0 is not valid UTF-8"
+    assert out.column("note").to_pylist() == ["fine", "fine", "\\x80 note"]
+    assert out.column("note").type == pa.string()
+    assert out.column("n").to_pylist() == [1, 2, 3]
+    out.validate(full=True)
+
+
+def test_valid_text_is_not_rebuilt():
+    spec = make_spec("out", input={"passthrough_columns": ["note"]})
+    note = pa.array(["x", "y"]).dictionary_encode()
+    table = pa.table({**provenance(2), "prompt": ["a", "b"], "note": note})
+    out = ExpandImages(spec)(table)
+    assert out.column("note").type == note.type
+    assert out.column("status").to_pylist() == ["ok", "ok"]
+
+
+def test_id_that_is_not_utf8_is_an_error_row_under_a_derived_id():
+    # Planning refuses such ids; the stage itself never makes an id of escaped bytes.
+    spec = make_spec("out", input={"id_column": "id"}, generation={"images_per_prompt": 1})
+    table = pa.table({**provenance(2), "prompt": ["a", "b"], "id": not_utf8([b"x", b"y\xff"])})
+    out = ExpandImages(spec)(table)
+    assert out.column("id").to_pylist() == ["x", derived_row_id("part-0.parquet", 1)]
+    assert out.column("error").to_pylist() == [
+        None,
+        "id column 'id': byte 0xff at offset 1 is not valid UTF-8",
+    ]

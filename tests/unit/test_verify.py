@@ -23,6 +23,7 @@ import pytest
 from koala_batch.commit import claim_output, write_success
 from koala_batch.config import JobSpec, spec_from_dict
 from koala_batch.encode import encode_image
+from koala_batch.errors import InputError, SpecError
 from koala_batch.keys import sample_key
 from koala_batch.layout import manifest_path, tar_path
 from koala_batch.read import ReadRowGroups, plan_input
@@ -54,12 +55,18 @@ def solid_image(ordinal: int, width: int, height: int, image_format: str) -> byt
     return encode_image(np.broadcast_to(colour, (height, width, 3)).copy(), image_format, 90)
 
 
-def build_output(tmp_path: Path, *, id_column: bool = False, image_format: str = "png") -> Built:
+def build_output(
+    tmp_path: Path,
+    *,
+    id_column: bool = False,
+    image_format: str = "png",
+    prompts_a: list | pa.Array = PROMPTS_A,
+) -> Built:
     """A committed output made by the job's stages, with `_job.json` and `_SUCCESS`."""
     input_dir = tmp_path / "input"
     extra_a = {"uid": [f"a-{i}" for i in range(len(PROMPTS_A))]} if id_column else {}
     extra_b = {"uid": [f"b-{i}" for i in range(len(PROMPTS_B))]} if id_column else {}
-    write_prompt_table(input_dir / "a.parquet", PROMPTS_A, **extra_a)
+    write_prompt_table(input_dir / "a.parquet", prompts_a, **extra_a)
     write_prompt_table(input_dir / "b.parquet", PROMPTS_B, **extra_b)
     output = tmp_path / "output"
     raw = tiny_spec(
@@ -424,11 +431,12 @@ def test_spec_of_another_job_is_a_problem(built):
 def test_leftovers_are_reported_but_do_not_fail(built):
     orphan = "000000000100-feedf00d"
     shutil.copy(built.output / tar_path(built.shards[0]), built.output / tar_path(orphan))
-    (built.output / "manifests" / "x.parquet.0123abcd.partial").write_bytes(b"half")
+    partial = "manifests/000000000099-0badf00d.parquet.0123abcd.partial"
+    (built.output / partial).write_bytes(b"half")
     report = verify_output(str(built.output))
     assert report.ok, report.format()
     assert report.leftovers == [
-        "manifests/x.parquet.0123abcd.partial (partial write)",
+        f"{partial} (partial write)",
         f"shards/{orphan}.tar (tar without a manifest: not committed)",
     ]
     assert report.shards_checked == len(built.shards)
@@ -498,3 +506,42 @@ def test_byte_count_mismatch_is_a_problem(built):
         f"shard {shard}: member {target['member']} (key {target['key']}) has "
         f"{target['bytes'] - 1} bytes, the manifest says {target['bytes']}"
     ]
+
+
+# the input itself (issue 8, cases 1 and 5) ------------------------------------------------
+
+
+def test_prompt_that_is_not_utf8_verifies_as_an_error_row(tmp_path):
+    # Such a prompt once crashed `verify --spec` (UnicodeDecodeError from the validate
+    # stage); it is an error row of the job, and verify plans it as one.
+    prompts = pa.array([p.encode() for p in PROMPTS_A[:-1]] + [b"caf\xe9"], pa.binary())
+    built = build_output(tmp_path, prompts_a=prompts.view(pa.string()))
+    report = verify_output(str(built.output), spec=built.spec)
+    assert report.ok, report.format()
+    assert report.expected_images == TOTAL_IMAGES
+    assert report.rows_failed == ERROR_IMAGES
+    errors = {
+        row["error"]
+        for shard in built.shards
+        for row in read_manifest(built, shard).to_pylist()
+        if row["status"] == "error"
+    }
+    assert errors == {"prompt column 'prompt': byte 0xe9 at offset 3 is not valid UTF-8"}
+
+
+def test_spec_whose_input_can_reach_the_output_is_refused(built, tmp_path):
+    raw = built.spec.snapshot()
+    raw["input"]["uri"] = str(tmp_path)  # holds input/ and output/: the manifests too
+    with pytest.raises(SpecError, match=r"input\.uri .* can reach output\.uri .*output"):
+        verify_output(str(built.output), spec=spec_from_dict(raw))
+
+
+def test_damaged_input_row_group_is_one_input_error(built, tmp_path):
+    path = tmp_path / "input" / "b.parquet"
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + 16] = b"\xff" * 16  # the first page header
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"b\.parquet: row group 0 \(rows 0 to 4\) is unreadable"):
+        verify_output(str(built.output), spec=built.spec)

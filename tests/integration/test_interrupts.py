@@ -1,0 +1,153 @@
+"""SIGINT and SIGTERM stop a running job cleanly: one line, exit 130/143, the local Ray
+cluster gone; a rerun resumes and `verify` finds the output whole."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import koala_batch
+from koala_batch.config import spec_from_dict
+from koala_batch.verify import verify_output
+from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
+from tests.integration.conftest import start_local_ray
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).parent / "koala-batch")
+
+
+@contextmanager
+def ray_temp_dir() -> Iterator[str]:
+    """A Ray temp dir (RAY_TMPDIR) for one run, so that its processes can be told apart from
+    every other Ray on the machine; short, for Ray's socket paths must fit in 107 bytes."""
+    path = tempfile.mkdtemp(prefix="kb-ray-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def ray_processes(temp_dir: str, within_s: float) -> list[str]:
+    """Processes whose command line names `temp_dir`, once they have had `within_s` to go."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            except OSError:  # gone meanwhile
+                continue
+            if temp_dir.encode() in command:
+                found.append(command.replace(b"\0", b" ").decode(errors="replace")[:160])
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _default_sigint() -> None:
+    # As from a terminal: a shell without job control starts background jobs with SIGINT
+    # ignored, and the job would keep ignoring it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def koala_batch_run(spec: dict, tmp_path: Path, temp_dir: str, *args: str) -> subprocess.Popen:
+    """`koala-batch run` on `spec` in a subprocess of its own, its Ray under `temp_dir`."""
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    return subprocess.Popen(
+        [CLI, "run", str(spec_path), *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_TMPDIR": temp_dir},
+        preexec_fn=_default_sigint,
+    )
+
+
+def committed_rows(output: Path) -> int:
+    return sum(pq.read_metadata(path).num_rows for path in output.glob("manifests/*.parquet"))
+
+
+def interrupt_after_first_commit(
+    spec: dict, tmp_path: Path, signum: int, times: int
+) -> tuple[int, str, list[str]]:
+    """Run the job, send it `signum` `times` times once it has committed a shard of its
+    own; its exit code, its stderr, and the Ray processes of that run still alive 10 s on."""
+    output = Path(spec["output"]["uri"])
+    before = committed_rows(output)
+    with ray_temp_dir() as temp_dir:
+        job = koala_batch_run(spec, tmp_path, temp_dir)
+        # Stderr is read only at the end: one line per shard and Ray's start-up lines fit
+        # the pipe's buffer.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and job.poll() is None:
+            if committed_rows(output) > before:
+                break
+            time.sleep(0.05)
+        assert job.poll() is None, f"the job ended before the signal:\n{job.communicate()[1]}"
+        for _ in range(times):  # a second Ctrl-C lands while the job is stopping
+            job.send_signal(signum)
+            time.sleep(0.5)
+        _, stderr = job.communicate(timeout=90)
+        return job.returncode, stderr, ray_processes(temp_dir, within_s=10)
+
+
+def test_signals_stop_the_job_cleanly_and_a_rerun_resumes(model_cache, tmp_path, caplog):
+    ids = [f"row-{i:02d}" for i in range(32)]
+    table = write_prompt_table(
+        tmp_path / "in.parquet", [f"a harbour at dusk, {i}" for i in ids], id=ids
+    )
+    output = tmp_path / "out"
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        compute={"batch_size": 2},
+        output={"rows_per_shard": 4},
+    )
+
+    # A double Ctrl-C, then (on the resumed run) a SIGTERM as from a scheduler.
+    committed = 0
+    for signum, times in ((signal.SIGINT, 2), (signal.SIGTERM, 1)):
+        code, stderr, leftover = interrupt_after_first_commit(spec, tmp_path, signum, times)
+
+        assert code == 128 + signum, stderr[-3000:]
+        assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
+        said = re.fullmatch(
+            rf"koala-batch: interrupted: stopped by {signal.Signals(signum).name}: (\d+) of 32 "
+            r"images are committed \((\d+) this run\); rerun the same command to resume",
+            stderr.strip().splitlines()[-1],
+        )
+        assert said, stderr[-3000:]
+        assert int(said[1]) == committed_rows(output)
+        assert int(said[1]) - int(said[2]) == committed
+        committed = int(said[1])
+        assert int(said[2]) > 0 and committed < 32
+        assert not (output / "_SUCCESS").exists()
+        assert not leftover, f"Ray processes left behind: {leftover}"
+
+    # The rerun in this process, on the tests' shared cluster: a third CLI start-up would
+    # test nothing more.
+    start_local_ray()
+    with caplog.at_level("INFO", logger="koala_batch"):
+        record = koala_batch.run(spec)
+    assert f"resuming: {committed} images" in caplog.text
+    assert record["counts"]["images_written_this_run"] == 32 - committed
+    report = verify_output(str(output), spec=spec_from_dict(spec))
+    assert report.ok, report.format()
+    assert committed_rows(output) == 32
