@@ -3,15 +3,11 @@ and committed shards checked against a listing's sizes. No Ray."""
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
-from koala_batch.commit import claim_output, load_committed
-from koala_batch.errors import OutputConflictError
+from koala_batch.commit import load_committed
 from koala_batch.layout import tar_path
 from koala_batch.storage import Storage
 from koala_batch.write import WriteShard
-from tests.unit.conftest import encoded_table, make_spec
+from tests.unit.conftest import encoded_table, make_spec, race, race_for_claim
 
 
 def test_create_exclusive_is_a_conditional_put(s3_server, s3_bucket):
@@ -21,14 +17,9 @@ def test_create_exclusive_is_a_conditional_put(s3_server, s3_bucket):
     assert storage.read_bytes("_job.json") == b"mine"
     assert storage.create_exclusive("_job.json", b"mine") is True  # its own retried write
 
-    start = threading.Barrier(6)
-
-    def create(racer: int) -> bool:
-        start.wait()
-        return storage.create_exclusive("race/_job.json", f"run{racer}".encode())
-
-    with ThreadPoolExecutor(6) as pool:
-        outcomes = list(pool.map(create, range(6)))
+    outcomes = race(
+        lambda racer: storage.create_exclusive("race/_job.json", f"run{racer}".encode()), 6
+    )
     assert outcomes.count(True) == 1, outcomes
 
 
@@ -36,18 +27,7 @@ def test_of_claims_racing_for_a_new_s3_output_exactly_one_creates_it(s3_server, 
     url = f"s3://{s3_bucket}/out"
     storage = Storage(url, s3_server.storage_options)
     spec = make_spec(url, output={"storage_options": s3_server.storage_options})
-    start = threading.Barrier(4)
-
-    def claim(run_id: str) -> str:
-        start.wait()
-        try:
-            return "resumed" if claim_output(storage, spec, run_id=run_id) else "created"
-        except OutputConflictError as refused:
-            assert "claimed by another run while this one started" in str(refused)
-            return "refused"
-
-    with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(claim, [f"run{i}" for i in range(4)]))
+    outcomes = race_for_claim(storage, spec, racers=4)
     assert outcomes.count("created") == 1, outcomes
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +116,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def race(action, racers: int) -> list:
+    """`action(i)` for i in range(racers), all released at the same moment on threads."""
+    start = threading.Barrier(racers)
+
+    def run(racer: int):
+        start.wait()
+        return action(racer)
+
+    with ThreadPoolExecutor(racers) as pool:
+        return list(pool.map(run, range(racers)))
+
+
+def race_for_claim(storage, spec: JobSpec, racers: int) -> list[str]:
+    """Claims of one output by `racers` runs at once: each "created" (it made the output
+    its own), "resumed" (it saw another's claim and took over) or "refused" (it lost the
+    create-only write of _job.json)."""
+    from koala_batch.commit import claim_output
+    from koala_batch.errors import OutputConflictError
+
+    def claim(racer: int) -> str:
+        try:
+            resumed = claim_output(storage, spec, run_id=f"run{racer}")
+        except OutputConflictError as refused:
+            assert "claimed by another run while this one started" in str(refused)
+            return "refused"
+        return "resumed" if resumed else "created"
+
+    return race(claim, racers)

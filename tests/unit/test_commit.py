@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,7 +21,7 @@ from koala_batch.layout import recorded_tar_bytes
 from koala_batch.schemas import RUN_TIMING_FIELDS
 from koala_batch.storage import Storage
 from koala_batch.write import WriteShard
-from tests.unit.conftest import encoded_table, make_spec
+from tests.unit.conftest import encoded_table, make_spec, race_for_claim
 
 
 def all_files(root: Path) -> list[str]:
@@ -95,19 +93,7 @@ def test_resume_leaves_the_success_record_to_the_run(storage, out_dir):
 
 
 def test_of_claims_racing_for_a_new_output_exactly_one_creates_it(storage, out_dir):
-    spec = make_spec(out_dir)
-    start = threading.Barrier(6)
-
-    def claim(run_id: str) -> str:
-        start.wait()
-        try:
-            return "resumed" if claim_output(storage, spec, run_id=run_id) else "created"
-        except OutputConflictError as refused:
-            assert "claimed by another run while this one started" in str(refused)
-            return "refused"
-
-    with ThreadPoolExecutor(6) as pool:
-        outcomes = list(pool.map(claim, [f"run{i}" for i in range(6)]))
+    outcomes = race_for_claim(storage, make_spec(out_dir), racers=6)
 
     # The others either lost the create (refused) or came late enough to see the winner's
     # _job.json and take the output over (resumed; the winner's writers then stop).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from koala_batch.commit import check_output, claim_output, remove_leftovers
 from koala_batch.errors import OutputUnwritableError, StorageError
 from koala_batch.layout import FileKind, classify
 from koala_batch.storage import Storage, is_transient, with_retries
-from tests.unit.conftest import make_spec
+from tests.unit.conftest import make_spec, race
 
 
 @pytest.fixture
@@ -306,14 +304,7 @@ def test_create_exclusive_creates_once(storage, out_dir):
 
 
 def test_create_exclusive_has_one_winner_among_racers(storage, out_dir):
-    start = threading.Barrier(8)
-
-    def create(racer: int) -> bool:
-        start.wait()
-        return storage.create_exclusive("_job.json", f"run{racer}".encode())
-
-    with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(create, range(8)))
+    outcomes = race(lambda racer: storage.create_exclusive("_job.json", f"run{racer}".encode()), 8)
 
     assert outcomes.count(True) == 1, outcomes
     winner = outcomes.index(True)
