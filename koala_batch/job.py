@@ -130,6 +130,10 @@ def ray_address(spec: JobSpec) -> str | None:
     return spec.compute.ray_address or os.environ.get("RAY_ADDRESS")
 
 
+# Where Ray logs its token-authentication notes when it starts a local cluster.
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def connect_ray(spec: JobSpec) -> bool:
     """Join RAY_ADDRESS / compute.ray_address, or start a local cluster; True if started here."""
     import ray
@@ -141,11 +145,21 @@ def connect_ray(spec: JobSpec) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(
-                num_cpus=spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-                object_store_memory=spec.compute.local_object_store_mb * 2**20,
-                include_dashboard=False,
-            )
+            # Ray says on every new local cluster that it turned token authentication on
+            # (its default, kept here): nothing about the job, nothing to do.
+            auth_notes = logging.getLogger(RAY_AUTH_SETUP_LOGGER)
+            level = auth_notes.level
+            auth_notes.setLevel(logging.ERROR)
+            try:
+                ray.init(
+                    num_cpus=spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                    object_store_memory=spec.compute.local_object_store_mb * 2**20,
+                    include_dashboard=False,
+                    # "Started a local Ray instance" tells a user nothing about the job.
+                    logging_level=logging.WARNING,
+                )
+            finally:
+                auth_notes.setLevel(level)
     except BaseException:
         # Interrupted or failed half-way: no local cluster processes may outlive the job.
         ray.shutdown()
@@ -535,9 +549,25 @@ def build_dataset(
     return dataset
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's own lines (its execution plan, "Progress bars disabled") to its log file
+    in the session folder only: on the console, a user reads koala-batch's lines about the
+    job. Its errors still show."""
+    import ray.data  # noqa: F401 - configures Ray Data's loggers on import
+
+    try:
+        from ray._private.log import PlainRayHandler
+    except ImportError:  # a private name: without it, Ray Data keeps its console lines
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.ERROR)
+
+
 def _configure_ray_data() -> None:
     import ray.data
 
+    quiet_ray_data_console()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = os.environ.get("KOALA_BATCH_PROGRESS", "0") == "1"
     context.execution_options.preserve_order = False

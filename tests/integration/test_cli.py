@@ -198,6 +198,15 @@ def test_run_smoke_job_then_resume(model_cache, tmp_path):
     ]
     first = koala_batch("run", SMOKE, *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
+    # Ray's notes about itself stay off the console (its session logs keep them).
+    for noise in (
+        "Token authentication",
+        "Started a local Ray instance",
+        "Execution plan of Dataset",
+        "Progress bars disabled",
+    ):
+        assert noise not in first.stderr, first.stderr[-3000:]
+    assert "committed shard" in first.stderr
     summary = json.loads(first.stdout)
     assert summary["images_ok"] == 64 and summary["images_written_this_run"] == 64
     record = json.loads((output / "_SUCCESS").read_text())
