@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,13 +43,16 @@ def test_sentinel_secret_never_leaks(model_cache, s3_server, s3_bucket, tmp_path
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
 
-    # The CLI, verbose, end to end: every log line of the driver.
+    # The CLI, verbose, end to end: every log line of the driver. Its Ray under a temp dir
+    # of its own (short: Ray's socket paths must fit in 107 bytes), to find its logs.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kb-ray-", dir="/tmp"))
     result = subprocess.run(
         [CLI, "-v", "run", str(spec_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     driver_output = result.stdout + result.stderr
@@ -55,13 +60,12 @@ def test_sentinel_secret_never_leaks(model_cache, s3_server, s3_bucket, tmp_path
         assert secret not in driver_output
 
     # The Ray session's own logs (workers, raylet, Ray Data) of that run.
-    session = re.search(r"(/tmp/ray/session_[^/\s]+)", driver_output)
-    assert session, "no Ray session directory in the driver's output"
-    leaked = [
-        str(p)
-        for p in Path(session.group(1), "logs").rglob("*")
-        if p.is_file() and SENTINEL.encode() in p.read_bytes()
-    ]
+    logs = [path for path in ray_tmp.rglob("session_*/logs") if not path.parent.is_symlink()]
+    assert logs, f"no Ray session logs under {ray_tmp}"
+    log_files = [p for p in logs[0].rglob("*") if p.is_file()]
+    assert any(p.name.startswith("raylet") for p in log_files), log_files
+    leaked = [str(p) for p in log_files if SENTINEL.encode() in p.read_bytes()]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert leaked == []
 
     # Everything the job wrote: manifests, tars, _job.json, _SUCCESS.
