@@ -451,7 +451,14 @@ def start_stats_collector() -> Any:
         def collect(self) -> list[dict[str, Any]]:
             return list(self.workers.values())
 
-    return GeneratorStatsCollector.remote()  # type: ignore[attr-defined]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a worker node can be taken away mid-job, the driver's cannot
+    # without ending the job anyway.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return GeneratorStatsCollector.options(  # type: ignore[attr-defined]
+        scheduling_strategy=here
+    ).remote()
 
 
 def collect_busy_summary(stats: Any, ended_at: float) -> dict[str, Any]:

@@ -117,3 +117,25 @@ def test_killed_actor_process_is_replaced_and_output_exactly_once(tmp_path):
     assert record["counts"]["images_ok"] == 12
     success = json.loads((output / "_SUCCESS").read_text())
     assert sum(shard["rows"] for shard in success["shards"]) == 12
+
+
+def test_a_lost_statistics_collector_does_not_fail_a_batch(tmp_path, sample_prompts):
+    # As when the collector's node is removed mid-job: the generator's next report fails.
+    import ray
+
+    from bench import common
+    from koala_batch.config import spec_from_dict
+    from koala_batch.generate import GenerateImages
+    from koala_batch.job import start_stats_collector
+    from koala_batch.schemas import STATUS_OK, Col
+
+    spec = spec_from_dict(tiny_spec("in.parquet", str(tmp_path / "out")))
+    collector = start_stats_collector()
+    ray.get(collector.collect.remote())
+    ray.kill(collector)
+    stage = GenerateImages(spec, torch_threads=1, stats=collector)
+
+    done = stage(common.work_rows(spec, sample_prompts.slice(0, 2)))
+
+    assert done.column(Col.STATUS).to_pylist() == [STATUS_OK, STATUS_OK]
+    assert stage.stats_sink is None  # reported no more, and the job goes on
