@@ -2,6 +2,9 @@
 
 import koala_batch
 record = koala_batch.run("jobs/smoke.yaml")
+
+or, inside your own Ray Data pipeline:
+images = koala_batch.generate_images(prompts_dataset, "jobs/smoke.yaml")
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,7 +16,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from koala_batch.config import JobSpec, load_spec
 from koala_batch.errors import JobFailedError, KoalaBatchError, SpecError
-from koala_batch.job import Overrides, run
+from koala_batch.job import Overrides, generate_images, generation_spec, run
 
 __all__ = [
     "JobFailedError",
@@ -22,6 +25,8 @@ __all__ = [
     "Overrides",
     "SpecError",
     "__version__",
+    "generate_images",
+    "generation_spec",
     "load_spec",
     "run",
 ]

@@ -28,12 +28,26 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_format_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    from koala_batch.progress import LOG_FORMATS
+
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=default,
+        help="log lines on stderr: text (with a live progress line on a terminal), json (one "
+        "JSON object per line, for schedulers and log collectors), or auto: text on a "
+        "terminal, json otherwise (default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koala-batch",
         description="Generate image datasets from Parquet prompt tables with KOALA models on Ray.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_log_format_argument(parser, default="auto")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a job (resumes an earlier run on the same output)")
@@ -42,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="delete koala-batch's own files under the output first, instead of resuming",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also generate again the images recorded as errors (status=error) and replace "
+        "their rows; with nothing failed, a plain resume",
     )
 
     validate = commands.add_parser(
@@ -64,6 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a field of --spec (repeatable)",
     )
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarize an output (images, failures by reason, throughput) and write a "
+        "contact sheet and a throughput plot",
+    )
+    inspect.add_argument("output", help="output prefix (local path or URL)")
+    inspect.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for contact_sheet.png and throughput.png (default: a new "
+        "inspect-<output>-<time> folder here); files there are never overwritten",
+    )
+    inspect.add_argument(
+        "--samples", type=int, default=16, metavar="N", help="images on the contact sheet"
+    )
+    inspect.add_argument("--seed", type=int, default=0, help="which images are sampled")
+    inspect.add_argument(
+        "--tile", type=int, default=192, metavar="PX", help="contact-sheet image size in pixels"
+    )
+    # Also after the command (`koala-batch run spec.yaml --log-format json`).
+    for command in commands.choices.values():
+        _add_log_format_argument(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -84,7 +127,9 @@ def command_validate(args: argparse.Namespace) -> int:
     from koala_batch.storage import Storage
 
     spec = _load(args)
-    plan = plan_input(spec.input, output_uri=spec.output.uri)
+    plan = plan_input(
+        spec.input, output_uri=spec.output.uri, images_per_prompt=spec.generation.images_per_prompt
+    )
     storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options))
     state = check_output(storage, spec, spec.output.overwrite)
     storage.check_writable(JOB_FILE)  # the first file a run writes
@@ -93,7 +138,7 @@ def command_validate(args: argparse.Namespace) -> int:
     print(f"# steps: {spec.resolved_steps}, guidance_scale: {spec.resolved_guidance_scale}")
     print(
         f"# input: {len(plan.files)} file(s), {plan.num_rows} row(s), "
-        f"{plan.num_rows * spec.generation.images_per_prompt} image(s) planned"
+        f"{plan.planned_images} image(s) planned"
     )
     for input_file in plan.files:
         print(
@@ -125,7 +170,7 @@ def command_run(args: argparse.Namespace) -> int:
     # input, writing _SUCCESS) also ends in one line and 130/143.
     with stop_on_signals() as stop:
         try:
-            record = run(_load(args))
+            record = run(_load(args), retry_failed=args.retry_failed)
         except KeyboardInterrupt:
             signum = stop.received or signal.SIGINT
             raise Interrupted(
@@ -159,15 +204,34 @@ def command_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def command_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from koala_batch.report import inspect_output
+
+    result = inspect_output(
+        args.output,
+        Path(args.out) if args.out else None,
+        samples=args.samples,
+        seed=args.seed,
+        tile=args.tile,
+    )
+    print(result.table)
+    print(f"contact sheet: {result.contact_sheet}")
+    print(f"throughput:    {result.throughput}")
+    return EXIT_OK
+
+
 # Their debug logs carry request headers (access key ids, signatures): never below WARNING.
 CHATTY_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "boto3", "filelock")
 
 
-def configure_logging(verbose: bool) -> None:
-    """INFO for everything; DEBUG for koala-batch alone with -v; storage clients quiet."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(verbose: bool, log_format: str = "text") -> None:
+    """INFO for everything; DEBUG for koala-batch alone with -v; storage clients quiet.
+    Records go to stderr as text or JSON lines (see koala_batch.progress)."""
+    from koala_batch.progress import configure_console
+
+    configure_console(log_format)
     logging.getLogger("koala_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -175,24 +239,34 @@ def configure_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 failed, 2 invalid)."""
+    from koala_batch.progress import print_failure
+
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    handlers = {"run": command_run, "validate": command_validate, "verify": command_verify}
+    configure_logging(args.verbose, args.log_format)
+    handlers = {
+        "run": command_run,
+        "validate": command_validate,
+        "verify": command_verify,
+        "inspect": command_inspect,
+    }
     try:
         return handlers[args.command](args)
     except KoalaBatchError as exc:
-        print(f"koala-batch: {exc.headline or args.command + ' failed'}: {exc}", file=sys.stderr)
+        print_failure(
+            f"koala-batch: {exc.headline or args.command + ' failed'}: {exc}", exc.exit_code
+        )
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"koala-batch: interrupted: {args.command} stopped by SIGINT", file=sys.stderr)
-        return 128 + signal.SIGINT
+        code = 128 + signal.SIGINT
+        print_failure(f"koala-batch: interrupted: {args.command} stopped by SIGINT", code)
+        return code
     except Exception as exc:
         if args.verbose:
             raise
-        print(
-            f"koala-batch: {args.command} failed: {type(exc).__name__}: {exc}\n"
+        print_failure(
+            f"koala-batch: {args.command} failed: {type(exc).__name__}: {exc} "
             "(run with -v for the traceback)",
-            file=sys.stderr,
+            EXIT_FAILED,
         )
         return EXIT_FAILED
 

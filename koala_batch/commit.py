@@ -3,10 +3,20 @@
 - `claim_output` writes `_job.json` (the fingerprint of what decides the images) before
   anything else, and refuses an output prefix that holds another job or foreign files.
 - `load_committed` reads the committed manifests: their keys are skipped on resume.
-- `remove_leftovers` deletes what a write cut short (tars without a manifest, partials).
+- `retire_superseded_rows` and `release_failed`: a retry of the failed images (below).
+- `remove_leftovers` deletes what a write cut short (data without a manifest, partials).
 - `build_job_record` and `write_success` write `_SUCCESS`, the job record, last.
 
 What a committed shard is, and where each file lives: `layout.py`.
+
+Retrying failed images (`run --retry-failed`). Error rows have no image data in any
+format, so a key whose error row is retried simply leaves the committed key set: it is
+generated again, into a new shard, by the normal graph. Then the old shard's manifest is
+rewritten without that row (one PUT of a file of the same name, atomic on every store;
+its data files are untouched), or uncommitted if no row is left. A run cut short between
+the two leaves such a key with two rows in two committed shards; `newest_row` says which
+one stands, and every resume retires the others (`retire_superseded_rows`) before anything
+else, so `_SUCCESS` only ever describes an output where every key has exactly one row.
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec
-from koala_batch.errors import OutputConflictError, OutputUnwritableError
+from koala_batch.errors import OutputConflictError, OutputUnwritableError, RunSupersededError
 from koala_batch.keys import KeySet, key_digest
 from koala_batch.layout import (
     JOB_FILE,
@@ -33,11 +44,14 @@ from koala_batch.layout import (
     OutputListing,
     list_output,
     manifest_path,
-    recorded_tar_bytes,
+    recorded_stats,
+    shard_data_files,
+    shard_record,
+    stats_metadata,
     summary_from_manifest,
-    tar_path,
 )
-from koala_batch.schemas import RUN_TIMING_FIELDS, Col
+from koala_batch.schemas import RUN_TIMING_FIELDS, STATUS_OK, Col
+from koala_batch.stats import as_failures, job_totals, shard_stats
 from koala_batch.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -48,14 +62,27 @@ JOB_FILE_FORMAT = 1
 @dataclass
 class CommittedState:
     """What earlier runs committed to an output: per-shard stats and every key, and the
-    committed shards that cannot be trusted (`damaged`: name -> why), left out of both."""
+    committed shards that cannot be trusted (`damaged`: name -> why), left out of both.
+
+    `failed`: the keys whose standing row is an error row, and its shard. `superseded`:
+    per shard, the keys of its rows that another shard's newer row of the same key
+    replaces (a retry cut short); `retire_superseded_rows` takes them out.
+    """
 
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     keys: KeySet = field(default_factory=KeySet)
     damaged: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    superseded: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
+        """Committed images: keys, not rows (a key committed twice counts once)."""
+        return len(self.keys)
+
+    @property
+    def rows(self) -> int:
+        """Committed manifest rows (more than `images` while rows are superseded)."""
         return sum(shard["rows"] for shard in self.shards.values())
 
 
@@ -224,26 +251,32 @@ def claim_output(
 
 
 def load_committed(storage: Storage, listing: OutputListing | None = None) -> CommittedState:
-    """Committed shards (those with a manifest) and their keys; fails on any duplicate key.
+    """Committed shards (those with a manifest), their keys and their failed keys.
 
     Each shard is checked as cheaply as a listing allows: its manifest must read and its
-    tar exist with the size the manifest records. One that fails is `damaged`, not
+    data (tar, Parquet file, or folder of images) exist with the sizes the manifest records
+    (`OutputListing.shard_damage`). One that fails is `damaged`, not
     committed: `uncommit` it and its rows are generated again.
+
+    A key with rows in several shards (a retry cut short) is committed once: `newest_row`
+    picks the row that stands, the others are `superseded`. Two ok rows of one key (an
+    image committed twice, which no retry makes) are refused.
     """
     listing = listing or list_output(storage)
 
     def read(shard: str) -> tuple[str, pa.Table | None, str | None]:
         data = storage.read_bytes(manifest_path(shard))
-        columns = [Col.KEY, Col.STATUS, Col.BYTES, Col.ORDINAL]
+        columns = [Col.KEY, Col.STATUS, Col.BYTES, Col.ORDINAL, Col.MEMBER]
         try:
             manifest = pq.read_table(io.BytesIO(data), columns=columns)
         except (pa.ArrowException, KeyError) as exc:
             return shard, None, f"its manifest is unreadable ({type(exc).__name__}: {exc})"
-        return shard, manifest, listing.shard_damage(shard, recorded_tar_bytes(manifest.schema))
+        return shard, manifest, listing.shard_damage(shard, shard_record(manifest))
 
     shards: dict[str, dict[str, Any]] = {}
     damaged: dict[str, str] = {}
     digests: list[np.ndarray] = []
+    error_rows: list[tuple[str, str]] = []  # (key, shard): few, unless the job failed
     with ThreadPoolExecutor(max_workers=8) as pool:
         for shard, manifest, damage in pool.map(read, listing.committed):
             if damage is not None or manifest is None:
@@ -251,35 +284,248 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
                 continue
             keys = manifest.column(Col.KEY).to_pylist()
             digests.append(np.array([key_digest(key) for key in keys], dtype="S16"))
+            errors = pc.not_equal(manifest.column(Col.STATUS), STATUS_OK)
+            if pc.any(errors).as_py():
+                failing = manifest.filter(errors).column(Col.KEY).to_pylist()
+                error_rows.extend((key, shard) for key in failing)
             shards[shard] = summary_from_manifest(storage, shard, manifest)
     everything = np.concatenate(digests) if digests else np.empty(0, "S16")
     keys = KeySet(everything)
+    superseded: dict[str, list[str]] = {}
     if len(keys) != len(everything):
+        unique, counts = np.unique(everything, return_counts=True)
+        superseded = _superseded_rows(storage, list(shards), digests, unique[counts > 1])
+    losers = {(key, shard) for shard, lost in superseded.items() for key in lost}
+    failed = {key: shard for key, shard in error_rows if (key, shard) not in losers}
+    return CommittedState(
+        shards=shards, keys=keys, damaged=damaged, failed=failed, superseded=superseded
+    )
+
+
+@dataclass(frozen=True)
+class RowVersion:
+    """One committed row of a key: its shard, whether it is ok, when it was generated
+    (unix seconds; None for a manifest written before it said)."""
+
+    shard: str
+    ok: bool
+    generated_at: float | None = None
+
+
+def newest_row(rows: list[RowVersion]) -> RowVersion:
+    """The row that stands for a key committed more than once, the one rule: an ok row
+    beats an error row; among rows of one status, the one generated later; then (a
+    manifest that does not say when) the larger shard name, so every run picks the same."""
+    return max(
+        rows,
+        key=lambda row: (
+            row.ok,
+            row.generated_at if row.generated_at is not None else float("-inf"),
+            row.shard,
+        ),
+    )
+
+
+def _generated_at(manifest: pa.Table) -> list[float | None]:
+    if Col.GENERATED_AT not in manifest.column_names:
+        return [None] * manifest.num_rows
+    column = manifest.column(Col.GENERATED_AT)
+    if pa.types.is_timestamp(column.type):
+        return [None if moment is None else moment.timestamp() for moment in column.to_pylist()]
+    return [None if moment is None else float(moment) for moment in column.to_pylist()]
+
+
+def _superseded_rows(
+    storage: Storage, names: list[str], digests: list[np.ndarray], repeated: np.ndarray
+) -> dict[str, list[str]]:
+    """Per shard, the keys of its rows that `newest_row` puts aside, given the digests of
+    the keys committed more than once. Reads again only the shards holding such keys."""
+    holders = [
+        name
+        for name, shard_digests in zip(names, digests, strict=True)
+        if np.isin(shard_digests, repeated).any()
+    ]
+    wanted = set(repeated.tolist())
+
+    def versions_of(shard: str) -> list[tuple[str, RowVersion]]:
+        data = io.BytesIO(storage.read_bytes(manifest_path(shard)))
+        names = pq.read_schema(data).names
+        data.seek(0)
+        columns = [Col.KEY, Col.STATUS, *([Col.GENERATED_AT] if Col.GENERATED_AT in names else [])]
+        manifest = pq.read_table(data, columns=columns)
+        rows = zip(
+            manifest.column(Col.KEY).to_pylist(),
+            manifest.column(Col.STATUS).to_pylist(),
+            _generated_at(manifest),
+            strict=True,
+        )
+        return [
+            (key, RowVersion(shard, status == STATUS_OK, moment))
+            for key, status, moment in rows
+            if key_digest(key) in wanted
+        ]
+
+    versions: dict[str, list[RowVersion]] = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for found in pool.map(versions_of, holders):
+            for key, row in found:
+                versions.setdefault(key, []).append(row)
+    conflicting: set[str] = set()
+    superseded: dict[str, list[str]] = {}
+    for key, rows in sorted(versions.items()):
+        shards = [row.shard for row in rows]
+        if len(set(shards)) != len(shards) or sum(row.ok for row in rows) > 1:
+            # Twice in one shard, or two images: no retry does this, and retiring an ok row
+            # would leave its image in the data files.
+            conflicting.update(shards)
+            continue
+        standing = newest_row(rows)
+        for row in rows:
+            if row is not standing:
+                superseded.setdefault(row.shard, []).append(key)
+    if conflicting:
         raise OutputConflictError(
             f"committed manifests under {storage.url(MANIFESTS_DIR)} repeat keys "
-            f"({', '.join(_shards_sharing_keys(list(shards), digests))} share some); "
-            "run `koala-batch verify` on the output"
+            f"({', '.join(sorted(conflicting)[:4])} share some); run `koala-batch verify` on "
+            "the output"
         )
-    return CommittedState(shards=shards, keys=keys, damaged=damaged)
+    return superseded
+
+
+def check_owner(storage: Storage, run_id: str | None) -> None:
+    """Raise RunSupersededError if `_job.json` names another run than `run_id` (None: no
+    check): what fences the writes of a run that another has taken the output from."""
+    if run_id is None:
+        return
+    owner = json.loads(storage.read_bytes(JOB_FILE)).get("run_id")
+    if owner != run_id:
+        raise RunSupersededError(
+            f"output {storage.url('')} now belongs to run {owner}, not {run_id}"
+        )
+
+
+# Manifest metadata of a shard whose manifest a retry rewrote: the rows it retired, as a
+# JSON list of [key, ordinal], so that its name (from all the rows it was written with)
+# can still be checked.
+RETIRED_ROWS_METADATA = b"koala_batch.retired_rows"
+
+
+def retired_rows(schema: pa.Schema) -> dict[str, int]:
+    """key -> ordinal of the rows a retry took out of a manifest (empty if none)."""
+    value = (schema.metadata or {}).get(RETIRED_ROWS_METADATA)
+    return {key: int(ordinal) for key, ordinal in json.loads(value)} if value else {}
+
+
+def rewrite_without(storage: Storage, shard: str, keys: set[str], run_id: str | None) -> bool:
+    """Rewrite a committed shard's manifest without the (error) rows of `keys`, keeping its
+    metadata, or uncommit the shard if no row is left; True if it is still committed.
+
+    Error rows have no image data, so the data files stay as they are; the manifest is
+    replaced by one PUT of the same name. The owner of the output is checked right before.
+    """
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(manifest_path(shard))))
+    retire = pc.is_in(manifest.column(Col.KEY), value_set=pa.array(sorted(keys), pa.string()))
+    retiring = manifest.filter(retire)
+    if retiring.num_rows == 0:
+        return True
+    if STATUS_OK in retiring.column(Col.STATUS).to_pylist():
+        raise OutputConflictError(
+            f"shard {storage.url(manifest_path(shard))}: an ok row was to be retired, but its "
+            "image is in the shard's data; run `koala-batch verify` on the output"
+        )
+    kept = manifest.filter(pc.invert(retire))
+    check_owner(storage, run_id)
+    if kept.num_rows == 0:
+        uncommit(storage, [shard])
+        return False
+    metadata = dict(manifest.schema.metadata or {})
+    retired = retired_rows(manifest.schema)
+    retired.update(
+        zip(
+            retiring.column(Col.KEY).to_pylist(),
+            retiring.column(Col.ORDINAL).to_pylist(),
+            strict=True,
+        )
+    )
+    metadata[RETIRED_ROWS_METADATA] = json.dumps(sorted(retired.items())).encode()
+    stats = recorded_stats(manifest.schema)
+    if stats is not None:
+        # Counts follow the rows; seconds and moments stay: they were spent all the same.
+        recount = shard_stats(kept)
+        stats.update({name: recount[name] for name in _ROW_COUNTS if name in recount})
+        metadata.update(stats_metadata(stats))
+    buffer = io.BytesIO()
+    pq.write_table(kept.replace_schema_metadata(metadata), buffer, compression="zstd")
+    storage.write_bytes(manifest_path(shard), buffer.getvalue())
+    return True
+
+
+# The shard stats that count its rows (recomputed when a retry retires some).
+_ROW_COUNTS = ("rows", "ok", "errors", "failures", "image_bytes")
+
+
+@dataclass(frozen=True)
+class RetiredRows:
+    """What `retire_superseded_rows` did: rows taken out, manifests rewritten, shards
+    uncommitted because no row was left."""
+
+    rows: int = 0
+    rewritten: tuple[str, ...] = ()
+    uncommitted: tuple[str, ...] = ()
+
+
+def retire_superseded_rows(
+    storage: Storage, superseded: dict[str, list[str]], run_id: str | None
+) -> RetiredRows:
+    """Take every superseded row (`CommittedState.superseded`) out of its shard's manifest
+    (`rewrite_without`), so that each key has exactly one committed row."""
+
+    def retire(item: tuple[str, list[str]]) -> tuple[str, bool]:
+        shard, keys = item
+        return shard, rewrite_without(storage, shard, set(keys), run_id)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(retire, sorted(superseded.items())))
+    return RetiredRows(
+        rows=sum(len(keys) for keys in superseded.values()),
+        rewritten=tuple(shard for shard, kept in outcomes if kept),
+        uncommitted=tuple(shard for shard, kept in outcomes if not kept),
+    )
+
+
+def release_failed(
+    storage: Storage, committed: CommittedState, run_id: str | None
+) -> CommittedState:
+    """The committed state a retry of the failed images starts from: their keys are no
+    longer committed, so the graph generates them again into new shards.
+
+    Shards holding nothing but error rows are uncommitted now (manifest first): their rows
+    are all retried, and a new shard of the same rows would get their very name. The other
+    shards keep their error rows until the retried ones are committed (`rewrite_without`).
+    Expects no superseded rows (`retire_superseded_rows` first).
+    """
+    if committed.superseded:
+        raise ValueError("release_failed: retire the superseded rows first")
+    whole = {shard for shard, summary in committed.shards.items() if summary["ok"] == 0}
+    for shard in sorted(whole):
+        check_owner(storage, run_id)
+        uncommit(storage, [shard])
+    failed = np.array([key_digest(key) for key in committed.failed], dtype="S16")
+    return CommittedState(
+        shards={name: s for name, s in committed.shards.items() if name not in whole},
+        keys=KeySet(np.setdiff1d(committed.keys.digests, failed)),
+        damaged=dict(committed.damaged),
+    )
 
 
 def uncommit(storage: Storage, shards: list[str]) -> None:
-    """Take shards out of the output: manifest first (the commit marker), then the tar, so
-    that a cut at any point leaves at worst a leftover, never a committed half."""
+    """Take shards out of the output: manifest first (the commit marker), then its data
+    (tar, Parquet file or folder), so that a cut at any point leaves at worst a leftover,
+    never a committed half."""
     for shard in shards:
         storage.remove(manifest_path(shard))
-        storage.remove(tar_path(shard))
-
-
-def _shards_sharing_keys(names: list[str], digests: list[np.ndarray]) -> list[str]:
-    owners: dict[bytes, str] = {}
-    sharing: list[str] = []
-    for name, shard_digests in zip(names, digests, strict=True):
-        for digest in shard_digests.tolist():
-            if digest in owners and owners[digest] != name:
-                sharing.extend(n for n in (owners[digest], name) if n not in sharing)
-            owners.setdefault(digest, name)
-    return sharing[:4]
+        for relative in shard_data_files(storage, shard):
+            storage.remove(relative)
 
 
 def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
@@ -316,7 +562,7 @@ def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
 
 
 def remove_leftovers(storage: Storage, listing: OutputListing | None = None) -> list[str]:
-    """Delete tars without a manifest and half-written files; return what was removed."""
+    """Delete data without a manifest and half-written files; return what was removed."""
     removed = []
     for relative, _ in (listing or list_output(storage)).leftovers:
         storage.remove(relative)
@@ -370,13 +616,19 @@ def build_job_record(
     resumed: bool,
     input_files: int,
     input_rows: int,
+    planned_images: int,
     shards: dict[str, dict[str, Any]],
     written_this_run: int,
     timeline: dict[str, Any] | None = None,
     generators: dict[str, Any] | None = None,
+    retried: int = 0,
+    retried_ok: int = 0,
 ) -> dict[str, Any]:
-    """The job record (`_SUCCESS`): what ran, with what, and every committed shard."""
-    planned = input_rows * spec.generation.images_per_prompt
+    """The job record (`_SUCCESS`): what ran, with what, and every committed shard.
+
+    `retried`: failed images this run generated again (`run --retry-failed`), of which
+    `retried_ok` are now ok. `planned_images`: `read.InputPlan.planned_images`."""
+    planned = planned_images
     total = sum(shard["rows"] for shard in shards.values())
     failed = sum(shard["errors"] for shard in shards.values())
     return {
@@ -394,15 +646,22 @@ def build_job_record(
             "images_ok": total - failed,
             "images_failed": failed,
             "images_written_this_run": written_this_run,
+            "images_retried": retried,
+            "images_retried_ok": retried_ok,
             "shards": len(shards),
         },
+        "stats": job_totals(shards.values()),
         "timeline": timeline or {},
         "generators": generators or {},
         "fingerprint": spec.fingerprint(),
         "spec": spec.snapshot(),
         "versions": package_versions(),
         "shards": [
-            {name: value for name, value in shard.items() if name not in RUN_TIMING_FIELDS}
+            {
+                name: as_failures(value) if name == "failures" else value
+                for name, value in shard.items()
+                if name not in RUN_TIMING_FIELDS
+            }
             for shard in sorted(shards.values(), key=lambda shard: shard["first_ordinal"])
         ],
     }

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -25,6 +27,48 @@ from koala_batch.model import preset_for
 from koala_batch.schemas import READ_COLUMNS, RESERVED_COLUMNS, Col
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict"]
+
+
+@dataclass(frozen=True)
+class RowParameter:
+    """The bounds of a generation parameter, for the spec's value and a row's alike, and
+    the rule a row's value must meet (what `validate` and planning apply)."""
+
+    low: float
+    high: float
+    whole: bool = True
+    multiple: int = 1
+
+    def parse(self, value: Any) -> tuple[Any, str | None]:
+        """(value, None) for a usable value, (None, reason) for a bad one, (None, None) for
+        null (the spec's value applies)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None, None
+        kind = "an integer" if self.whole else "a number"
+        if isinstance(value, bool | str | bytes):
+            return None, f"value {value!r} is not {kind}"
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None, f"value {value!r} is not {kind}"
+        if not math.isfinite(number):
+            return None, f"value {value!r} is not {kind}"
+        if self.whole:
+            if number != int(number):
+                return None, f"value {value!r} is not a whole number"
+            number = int(value) if isinstance(value, int) else int(number)
+        bounds = f"{self.low:g} to {self.high:g}"
+        if not self.low <= number <= self.high:
+            return None, f"value {value!r} is outside {bounds}"
+        if self.multiple > 1 and number % self.multiple:
+            return None, f"value {value!r} is not a multiple of {self.multiple}"
+        return number, None
+
+
+STEPS_RULE = RowParameter(1, 1000)
+GUIDANCE_SCALE_RULE = RowParameter(0.0, 100.0, whole=False)
+SIDE_RULE = RowParameter(8, 8192, multiple=8)  # width and height
+IMAGES_PER_PROMPT_RULE = RowParameter(1, 1000)
 
 
 class _Section(BaseModel):
@@ -100,8 +144,33 @@ class InputSpec(_Section):
     )
     seed_column: str | None = Field(
         None,
-        description="Optional per-row seed; image k of a row uses seed+k. Null rows use "
-        "the seed derived from generation.seed.",
+        description="Optional per-row seed, 0 to 2**63-1; image k of a row uses seed+k. Null "
+        "rows use the seed derived from generation.seed; other values make error rows.",
+    )
+    steps_column: str | None = Field(
+        None,
+        description="Optional per-row denoising steps (1 to 1000); null rows use "
+        "generation.steps. A bad value makes the row an error row naming the column.",
+    )
+    guidance_scale_column: str | None = Field(
+        None,
+        description="Optional per-row guidance scale (0 to 100); null rows use "
+        "generation.guidance_scale. A bad value makes the row an error row.",
+    )
+    width_column: str | None = Field(
+        None,
+        description="Optional per-row image width (8 to 8192, a multiple of 8); null rows "
+        "use generation.width. A bad value makes the row an error row.",
+    )
+    height_column: str | None = Field(
+        None,
+        description="Optional per-row image height (8 to 8192, a multiple of 8); null rows "
+        "use generation.height. A bad value makes the row an error row.",
+    )
+    images_per_prompt_column: str | None = Field(
+        None,
+        description="Optional per-row number of images (1 to 1000); null rows use "
+        "generation.images_per_prompt. A bad value makes one error row for the row.",
     )
     passthrough_columns: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged into the manifest."
@@ -121,6 +190,17 @@ class InputSpec(_Section):
     def uris(self) -> list[str]:
         return [self.uri] if isinstance(self.uri, str) else list(self.uri)
 
+    @property
+    def parameter_columns(self) -> dict[str, str | None]:
+        """The per-row generation parameter columns, by their spec field name."""
+        return {
+            "steps_column": self.steps_column,
+            "guidance_scale_column": self.guidance_scale_column,
+            "width_column": self.width_column,
+            "height_column": self.height_column,
+            "images_per_prompt_column": self.images_per_prompt_column,
+        }
+
     @model_validator(mode="after")
     def _columns_are_distinct(self) -> InputSpec:
         if isinstance(self.uri, list) and not self.uri:
@@ -137,6 +217,7 @@ class InputSpec(_Section):
             "id_column": self.id_column,
             "negative_prompt_column": self.negative_prompt_column,
             "seed_column": self.seed_column,
+            **self.parameter_columns,
         }
         for role, column in roles.items():
             if column in READ_COLUMNS:
@@ -166,14 +247,34 @@ class ModelSpec(_Section):
 class GenerationSpec(_Section):
     """Sampler settings; unset steps/guidance take the preset's recommendation."""
 
-    steps: int | None = Field(None, gt=0, le=1000, description="Denoising steps.")
-    guidance_scale: float | None = Field(
-        None, ge=0.0, le=100.0, description="Classifier-free guidance scale."
+    steps: int | None = Field(
+        None, ge=STEPS_RULE.low, le=STEPS_RULE.high, description="Denoising steps."
     )
-    width: int = Field(1024, gt=0, le=8192, description="Image width in pixels (multiple of 8).")
-    height: int = Field(1024, gt=0, le=8192, description="Image height in pixels (multiple of 8).")
+    guidance_scale: float | None = Field(
+        None,
+        ge=GUIDANCE_SCALE_RULE.low,
+        le=GUIDANCE_SCALE_RULE.high,
+        description="Classifier-free guidance scale.",
+    )
+    width: int = Field(
+        1024,
+        ge=SIDE_RULE.low,
+        le=SIDE_RULE.high,
+        description="Image width in pixels (multiple of 8).",
+    )
+    height: int = Field(
+        1024,
+        ge=SIDE_RULE.low,
+        le=SIDE_RULE.high,
+        description="Image height in pixels (multiple of 8).",
+    )
     negative_prompt: str | None = Field(None, description="Negative prompt for every row.")
-    images_per_prompt: int = Field(1, ge=1, le=1000, description="Images generated per row.")
+    images_per_prompt: int = Field(
+        1,
+        ge=IMAGES_PER_PROMPT_RULE.low,
+        le=IMAGES_PER_PROMPT_RULE.high,
+        description="Images generated per row.",
+    )
     seed: int = Field(
         0,
         ge=0,
@@ -200,8 +301,8 @@ class GenerationSpec(_Section):
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (got {value})")
+        if value % SIDE_RULE.multiple:
+            raise ValueError(f"must be a multiple of {SIDE_RULE.multiple} (got {value})")
         return value
 
 
@@ -327,9 +428,16 @@ class OutputSpec(_Section):
     """Where and how the dataset is written."""
 
     uri: str = Field(description="Output prefix, local path or fsspec URL.")
+    format: Literal["webdataset", "parquet", "files"] = Field(
+        "webdataset",
+        description="How the images are stored (`layout.py`): webdataset = one tar per shard "
+        "({key}.{ext} + {key}.json); parquet = one Parquet file per shard, the image bytes in "
+        "an `image` column (a Hugging Face datasets Image) beside every manifest column; "
+        "files = one image file per image in a folder per shard, with its metadata.parquet.",
+    )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
-    rows_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Images per tar shard.")
+    rows_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Images per shard.")
     storage_options: dict[str, StorageOptionValue] = Field(
         default_factory=dict,
         description="fsspec options for the output filesystem. Credentials are kept as secrets.",
@@ -344,6 +452,15 @@ class OutputSpec(_Section):
         ge=0.0,
         le=1.0,
         description="Fail the job when more than this fraction of its images are error rows.",
+    )
+    license: str = Field(
+        "other",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$",
+        description="License of the dataset, as a Hugging Face/SPDX license id (e.g. "
+        "'cc-by-4.0', 'apache-2.0'): written to the dataset card (OUTPUT/README.md). "
+        "'other' until you choose one; the model's own license may restrict the images.",
     )
 
     @field_validator("storage_options", mode="after")
@@ -407,26 +524,39 @@ class JobSpec(_Section):
             "passthrough_columns": list(self.input.passthrough_columns),
             "image_format": self.output.image_format,
             "quality": self.output.quality,
+            # Seeds became 63-bit (keys.SEED_MODULUS): an output made with the 64-bit ones
+            # holds other images for the same rows, and must not be resumed into.
+            "seed_range": "int63",
             # Listed only when set, so outputs made before these existed still resume.
             **{
                 name: value
                 for name, value in (
                     ("guidance_cutoff", self.generation.guidance_cutoff),
                     ("deep_cache_interval", self.generation.deep_cache_interval),
+                    *self.input.parameter_columns.items(),
                 )
                 if value is not None
             },
+            # Not the pixels, but where they are: one output keeps one format. Listed only
+            # when not the default, so outputs made before formats existed still resume.
+            **({"format": self.output.format} if self.output.format != "webdataset" else {}),
         }
 
     def spec_constants(self) -> dict[str, Any]:
-        """The manifest columns whose value this spec fixes for every row."""
+        """The manifest columns whose value this spec fixes for every row (steps, guidance
+        and size are per row: `row_defaults`)."""
+        return {
+            Col.MODEL: self.model.name,
+            Col.IMAGE_FORMAT: self.output.image_format,
+        }
+
+    def row_defaults(self) -> dict[str, Any]:
+        """The generation parameters of a row whose input names no value for them."""
         return {
             Col.STEPS: self.resolved_steps,
             Col.GUIDANCE_SCALE: self.resolved_guidance_scale,
             Col.WIDTH: self.generation.width,
             Col.HEIGHT: self.generation.height,
-            Col.MODEL: self.model.name,
-            Col.IMAGE_FORMAT: self.output.image_format,
         }
 
     def fingerprint(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """One image as stored: its bytes and their sha256."""
+    """One image as stored: its bytes, their sha256, and the seconds encoding took."""
 
     data: bytes
     sha256: str
+    seconds: float = 0.0
 
 
 class ImageEncoder:
@@ -59,8 +61,10 @@ class ImageEncoder:
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, pixels: np.ndarray) -> EncodedImage:
+        started = time.perf_counter()
         data = encode_image(pixels, self.image_format, self.quality)
-        return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256(data).hexdigest()
+        return EncodedImage(data=data, sha256=digest, seconds=time.perf_counter() - started)
 
     def encode_all(self, images: Sequence[np.ndarray]) -> list[EncodedImage]:
         """Every image of a batch, in order, `threads` at a time."""

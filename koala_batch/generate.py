@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,15 +31,51 @@ from koala_batch.accelerations import DeepCache, guidance_cutoff_kwargs
 from koala_batch.config import JobSpec
 from koala_batch.encode import ImageEncoder
 from koala_batch.model import SpeedSettings, load_pipeline, optimize_pipeline, pick_device
-from koala_batch.schemas import STATUS_ERROR, STATUS_OK, Col, require_columns
+from koala_batch.schemas import BUCKET_COLUMNS, STATUS_ERROR, STATUS_OK, Col, require_columns
 
 logger = logging.getLogger(__name__)
 
 
-_NEEDED_COLUMNS = (Col.STATUS, Col.ERROR, Col.PROMPT, Col.NEGATIVE_PROMPT, Col.SEED)
+_NEEDED_COLUMNS = (
+    Col.STATUS,
+    Col.ERROR,
+    Col.PROMPT,
+    Col.NEGATIVE_PROMPT,
+    Col.SEED,
+    *BUCKET_COLUMNS,
+)
 
 # Concurrent calls per generator actor: one generating, one encoding (and handing over).
 CALLS_PER_ACTOR = 2
+
+# Pipeline seconds of the call running on this thread: the actor serves its calls on
+# threads of their own, so one call's share cannot be read off the actor-wide total.
+_THIS_CALL = threading.local()
+
+
+class CallSettings(NamedTuple):
+    """The generation parameters of one pipeline call: rows share a call only when theirs
+    are equal (one latent shape, one schedule, one guidance per call)."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """As `run_pipeline` (and the diffusers pipeline) takes them."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+        }
+
+
+def row_settings(table: pa.Table) -> list[CallSettings]:
+    """Each work row's CallSettings, from its bucket columns."""
+    columns = [table.column(name).to_pylist() for name in BUCKET_COLUMNS]
+    return [CallSettings(*values) for values in zip(*columns, strict=True)]
 
 
 class ImageGenerationError(RuntimeError):
@@ -128,6 +164,7 @@ class GeneratorStats:
             self.first_call_at = started
         self.last_call_end = ended
         self.pipeline_s += ended - started
+        _THIS_CALL.pipeline_s = getattr(_THIS_CALL, "pipeline_s", 0.0) + (ended - started)
         self.calls += 1
         self.images += images
 
@@ -157,6 +194,7 @@ class GenerateImages:
         self.guidance_scale = spec.resolved_guidance_scale
         self.width = spec.generation.width
         self.height = spec.generation.height
+        self.guidance_per_row = spec.input.guidance_scale_column is not None
         self.batch_size = spec.compute.batch_size
         self.default_negative = spec.generation.negative_prompt
         self.encoder = ImageEncoder(
@@ -208,7 +246,9 @@ class GenerateImages:
         text-encoder passes per batch. Computed alone (batch of one), as a row whose
         negative differs is too, so a row's pixels do not depend on its neighbours.
         """
-        if self.default_negative is None or self.guidance_scale <= 1.0:
+        if self.default_negative is None or (
+            self.guidance_scale <= 1.0 and not self.guidance_per_row
+        ):
             return None
         import torch
 
@@ -253,12 +293,18 @@ class GenerateImages:
         return {"prompt": prompts, "negative_prompt": negative_prompts}
 
     # One call of the pipeline: the part tests and fault injection replace or extend
-    # (extra keyword arguments go to the pipeline call).
+    # (extra keyword arguments go to the pipeline call). The generation parameters left
+    # out are the spec's.
     def run_pipeline(
         self,
         prompts: list[str],
         negative_prompts: list[str | None] | None,
         seeds: list[int],
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
         **pipeline_kwargs: Any,
     ) -> GeneratedImages:
         import torch
@@ -268,10 +314,10 @@ class GenerateImages:
             self.deep_cache.reset()
         arguments = {
             **self.prompt_kwargs(prompts, negative_prompts),
-            "num_inference_steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "width": self.width,
-            "height": self.height,
+            "num_inference_steps": num_inference_steps or self.steps,
+            "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+            "width": width or self.width,
+            "height": height or self.height,
             "generator": generators,
             "output_type": "latent",
             **self.call_kwargs,
@@ -295,19 +341,29 @@ class GenerateImages:
         return truncated
 
     def generate(
-        self, prompts: list[str], negatives: list[str | None], seeds: list[int]
+        self,
+        prompts: list[str],
+        negatives: list[str | None],
+        seeds: list[int],
+        settings: Sequence[CallSettings] | None = None,
     ) -> list[np.ndarray | ImageGenerationError]:
-        """Images (uint8 HxWx3) or the error for each request, splitting batches that fail."""
+        """Images (uint8 HxWx3) or the error for each request, splitting batches that fail.
+
+        `settings`: each request's generation parameters (the spec's when None). One
+        pipeline call per distinct settings and kind of negative prompt.
+        """
         results: list[np.ndarray | ImageGenerationError] = [None] * len(prompts)  # type: ignore[list-item]
+        default = CallSettings(self.width, self.height, self.steps, self.guidance_scale)
         # Rows with and without a negative prompt differ in kind (SDXL zeroes an absent
-        # negative), so they go to separate calls: a row's pixels never depend on its
-        # batch neighbours.
-        groups: dict[bool, list[int]] = {}
+        # negative), and rows with other parameters in latent shape, schedule or guidance,
+        # so they go to separate calls: a row's pixels never depend on its batch neighbours.
+        groups: dict[tuple[CallSettings, bool], list[int]] = {}
         for index, negative in enumerate(negatives):
-            groups.setdefault(negative is not None, []).append(index)
-        for has_negative, indices in groups.items():
+            bucket = default if settings is None else settings[index]
+            groups.setdefault((bucket, negative is not None), []).append(index)
+        for (bucket, has_negative), indices in groups.items():
             self._generate_split(
-                indices, prompts, negatives if has_negative else None, seeds, results
+                indices, prompts, negatives if has_negative else None, seeds, results, bucket
             )
         return results
 
@@ -318,6 +374,7 @@ class GenerateImages:
         negatives: Sequence[str | None] | None,
         seeds: list[int],
         results: list[Any],
+        settings: CallSettings,
     ) -> None:
         try:
             with self.pipeline_lock:
@@ -326,6 +383,7 @@ class GenerateImages:
                     [prompts[i] for i in indices],
                     [negatives[i] for i in indices] if negatives is not None else None,
                     [seeds[i] for i in indices],
+                    **settings.pipeline_kwargs(),
                 )
                 self.stats.record_call(started, time.time(), len(indices))
         except Exception as exc:  # noqa: BLE001 - every failure is retried smaller or recorded
@@ -338,8 +396,8 @@ class GenerateImages:
                     exc,
                 )
                 middle = len(indices) // 2
-                self._generate_split(indices[:middle], prompts, negatives, seeds, results)
-                self._generate_split(indices[middle:], prompts, negatives, seeds, results)
+                for half in (indices[:middle], indices[middle:]):
+                    self._generate_split(half, prompts, negatives, seeds, results, settings)
                 return
             reason = f"{type(exc).__name__}: {exc}".strip()
             results[indices[0]] = ImageGenerationError(reason[:2000])
@@ -353,7 +411,7 @@ class GenerateImages:
         if len(indices) > 1:
             # NaN latents can come from the batch (an fp16 overflow, say): retry each alone.
             for index in non_finite:
-                self._generate_split([index], prompts, negatives, seeds, results)
+                self._generate_split([index], prompts, negatives, seeds, results, settings)
             return
         for index in non_finite:
             results[index] = ImageGenerationError(
@@ -378,9 +436,16 @@ class GenerateImages:
         digests: list[str | None] = [None] * table.num_rows
         sizes = [0] * table.num_rows
         generated_at = [time.time()] * table.num_rows  # error rows: when they were seen
+        generate_s = [0.0] * table.num_rows
+        encode_s = [0.0] * table.num_rows
+        _THIS_CALL.pipeline_s = 0.0
+        settings = row_settings(table)
         outcomes = (
             self.generate(
-                [prompts[i] for i in todo], [negatives[i] for i in todo], [seeds[i] for i in todo]
+                [prompts[i] for i in todo],
+                [negatives[i] for i in todo],
+                [seeds[i] for i in todo],
+                [settings[i] for i in todo],
             )
             if todo
             else []
@@ -388,9 +453,13 @@ class GenerateImages:
         with self.pipeline_lock:
             truncated = self.truncated_prompts(prompts)
         finished = time.time()
+        # This batch's pipeline seconds (its successful calls, halves of a split batch
+        # included; an attempt that raised is not counted), split evenly over its images.
+        share = _THIS_CALL.pipeline_s / len(todo) if todo else 0.0
         made: list[int] = []
         for row, outcome in zip(todo, outcomes, strict=True):
             generated_at[row] = finished
+            generate_s[row] = share
             if isinstance(outcome, ImageGenerationError):
                 statuses[row] = STATUS_ERROR
                 errors[row] = str(outcome)
@@ -399,6 +468,7 @@ class GenerateImages:
         pixels = [outcome for outcome in outcomes if not isinstance(outcome, ImageGenerationError)]
         for row, encoded in zip(made, self.encoder.encode_all(pixels), strict=True):
             images[row], digests[row], sizes[row] = encoded.data, encoded.sha256, len(encoded.data)
+            encode_s[row] = encoded.seconds
         table = table.set_column(
             table.schema.get_field_index(Col.STATUS), Col.STATUS, pa.array(statuses, pa.string())
         )
@@ -411,6 +481,8 @@ class GenerateImages:
             Col.SHA256: pa.array(digests, pa.string()),
             Col.BYTES: pa.array(sizes, pa.int64()),
             Col.GENERATED_AT: pa.array(generated_at, pa.float64()),
+            Col.GENERATE_S: pa.array(generate_s, pa.float64()),
+            Col.ENCODE_S: pa.array(encode_s, pa.float64()),
         }
         for name, values in extra.items():
             table = table.append_column(name, values)

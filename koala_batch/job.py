@@ -2,8 +2,9 @@
 
 `build_dataset` assembles the whole graph top to bottom:
 read -> validate -> generate (GPU actors) -> encode -> write and commit.
-This module also owns the Ray session; the commit protocol and the job record live in
-`commit.py`.
+Its middle, validate to encode, is `generate_images`: public, for users who chain their
+own Ray Data stages around it. This module also owns the job's Ray session; the commit
+protocol and the job record live in `commit.py`.
 """
 
 from __future__ import annotations
@@ -12,31 +13,44 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from koala_batch.card import write_card
 from koala_batch.commit import (
     CommittedState,
     build_job_record,
     claim_output,
     commit_timeline,
     load_committed,
+    release_failed,
     remove_leftovers,
     retire_late_duplicates,
+    retire_superseded_rows,
     uncommit,
     write_success,
 )
-from koala_batch.config import JobSpec, load_spec, reveal_storage_options, spec_from_dict
+from koala_batch.config import (
+    ComputeSpec,
+    JobSpec,
+    apply_overrides,
+    load_spec,
+    reveal_storage_options,
+    spec_from_dict,
+)
 from koala_batch.errors import (
     ClusterResourcesError,
     InputError,
@@ -44,11 +58,13 @@ from koala_batch.errors import (
     JobFailedError,
     OutputConflictError,
     RunSupersededError,
+    SpecError,
     UsageError,
 )
 from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
 from koala_batch.keys import KeySet
 from koala_batch.layout import (
+    CARD_FILE,
     MANIFESTS_DIR,
     SUCCESS_FILE,
     FileKind,
@@ -56,8 +72,28 @@ from koala_batch.layout import (
     list_output,
     manifest_path,
 )
-from koala_batch.read import InputPlan, ReadRowGroups, plan_input
-from koala_batch.schemas import SUMMARY_SCHEMA
+from koala_batch.progress import (
+    JobProgress,
+    Poller,
+    adopt_library_console,
+    drop_native_stderr_line,
+    style_library_console,
+)
+from koala_batch.read import (
+    DatasetRows,
+    InputPlan,
+    ReadRowGroups,
+    check_dataset_schema,
+    plan_input,
+)
+from koala_batch.schemas import (
+    IMAGE_ROW_FIELDS,
+    IMAGE_ROW_SCHEMA,
+    READ_COLUMNS,
+    SUMMARY_SCHEMA,
+    Col,
+    require_columns,
+)
 from koala_batch.storage import Storage
 from koala_batch.validate import ExpandImages
 from koala_batch.write import WriteShard
@@ -140,6 +176,7 @@ def connect_ray(spec: JobSpec) -> bool:
 
     if ray.is_initialized():
         return False
+    adopt_library_console("ray")
     address = ray_address(spec)
     try:
         if address:
@@ -473,6 +510,19 @@ def collect_busy_summary(stats: Any, ended_at: float) -> dict[str, Any]:
         return {}
 
 
+def retry_args(compute: ComputeSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Ray retry options of the light tasks and of the generator actors
+    (compute.max_task_retries, compute.max_actor_restarts); Ray Data's defaults if unset."""
+    task_args: dict[str, Any] = {}
+    actor_args: dict[str, Any] = {}
+    if compute.max_task_retries is not None:
+        task_args["max_retries"] = compute.max_task_retries
+        actor_args["max_task_retries"] = compute.max_task_retries
+    if compute.max_actor_restarts is not None:
+        actor_args["max_restarts"] = compute.max_actor_restarts
+    return task_args, actor_args
+
+
 def build_dataset(
     spec: JobSpec,
     plan: InputPlan,
@@ -482,18 +532,151 @@ def build_dataset(
     overrides: Overrides | None = None,
     stats: Any = None,
 ):
-    """The Ray Data graph of a job, top to bottom; its rows are per-shard stats."""
+    """The Ray Data graph of a job, top to bottom: read -> `generate_images` -> write; its
+    rows are per-shard stats."""
     import ray.data
 
     overrides = overrides or Overrides()
+    task_args, _ = retry_args(spec.compute)
+    units = plan.read_units()
+
+    # Light stages run as tasks: their instances are built here and shipped to each task.
+    dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    dataset = dataset.map_batches(
+        ReadRowGroups(spec.input, overrides.input_filesystem),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_TASK_CPUS,
+        **task_args,
+    )
+    dataset = generate_images(
+        dataset, spec, skip_keys=committed_keys, overrides=overrides, stats=stats
+    )
+    # Blocks of exactly rows_per_shard images: one block, one shard.
+    dataset = rebundle(dataset, spec.output.rows_per_shard)
+    dataset = dataset.map_batches(
+        WriteShard(spec, overrides.output_filesystem, run_id),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_TASK_CPUS,
+        **task_args,
+    )
+    return dataset
+
+
+# What a spec given to generate_images as a dict or file gets for input.uri and
+# output.uri, which it does not use: a protocol no filesystem has, so a use would fail.
+UNUSED_URIS = ("input.uri=unused://generate_images", "output.uri=unused://generate_images")
+
+
+def generation_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
+    """A JobSpec for `generate_images` from a JobSpec, a raw dict or a YAML path, where
+    input.uri and output.uri may be left out (they are set to `UNUSED_URIS`); every
+    other field is validated as for a job."""
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_dict(apply_overrides(spec, list(UNUSED_URIS)))
+    return load_spec(spec, list(UNUSED_URIS))
+
+
+def image_rows(table: pa.Table, constants: dict[str, Any], passthrough: list[str]) -> pa.Table:
+    """Generated rows as `generate_images` yields them: `IMAGE_ROW_SCHEMA`'s columns (the
+    spec's `constants` filled in; a Dataset row's ordinal, which numbers nothing, null),
+    then the passthrough columns."""
+    needed = [field.name for field in IMAGE_ROW_FIELDS if field.name not in constants]
+    require_columns(table, [*needed, *passthrough], "image rows")
+    count = table.num_rows
+    columns: dict[str, Any] = {}
+    for field in IMAGE_ROW_FIELDS:
+        if field.name in table.column_names:
+            columns[field.name] = table.column(field.name).cast(field.type)
+        else:
+            columns[field.name] = pa.array([constants[field.name]] * count, field.type)
+    if table.column(Col.SOURCE).null_count:
+        # Rows without a source are a Dataset's (the read stage names every file's rows).
+        columns[Col.ORDINAL] = pc.if_else(
+            pc.is_null(columns[Col.SOURCE]), pa.scalar(None, pa.int64()), columns[Col.ORDINAL]
+        )
+    schema = IMAGE_ROW_SCHEMA
+    for name in passthrough:
+        columns[name] = table.column(name)
+        schema = schema.append(table.schema.field(name))
+    return pa.table(columns, schema=schema)
+
+
+class ImageRows:
+    """Actor stage of `generate_images`: the generator (`generator_cls`, built with the
+    other arguments), its rows shaped by `image_rows`."""
+
+    def __init__(self, generator_cls: type[GenerateImages], spec: JobSpec, **generator_args: Any):
+        self.generator = generator_cls(spec=spec, **generator_args)
+        self.constants = spec.spec_constants()
+        self.passthrough = list(spec.input.passthrough_columns)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return image_rows(self.generator(table), self.constants, self.passthrough)
+
+
+def check_dataset_columns(dataset: Any, spec: JobSpec) -> None:
+    """Refuse at once a Dataset whose schema Ray Data knows without running anything and
+    that cannot serve the spec (`read.check_dataset_schema`); the stage checks the others."""
+    schema = dataset.schema(fetch_if_missing=False)
+    if schema is None or not all(isinstance(t, pa.DataType) for t in schema.types):
+        return
+    arrow = pa.schema(list(zip(schema.names, schema.types, strict=True)))
+    if not all(column in arrow.names for column in READ_COLUMNS):
+        check_dataset_schema(arrow, spec.input)
+
+
+def generate_images(
+    dataset: Any,
+    spec: JobSpec | dict[str, Any] | str | Path,
+    *,
+    skip_keys: KeySet | None = None,
+    overrides: Overrides | None = None,
+    stats: Any = None,
+) -> Any:
+    """A ray.data.Dataset of prompt rows in, a Dataset of generated images out, lazily.
+
+    The rows in carry the spec's input columns: input.prompt_column, input.id_column and
+    the negative prompt, seed, parameter and passthrough columns it names. Each becomes
+    its images' rows: `schemas.IMAGE_ROW_SCHEMA` (the `image` bytes, null for an error
+    row, and every manifest column but `shard` and `member`, which only a writer knows),
+    then the passthrough columns. An image that cannot be made is a row with status
+    `error` and the reason, as in a job's manifest.
+
+    Keys and seeds are those a job gives the same ids and spec (`keys.sample_key`,
+    `keys.image_seed`). A Dataset's rows have no file or position: they need
+    input.id_column (SpecError or InputError otherwise, at once when Ray Data knows the
+    schema without running anything), and their `source`, `row_index` and `ordinal` are
+    null. Ids must be unique, as in a job's input.
+
+    `spec`: a JobSpec, a dict or a YAML path (`generation_spec`: input.uri and output.uri
+    are not used and may be left out). Generation runs as a job's does: compute.actors
+    generator actors of compute.num_cpus_per_actor CPUs and compute.num_gpus_per_actor
+    GPUs, compute.batch_size prompts per call, compute's retry settings. Nothing runs
+    until the result is consumed, in the caller's Ray session (compute.ray_address and
+    the local_* settings, which make a job's session, are not used); with
+    num_gpus_per_actor `auto`, connect (`ray.init`) before calling. A job's graph is this
+    function between its reader and its writer: `skip_keys` leaves out the images of those
+    keys (a resumed job's committed ones), `overrides.generator_cls` replaces the generator
+    and `stats` (an actor handle) receives its statistics.
+    """
+    import ray
+    import ray.data
+
+    spec = generation_spec(spec)
+    overrides = overrides or Overrides()
     compute = spec.compute
-    task_args: dict[str, Any] = {}
-    actor_args: dict[str, Any] = {}
-    if compute.max_task_retries is not None:
-        task_args["max_retries"] = compute.max_task_retries
-        actor_args["max_task_retries"] = compute.max_task_retries
-    if compute.max_actor_restarts is not None:
-        actor_args["max_restarts"] = compute.max_actor_restarts
+    check_dataset_columns(dataset, spec)
+    if compute.num_gpus_per_actor == "auto" and not ray.is_initialized():
+        raise SpecError(
+            "generate_images: compute.num_gpus_per_actor is auto, which asks the Ray cluster "
+            "whether it has GPUs, but this process is not connected to one: call ray.init() "
+            "first, or set compute.num_gpus_per_actor"
+        )
+    task_args, actor_args = retry_args(compute)
     min_actors, max_actors = compute.actor_range
     sizes = (
         {"size": min_actors}
@@ -507,19 +690,16 @@ def build_dataset(
         max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
         enable_true_multi_threading=True,
     )
-    units = plan.read_units()
-
-    # Light stages run as tasks: their instances are built here and shipped to each task.
-    dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    # Same resources as the read stage before it, so Ray Data runs them as one task.
     dataset = dataset.map_batches(
-        ReadRowGroups(spec.input, overrides.input_filesystem),
-        batch_size=1,
+        DatasetRows(spec.input),
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=LIGHT_TASK_CPUS,
         **task_args,
     )
     dataset = dataset.map_batches(
-        ExpandImages(spec, committed_keys),
+        ExpandImages(spec, skip_keys),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=LIGHT_TASK_CPUS,
@@ -527,10 +707,19 @@ def build_dataset(
     )
     # Blocks of exactly one pipeline call, so every actor gets work (a whole Parquet
     # file would otherwise feed a single actor).
+    # With per-row generation parameters, a batch whose rows fall in several buckets
+    # (width, height, steps, guidance, negative or not) takes one pipeline call per
+    # bucket. ExpandImages sorts each block by bucket, so the cuts here give batches of
+    # one bucket except where a bucket ends: there one batch holds the end of one bucket
+    # and the start of the next, and makes two smaller calls. The limit: buckets are
+    # sorted within a block (a row group), not across blocks; grouping across blocks
+    # would take an all-to-all shuffle, which would hold every image back until the whole
+    # input was read. Inputs sorted by size (or large row groups) keep batches full.
     dataset = rebundle(dataset, compute.batch_size)
     dataset = dataset.map_batches(
-        overrides.generator_cls,
+        ImageRows,
         fn_constructor_kwargs={
+            "generator_cls": overrides.generator_cls,
             "spec": spec,
             "torch_threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
             "stats": stats,
@@ -543,15 +732,6 @@ def build_dataset(
         # Set before the actor imports diffusers: its import-time warnings are noise here.
         runtime_env={"env_vars": QUIET_WORKER_ENV},
         **actor_args,
-    )
-    # Blocks of exactly rows_per_shard images: one block, one shard.
-    dataset = rebundle(dataset, spec.output.rows_per_shard)
-    dataset = dataset.map_batches(
-        WriteShard(spec, overrides.output_filesystem, run_id),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=LIGHT_TASK_CPUS,
-        **task_args,
     )
     return dataset
 
@@ -569,6 +749,7 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, PlainRayHandler):
             handler.setLevel(logging.ERROR)
+    style_library_console("ray.data")
 
 
 def _configure_ray_data() -> None:
@@ -602,7 +783,7 @@ def generate_remaining(
             generators = _run_graph(spec, plan, committed, run_id, overrides, stop, written)
         except KeyboardInterrupt:
             signum = stop.received or signal.SIGINT
-            planned = plan.num_rows * spec.generation.images_per_prompt
+            planned = plan.planned_images
             known = {shard: stats["rows"] for shard, stats in committed.shards.items()}
             known.update((shard["shard"], shard["rows"]) for shard in written)
             with stop.held():
@@ -647,6 +828,34 @@ def count_committed(
         return None
 
 
+# Ray's core worker says this, once per process, for every Ray Data actor pool: Ray Data
+# puts an operator's UDF and context in the object store and hands the actors references,
+# and gives them max_restarts=-1 (ray-project/ray#57733). Nothing koala-batch passes can
+# avoid it short of actors that never restart. Ray Data keeps the references for the
+# whole job, so what the note warns of cannot happen while the job runs. It also stays in
+# the driver's log in the Ray session folder (python-core-driver-*.log).
+RAY_DATA_ACTOR_ARGS_NOTE = re.compile(
+    rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments "
+    rb"in the object store and max_restarts > 0"
+)
+# How often the driver asks the generators' statistics how many images they made.
+PROGRESS_POLL_S = 2.0
+
+
+def poll_progress(progress: JobProgress, stats: Any) -> Poller:
+    """Feed `progress` the images the generators made (not yet committed) from the stats
+    collector, in a thread: the driver loop blocks until the next shard commits."""
+    import ray
+
+    def poll() -> None:
+        snapshots = ray.get(stats.collect.remote(), timeout=5 * PROGRESS_POLL_S)
+        firsts = [s["first_call_at"] for s in snapshots if s["first_call_at"] is not None]
+        progress.set_generated(sum(s["images"] for s in snapshots), min(firsts, default=None))
+        progress.report()
+
+    return Poller(poll, PROGRESS_POLL_S, logger).start()
+
+
 def _run_graph(
     spec: JobSpec,
     plan: InputPlan,
@@ -659,6 +868,8 @@ def _run_graph(
     """generate_remaining's work: `written` receives each shard's stats as it commits."""
     started_ray = connect_ray(spec)
     stop.install()
+    poller: Poller | None = None
+    quiet = ExitStack()
     try:
         _configure_ray_data()
         gpus = resolve_gpus_per_actor(spec)
@@ -670,13 +881,18 @@ def _run_graph(
             raise ClusterResourcesError(problem)
         wait_for_placement(spec, gpus)
         stats = start_stats_collector()
+        quiet.enter_context(drop_native_stderr_line(RAY_DATA_ACTOR_ARGS_NOTE))
         dataset = build_dataset(
             spec, plan, committed.keys, run_id=run_id, overrides=overrides, stats=stats
         )
-        remaining = plan.num_rows * spec.generation.images_per_prompt - len(committed.keys)
+        remaining = plan.planned_images - len(committed.keys)
+        progress = JobProgress(logger, plan.planned_images, len(committed.keys))
+        poller = poll_progress(progress, stats)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
                 written.append(shard)
+                progress.add_commit(shard["rows"], shard["errors"])
+                done = progress.snapshot().done
                 logger.info(
                     "committed shard %s: %d images (%d errors); %d of %d this run",
                     shard["shard"],
@@ -684,7 +900,18 @@ def _run_graph(
                     shard["errors"],
                     sum(s["rows"] for s in written),
                     remaining,
+                    extra={
+                        "event": "shard_committed",
+                        "shard": shard["shard"],
+                        "images": shard["rows"],
+                        "errors": shard["errors"],
+                        "done": done,
+                        "total": plan.planned_images,
+                    },
                 )
+                progress.report()
+        poller.stop()
+        progress.report(final=True)
         generators = collect_busy_summary(stats, ended_at=time.time())
     except (UsageError, JobFailedError) as exc:
         # Ray raises a stage's error as a subclass of its type whose message is the whole
@@ -708,11 +935,14 @@ def _run_graph(
             "this run and are kept: rerun the same spec to resume"
         ) from exc
     finally:
+        if poller is not None:
+            poller.stop()
         if started_ray:
             import ray
 
             with stop.held():
                 ray.shutdown()
+        quiet.close()
     return generators
 
 
@@ -726,15 +956,36 @@ def stale_rows_error(storage: Storage, committed: int, planned: int) -> OutputCo
     )
 
 
+def settle_retries(
+    storage: Storage, committed: CommittedState, run_id: str | None
+) -> CommittedState:
+    """Retire the rows that newer rows of the same keys supersede (a retry of failed
+    images, cut short or just done) and return the committed state after it."""
+    if not committed.superseded:
+        return committed
+    retired = retire_superseded_rows(storage, committed.superseded, run_id)
+    logger.info(
+        "retired %d failed row(s) that a retry replaced: %d manifest(s) rewritten, %d "
+        "shard(s) left empty and uncommitted",
+        retired.rows,
+        len(retired.rewritten),
+        len(retired.uncommitted),
+    )
+    return load_committed(storage)
+
+
 def run(
     spec: JobSpec | dict[str, Any] | str | Path,
     overrides: Overrides | None = None,
+    *,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Run a job to completion and return its record (also written as OUTPUT/_SUCCESS).
 
     Resumes an earlier run of the same spec on the same output: only images not yet
-    committed are generated. `overrides` replaces the filesystems or the generator
-    (tests, benchmarks).
+    committed are generated. `retry_failed` also generates again the images committed as
+    error rows, and replaces those rows with the new ones. `overrides` replaces the
+    filesystems or the generator (tests, benchmarks).
     """
     spec = coerce_spec(spec)
     overrides = overrides or Overrides()
@@ -742,8 +993,13 @@ def run(
     started_at = datetime.now(UTC).isoformat()
 
     # Input problems fail here, before Ray starts or any model loads.
-    plan = plan_input(spec.input, overrides.input_filesystem, spec.output.uri)
-    planned_images = plan.num_rows * spec.generation.images_per_prompt
+    plan = plan_input(
+        spec.input,
+        overrides.input_filesystem,
+        spec.output.uri,
+        images_per_prompt=spec.generation.images_per_prompt,
+    )
+    planned_images = plan.planned_images
     logger.info(
         "input: %d files, %d rows, %d images planned",
         len(plan.files),
@@ -759,15 +1015,24 @@ def run(
     run_id = uuid.uuid4().hex
     resumed = claim_output(storage, spec, overwrite=spec.output.overwrite, run_id=run_id)
     committed = CommittedState()
+    retrying: dict[str, str] = {}
     if resumed:
         # One listing serves both: a large output on object storage lists slowly.
         listing = list_output(storage)
         committed = load_committed(storage, listing)
         if committed.images > planned_images:
             raise stale_rows_error(storage, committed.images, planned_images)
-        if planned_images > len(committed.keys):
-            # The output is about to change: it is no longer what `_SUCCESS` describes.
+        if (
+            planned_images > len(committed.keys)
+            or committed.superseded
+            or (retry_failed and committed.failed)
+        ):
+            # The output is about to change: it is no longer what `_SUCCESS` and the
+            # card describe (both are written again when the run succeeds).
             storage.remove(SUCCESS_FILE)
+            storage.remove(CARD_FILE)
+        # A retry cut short is finished before anything else.
+        committed = settle_retries(storage, committed, run_id)
         if committed.damaged:
             uncommit(storage, sorted(committed.damaged))
             logger.warning(
@@ -785,6 +1050,11 @@ def run(
             len(committed.shards),
             len(removed),
         )
+        if retry_failed:
+            retrying = dict(committed.failed)
+            committed = release_failed(storage, committed, run_id)
+    if retry_failed:
+        logger.info("retrying %d failed image(s) recorded as error rows", len(retrying))
 
     written: list[dict[str, Any]] = []
     generators: dict[str, Any] = {}
@@ -799,6 +1069,21 @@ def run(
             len(retired),
             ", ".join(retired),
         )
+    retried_ok = 0
+    if retrying:
+        # The retried keys' new rows are committed: their error rows go.
+        settled = settle_retries(storage, load_committed(storage), run_id)
+        # (The record leaves out the run's timing, which only `written` carries.)
+        shards = settled.shards
+        again = [key for key in retrying if key in settled.failed]
+        present = settled.keys.contains_many(list(retrying))
+        retried_ok = int(present.sum()) - len(again)
+        logger.info(
+            "retried %d failed image(s): %d now ok, %d failed again",
+            len(retrying),
+            retried_ok,
+            len(again),
+        )
 
     record = build_job_record(
         spec,
@@ -808,10 +1093,13 @@ def run(
         resumed=resumed,
         input_files=len(plan.files),
         input_rows=plan.num_rows,
+        planned_images=plan.planned_images,
         shards=shards,
         written_this_run=sum(shard["rows"] for shard in written),
         timeline=commit_timeline(started, written),
         generators=generators,
+        retried=len(retrying),
+        retried_ok=retried_ok,
     )
     counts = record["counts"]
     if counts["images_committed"] > planned_images:
@@ -828,5 +1116,6 @@ def run(
             f"than output.max_failed_fraction={spec.output.max_failed_fraction}; see the "
             f"manifests' error column under {storage.url(MANIFESTS_DIR)}"
         )
+    write_card(storage, record, spec)
     write_success(storage, record)
     return record

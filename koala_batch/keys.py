@@ -10,7 +10,10 @@ import hashlib
 
 import numpy as np
 
-SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes any unsigned 64-bit value
+# Seeds are 0 to 2**63-1: every reader of a manifest or sidecar (Arrow's int64, pandas,
+# Hugging Face `datasets`, JSON parsers that go through C longs) takes them, where an
+# unsigned 64-bit value above 2**63 overflows them. torch.Generator.manual_seed takes them.
+SEED_MODULUS = 2**63
 
 
 def derived_row_id(source: str, row_index: int) -> str:
@@ -29,13 +32,15 @@ def sample_key(row_id: str, image_index: int) -> str:
 
 
 def derived_seed(job_seed: int, row_id: str, image_index: int) -> int:
-    """Seed of one image from the job seed, the row id and the image index (uint64)."""
+    """Seed of one image from the job seed, the row id and the image index, in
+    [0, SEED_MODULUS): 8 bytes of a sha256 with the top bit dropped."""
     material = f"{job_seed}\x00{row_id}\x00{image_index}".encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.sha256(material).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "big") % SEED_MODULUS
 
 
 def image_seed(row_seed: int | None, job_seed: int, row_id: str, image_index: int) -> int:
-    """Seed of image `image_index`: row seed + index when the row has one, else derived."""
+    """Seed of image `image_index`: row seed + index (mod SEED_MODULUS) when the row has
+    one, else derived."""
     if row_seed is None:
         return derived_seed(job_seed, row_id, image_index)
     return (row_seed + image_index) % SEED_MODULUS

@@ -2,50 +2,127 @@
 
     OUTPUT/
       _job.json                    written first: the fingerprint of what decides the images
-      shards/{shard}.tar           WebDataset: {key}.{ext} + {key}.json per image
-      manifests/{shard}.parquet    one row per image, failed ones included
+      shards/                      the images, in the spec's output.format:
+        {shard}.tar                  webdataset: {key}.{ext} + {key}.json per image
+        {shard}.parquet              parquet: one row per image, its bytes in an `image`
+                                     column (a Hugging Face Image) beside every manifest column
+        {shard}/{key}.{ext}          files: one file per image, and beside them
+        {shard}/metadata.parquet       the shard's ok manifest rows with a `file_name` column
+                                       (what `datasets`' imagefolder reads)
+      manifests/{shard}.parquet    one row per image, failed ones included: the commit marker
+      README.md                    the dataset card (`card.py`), written right before _SUCCESS
       _SUCCESS                     written last: the job record
 
 A shard is committed once its manifest exists: the writer puts the manifest only after
-the tar is complete. A tar without a manifest, or a half-written `*.partial` file, is a
-leftover of a write cut short. Ownership follows the names koala-batch writes (shard
-names are `keys.shard_name`'s), not the folders: anything else under the prefix, a
-user's `shards/backup.tar` included, is foreign, so it is never deleted or trusted.
+the shard's data (its tar, its Parquet file, or every image file and then the folder's
+metadata) are complete. Data without a manifest, or a half-written `*.partial` file, is a
+leftover of a write cut short. Error rows live only in the manifest, in every format.
+
+A committed shard is never rewritten, with one exception: a retry of failed images
+(`run --retry-failed`, `commit.py`) rewrites the manifest of a shard whose error rows it
+generated again, without those rows (its data files stay as they are, and the manifest's
+metadata records the retired rows), or uncommits the shard if none is left. Its name,
+from the rows it was first written with, then no longer hashes its manifest's keys alone.
+
+Every format's files have names of their own, so `classify` needs no spec: a listing
+alone tells committed shards, leftovers and foreign files apart. The manifest records
+its shard's format and data size in its Parquet metadata (`shard_record`), so a resume
+checks each committed shard from a listing and its manifest, never from `_job.json`; a
+manifest from before formats existed is a webdataset shard.
+
+Ownership follows the names koala-batch writes (shard names are `keys.shard_name`'s, image
+names `keys.sample_key`'s), not the folders: anything else under the prefix, a user's
+`shards/backup.tar` or `shards/{shard}/notes.txt` included, is foreign, so it is never
+deleted or trusted.
 `classify` decides this for one file and `scan_output` for a listing; commit, verify and
 the CLI all go through them.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
 
 from koala_batch.keys import SHARD_NAME_PATTERN
 from koala_batch.schemas import STATUS_OK, Col
+from koala_batch.stats import failures_by_reason
 from koala_batch.storage import PARTIAL_SUFFIX, Storage, with_retries
 
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
+# koala-batch owns OUTPUT/README.md: overwrite deletes it, each successful run rewrites it.
+CARD_FILE = "README.md"
 TAR_SUFFIX = ".tar"
 MANIFEST_SUFFIX = ".parquet"
 # Manifest (Parquet key-value) metadata: the byte size of the shard's tar, so that a
 # resume can check each committed shard from a listing alone.
 TAR_BYTES_METADATA = b"koala_batch.tar_bytes"
+# Manifest metadata: the shard's stats (`stats.shard_stats`) as JSON, so that a reader of
+# a committed output finds them without the job record.
+STATS_METADATA = b"koala_batch.stats"
 # File extension of an image member, by output.image_format.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+# output.format values (config.OutputSpec.format).
+WEBDATASET = "webdataset"
+PARQUET = "parquet"
+FILES = "files"
+OUTPUT_FORMATS = (WEBDATASET, PARQUET, FILES)
+PARQUET_SUFFIX = ".parquet"
+# The files format's per-shard table of its images, named as `datasets`' imagefolder
+# looks for it.
+FOLDER_METADATA = "metadata.parquet"
+# Manifest metadata: the shard's output.format, and the byte size of its Parquet file
+# (parquet) or of its folder's metadata.parquet (files); a tar's size stays under
+# TAR_BYTES_METADATA, as manifests from before formats existed record it.
+FORMAT_METADATA = b"koala_batch.format"
+DATA_BYTES_METADATA = b"koala_batch.data_bytes"
+# The `image` column of a parquet shard: the Arrow storage of a Hugging Face Image.
+IMAGE_COLUMN = "image"
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+# The column naming each image file in a folder's metadata.parquet (imagefolder's name).
+FILE_NAME_COLUMN = "file_name"
+# Parquet metadata key under which Hugging Face `datasets` keeps a table's features.
+HUGGINGFACE_METADATA = b"huggingface"
 
 
 def tar_path(shard: str) -> str:
     """Where a shard's tar lives, relative to the output prefix."""
     return f"{SHARDS_DIR}/{shard}{TAR_SUFFIX}"
+
+
+def parquet_path(shard: str) -> str:
+    """Where a parquet-format shard's data file lives, relative to the output prefix."""
+    return f"{SHARDS_DIR}/{shard}{PARQUET_SUFFIX}"
+
+
+def shard_folder(shard: str) -> str:
+    """The folder of a files-format shard, relative to the output prefix."""
+    return f"{SHARDS_DIR}/{shard}"
+
+
+def folder_file_path(shard: str, name: str) -> str:
+    """Where a file of a files-format shard (an image member or its metadata) lives."""
+    return f"{shard_folder(shard)}/{name}"
+
+
+def data_location(shard: str, output_format: str) -> str:
+    """The shard's data: its tar, its Parquet file or its folder."""
+    if output_format == PARQUET:
+        return parquet_path(shard)
+    if output_format == FILES:
+        return shard_folder(shard)
+    return tar_path(shard)
 
 
 def manifest_path(shard: str) -> str:
@@ -68,19 +145,33 @@ class FileKind(Enum):
 
     JOB_FILE = "job file"
     SUCCESS = "success marker"
+    CARD = "dataset card"
     MANIFEST = "manifest"
     TAR = "tar"
+    PARQUET_SHARD = "parquet shard"
+    FOLDER_FILE = "shard folder file"  # files format: an image or the folder's metadata
     PARTIAL = "partial write"
     FOREIGN = "not written by koala-batch"
 
 
+# The kinds that hold a shard's data (committed once the shard's manifest exists).
+DATA_KINDS = frozenset({FileKind.TAR, FileKind.PARQUET_SHARD, FileKind.FOLDER_FILE})
+
+
 _TAR_NAME = re.compile(rf"{SHARDS_DIR}/({SHARD_NAME_PATTERN}){re.escape(TAR_SUFFIX)}")
 _MANIFEST_NAME = re.compile(rf"{MANIFESTS_DIR}/({SHARD_NAME_PATTERN}){re.escape(MANIFEST_SUFFIX)}")
+_PARQUET_NAME = re.compile(rf"{SHARDS_DIR}/({SHARD_NAME_PATTERN}){re.escape(PARQUET_SUFFIX)}")
+# What `keys.sample_key` returns, with an image extension: a files-format image member.
+_MEMBER_PATTERN = rf"[0-9a-f]{{32}}-\d+\.(?:{'|'.join(sorted(set(EXTENSIONS.values())))})"
+_FOLDER_FILE_PATTERN = rf"(?:{_MEMBER_PATTERN}|{re.escape(FOLDER_METADATA)})"
+_FOLDER_FILE_NAME = re.compile(rf"{SHARDS_DIR}/({SHARD_NAME_PATTERN})/{_FOLDER_FILE_PATTERN}")
 # storage writes a local file aside as `{target}.{hex token}.partial`, then renames it.
 _PARTIAL_NAME = re.compile(
     rf"(?:{SHARDS_DIR}/{SHARD_NAME_PATTERN}{re.escape(TAR_SUFFIX)}"
+    rf"|{SHARDS_DIR}/{SHARD_NAME_PATTERN}{re.escape(PARQUET_SUFFIX)}"
+    rf"|{SHARDS_DIR}/{SHARD_NAME_PATTERN}/{_FOLDER_FILE_PATTERN}"
     rf"|{MANIFESTS_DIR}/{SHARD_NAME_PATTERN}{re.escape(MANIFEST_SUFFIX)}"
-    rf"|{re.escape(JOB_FILE)}|{re.escape(SUCCESS_FILE)})"
+    rf"|{re.escape(JOB_FILE)}|{re.escape(SUCCESS_FILE)}|{re.escape(CARD_FILE)})"
     rf"\.[0-9a-f]+{re.escape(PARTIAL_SUFFIX)}"
 )
 
@@ -91,8 +182,14 @@ def classify(relative: str) -> tuple[FileKind, str | None]:
         return FileKind.JOB_FILE, None
     if relative == SUCCESS_FILE:
         return FileKind.SUCCESS, None
+    if relative == CARD_FILE:
+        return FileKind.CARD, None
     if match := _TAR_NAME.fullmatch(relative):
         return FileKind.TAR, match.group(1)
+    if match := _PARQUET_NAME.fullmatch(relative):
+        return FileKind.PARQUET_SHARD, match.group(1)
+    if match := _FOLDER_FILE_NAME.fullmatch(relative):
+        return FileKind.FOLDER_FILE, match.group(1)
     if match := _MANIFEST_NAME.fullmatch(relative):
         return FileKind.MANIFEST, match.group(1)
     if _PARTIAL_NAME.fullmatch(relative):
@@ -111,6 +208,60 @@ def recorded_tar_bytes(schema: pa.Schema) -> int | None:
     return int(value) if value is not None else None
 
 
+def stats_metadata(stats: dict[str, Any]) -> dict[bytes, bytes]:
+    """The manifest metadata recording its shard's stats."""
+    return {STATS_METADATA: json.dumps(stats).encode()}
+
+
+def recorded_stats(schema: pa.Schema) -> dict[str, Any] | None:
+    """The shard stats a manifest records (None for manifests written before they were)."""
+    value = (schema.metadata or {}).get(STATS_METADATA)
+    return json.loads(value) if value is not None else None
+
+
+def data_metadata(output_format: str, data_bytes: int) -> dict[bytes, bytes]:
+    """The manifest metadata recording its shard's format and the size of its data file
+    (the tar, the Parquet file, or the folder's metadata.parquet)."""
+    if output_format == WEBDATASET:
+        return {FORMAT_METADATA: WEBDATASET.encode(), **tar_bytes_metadata(data_bytes)}
+    return {FORMAT_METADATA: output_format.encode(), DATA_BYTES_METADATA: str(data_bytes).encode()}
+
+
+def recorded_format(schema: pa.Schema) -> str | None:
+    """The output.format a manifest records (None for manifests written before formats)."""
+    value = (schema.metadata or {}).get(FORMAT_METADATA)
+    return value.decode() if value is not None else None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a committed manifest says its shard's data are: enough to check them against a
+    listing (`OutputListing.shard_damage`)."""
+
+    output_format: str | None  # None: not recorded (the listing tells, else webdataset)
+    data_bytes: int | None  # size of the tar / Parquet file / folder metadata, if recorded
+    members: dict[str, int] = field(default_factory=dict)  # files: image name -> bytes
+
+
+def shard_record(manifest: pa.Table) -> ShardRecord:
+    """The `ShardRecord` of a manifest table: its metadata, and for the files format the
+    member and byte count of each ok row (the table must hold member, bytes and status)."""
+    output_format = recorded_format(manifest.schema)
+    metadata = manifest.schema.metadata or {}
+    if output_format in (None, WEBDATASET):
+        return ShardRecord(output_format, recorded_tar_bytes(manifest.schema))
+    value = metadata.get(DATA_BYTES_METADATA)
+    members: dict[str, int] = {}
+    if output_format == FILES:
+        columns = [manifest.column(c).to_pylist() for c in (Col.MEMBER, Col.BYTES, Col.STATUS)]
+        members = {
+            member: size
+            for member, size, status in zip(*columns, strict=True)
+            if status == STATUS_OK and member is not None
+        }
+    return ShardRecord(output_format, int(value) if value is not None else None, members)
+
+
 @dataclass(frozen=True)
 class OutputListing:
     """Every file under an output prefix, sorted into what the commit protocol sees."""
@@ -123,15 +274,55 @@ class OutputListing:
     has_success: bool
     sizes: dict[str, int] = field(default_factory=dict)  # bytes per file, where listed
 
-    def shard_damage(self, shard: str, tar_bytes: int | None) -> str | None:
-        """Why a committed shard cannot be trusted (its tar is missing or has another size
-        than its manifest records), or None. Costs nothing beyond the listing."""
+    @cached_property
+    def file_set(self) -> frozenset[str]:
+        """`files` as a set, for lookups."""
+        return frozenset(self.files)
+
+    def shard_format(self, shard: str, record: ShardRecord) -> str:
+        """The shard's output.format: as its manifest records it, else as the listing shows
+        (a manifest from before formats existed belongs to a tar)."""
+        if record.output_format is not None:
+            return record.output_format
+        if parquet_path(shard) in self.file_set and tar_path(shard) not in self.file_set:
+            return PARQUET
+        if folder_file_path(shard, FOLDER_METADATA) in self.file_set:
+            return FILES
+        return WEBDATASET
+
+    def _size_damage(self, what: str, relative: str, recorded: int | None) -> str | None:
+        if relative not in self.file_set:
+            return f"its {what} {relative} is missing"
+        size = self.sizes.get(relative)
+        if recorded is not None and size is not None and size != recorded:
+            return f"its {what} {relative} has {size} bytes, its manifest records {recorded}"
+        return None
+
+    def shard_damage(self, shard: str, record: ShardRecord | int | None) -> str | None:
+        """Why a committed shard cannot be trusted (a data file is missing or has another
+        size than its manifest records), or None. Costs nothing beyond the listing.
+
+        `record` is the manifest's `shard_record` (an int or None: a tar's recorded size).
+        """
+        if not isinstance(record, ShardRecord):
+            record = ShardRecord(WEBDATASET, record)
+        output_format = self.shard_format(shard, record)
+        if output_format == PARQUET:
+            return self._size_damage("Parquet file", parquet_path(shard), record.data_bytes)
+        if output_format == FILES:
+            metadata = folder_file_path(shard, FOLDER_METADATA)
+            damage = self._size_damage("metadata file", metadata, record.data_bytes)
+            for member, size in sorted(record.members.items()):
+                if damage is not None:
+                    break
+                damage = self._size_damage("image", folder_file_path(shard, member), size)
+            return damage
         tar = tar_path(shard)
-        if tar not in self.files:
+        if tar not in self.file_set:
             return "its tar is missing"
-        size = self.sizes.get(tar)
-        if tar_bytes is not None and size is not None and size != tar_bytes:
-            return f"its tar has {size} bytes, its manifest records {tar_bytes}"
+        tar_size = self.sizes.get(tar)
+        if record.data_bytes is not None and tar_size is not None and tar_size != record.data_bytes:
+            return f"its tar has {tar_size} bytes, its manifest records {record.data_bytes}"
         return None
 
     @property
@@ -151,8 +342,8 @@ def scan_output(files: Iterable[str], sizes: dict[str, int] | None = None) -> Ou
     for relative, kind, shard in kinds:
         if kind is FileKind.PARTIAL:
             leftovers.append((relative, "partial write"))
-        elif kind is FileKind.TAR and shard not in committed_set:
-            leftovers.append((relative, "tar without a manifest: not committed"))
+        elif kind in DATA_KINDS and shard not in committed_set:
+            leftovers.append((relative, f"{kind.value} without a manifest: not committed"))
     return OutputListing(
         files=tuple(files),
         committed=tuple(committed),
@@ -183,14 +374,39 @@ def list_output(storage: Storage) -> OutputListing:
     return scan_output((posixpath.relpath(path, root) for path in found), sizes)
 
 
+def shard_data_files(storage: Storage, shard: str) -> list[str]:
+    """Every data file a shard may have, in any format (what uncommitting it removes)."""
+    folder = shard_folder(shard)
+    in_folder = [
+        f"{folder}/{name}"
+        for name in storage.list_files(folder)
+        if classify(f"{folder}/{name}")[0] in (FileKind.FOLDER_FILE, FileKind.PARTIAL)
+    ]
+    # The folder's metadata goes first: without it a reader sees no shard there.
+    in_folder.sort(key=lambda relative: not relative.endswith(f"/{FOLDER_METADATA}"))
+    return [tar_path(shard), parquet_path(shard), *in_folder]
+
+
 def summary_from_manifest(storage: Storage, shard: str, manifest: pa.Table) -> dict[str, Any]:
-    """The per-shard stats row (`schemas.SUMMARY_SCHEMA`) of a committed manifest."""
+    """The per-shard stats row (`schemas.SUMMARY_SCHEMA`) of a committed manifest.
+
+    Failures, seconds and generation moments come from the stats the manifest records;
+    a manifest written before them gives its failures from the error column (if read)."""
     statuses = manifest.column(Col.STATUS).to_pylist()
     ok = sum(1 for status in statuses if status == STATUS_OK)
     ordinals = manifest.column(Col.ORDINAL).to_pylist()
+    stats = recorded_stats(manifest.schema) or {}
+    failures = stats.get("failures")
+    if failures is None and Col.ERROR in manifest.column_names:
+        failures = failures_by_reason(
+            error
+            for status, error in zip(statuses, manifest.column(Col.ERROR).to_pylist(), strict=True)
+            if status != STATUS_OK
+        )
     return {
         "shard": shard,
-        "tar": storage.url(tar_path(shard)),
+        # The shard's data in its format (the field keeps its name from when it was a tar).
+        "tar": storage.url(data_location(shard, recorded_format(manifest.schema) or WEBDATASET)),
         "manifest": storage.url(manifest_path(shard)),
         "rows": manifest.num_rows,
         "ok": ok,
@@ -199,4 +415,11 @@ def summary_from_manifest(storage: Storage, shard: str, manifest: pa.Table) -> d
         "first_ordinal": min(ordinals) if ordinals else 0,
         "committed_at": None,
         "generated_at": None,
+        # (reason, count) pairs: what the summary schema's map column gives back, so that
+        # a row read from a manifest equals the one its writer returned
+        "failures": list(failures.items()) if failures is not None else None,
+        "generate_s": stats.get("generate_s"),
+        "encode_s": stats.get("encode_s"),
+        "first_generated_at": stats.get("first_generated_at"),
+        "last_generated_at": stats.get("last_generated_at"),
     }

@@ -40,6 +40,10 @@ class ModelPreset:
     guidance_scale: float
     scheduler_timestep_spacing: str | None = None  # None keeps the repository's scheduler
     default_size: int = 1024
+    # The weights' license as a Hugging Face license id, for the dataset card. The KOALA
+    # model cards on the Hub (etri-vilab/koala-*) declare none in their metadata (tags
+    # only), so "unknown": read the model card before redistributing their images.
+    license: str = "unknown"
 
 
 # 700m/1b: the model cards recommend 25 steps and pass no guidance (diffusers' 5.0 applies).
@@ -62,7 +66,15 @@ PRESETS: dict[str, ModelPreset] = {
             guidance_scale=3.5,
             scheduler_timestep_spacing="trailing",
         ),
-        ModelPreset(TINY_MODEL_NAME, TINY_MODEL_NAME, steps=4, guidance_scale=5.0, default_size=64),
+        # Random weights built in code: koala-batch's own license.
+        ModelPreset(
+            TINY_MODEL_NAME,
+            TINY_MODEL_NAME,
+            steps=4,
+            guidance_scale=5.0,
+            default_size=64,
+            license="apache-2.0",
+        ),
     )
 }
 

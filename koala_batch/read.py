@@ -6,26 +6,35 @@ and column; so does an input that can reach the job's own output. Each read unit
 row group; the read stage turns it into rows with their source file, row index and
 global ordinal. A file that turns out damaged while it is read fails for good, naming
 the file and row group; only faults of the storage beneath it are retried.
+
+Hive partitions: the `key=value` directories of a file's path below its input root are
+columns of its rows, typed and decoded by pyarrow's own hive partitioning (as
+`pyarrow.dataset` and `pandas.read_parquet` read them). A `ray.data.Dataset` of prompt rows
+(`DatasetRows`) is an input too, one without files: its rows need an id column.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.registry import get_filesystem_class
 from fsspec.utils import get_protocol
 
-from koala_batch.config import InputSpec, reveal_storage_options
+from koala_batch.config import IMAGES_PER_PROMPT_RULE, InputSpec, reveal_storage_options
 from koala_batch.errors import InputError, SpecError
-from koala_batch.schemas import Col, require_columns
+from koala_batch.schemas import READ_COLUMNS, Col, require_columns
 from koala_batch.storage import filesystem_for, with_retries
 
 T = TypeVar("T")
@@ -44,7 +53,11 @@ READ_UNIT_FIELDS = (
     "row_offset",
     "ordinal_offset",
     "num_rows",
+    "partitions",
 )
+
+# What names the rows of a ray.data.Dataset in messages, where a file's URL would be.
+DATASET_INPUT = "(ray.data.Dataset)"
 
 
 @dataclass(frozen=True)
@@ -53,19 +66,35 @@ class InputFile:
 
     url: str  # full URL, with protocol
     source: str  # path relative to the input root: the stable part of derived ids
-    schema: pa.Schema
+    schema: pa.Schema  # the columns of its rows: the file's own, then its partition keys
     row_group_rows: tuple[int, ...]
+    partitions: tuple[tuple[str, Any], ...] = ()  # (key, value) of its path, in path order
 
     @property
     def num_rows(self) -> int:
         return sum(self.row_group_rows)
 
+    def partition_row(self) -> bytes | None:
+        """Its partition values as a one-row Arrow IPC stream (what a read unit carries:
+        typed, and plain bytes to Ray Data); None without partitions."""
+        if not self.partitions:
+            return None
+        row = pa.table(
+            {key: pa.array([value], self.schema.field(key).type) for key, value in self.partitions}
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, row.schema) as writer:
+            writer.write_table(row)
+        return sink.getvalue().to_pybytes()
+
 
 @dataclass(frozen=True)
 class InputPlan:
-    """Every input file, in a fixed order, with global row offsets."""
+    """Every input file, in a fixed order, with global row offsets, and how many images
+    its rows ask for (`count_images`)."""
 
     files: tuple[InputFile, ...]
+    planned_images: int
 
     @property
     def num_rows(self) -> int:
@@ -77,6 +106,7 @@ class InputPlan:
         ordinal = 0
         for file_index, input_file in enumerate(self.files):
             row_offset = 0
+            partitions = input_file.partition_row()
             for group, rows in enumerate(input_file.row_group_rows):
                 if rows:
                     values = (
@@ -87,6 +117,7 @@ class InputPlan:
                         row_offset,
                         ordinal,
                         rows,
+                        partitions,
                     )
                     units.append(dict(zip(READ_UNIT_FIELDS, values, strict=True)))
                 row_offset += rows
@@ -313,6 +344,117 @@ def _read_footer(fs: Any, path: str, url: str, source: str) -> InputFile:
     return InputFile(url=url, source=source, schema=schema, row_group_rows=groups)
 
 
+# The value pyarrow and Spark read as a null partition value.
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def hive_partitions(
+    listed: list[tuple[Any, str, str, str]],
+) -> tuple[pa.Schema, list[tuple[tuple[str, Any], ...]]]:
+    """The hive partitions of listed files (`list_input_files`): the partition schema and
+    each file's (key, value) pairs, in path order.
+
+    A file's partitions are the `key=value` directories of its path below its input root.
+    pyarrow's own discovery types them across all files (int32 where every value is one,
+    else string), decodes URL escapes and reads `__HIVE_DEFAULT_PARTITION__` as null, so
+    the columns are those `pyarrow.dataset` gives; no file is opened. A key repeated in one
+    path, files under different keys, or a key null in every file is an InputError naming
+    the file and the key.
+    """
+    directories = [posixpath.dirname(entry[3]) for entry in listed]
+    if not any("=" in directory for directory in directories):
+        return pa.schema([]), [()] * len(listed)
+    factory = pads.FileSystemDatasetFactory(
+        # Only the paths are parsed: with no fragment inspected, nothing is read or listed.
+        pafs.LocalFileSystem(),
+        [f"/{entry[3]}" for entry in listed],
+        pads.ParquetFileFormat(),
+        pads.FileSystemFactoryOptions(
+            partition_base_dir="/",
+            partitioning=pads.HivePartitioning.discover(null_fallback=HIVE_NULL),
+        ),
+    )
+    try:
+        schema = factory.inspect(fragments=0)
+    except pa.ArrowInvalid as exc:  # a key whose every value is null has no type
+        values: dict[str, set[str]] = {}
+        first_url: dict[str, str] = {}
+        for entry, directory in zip(listed, directories, strict=True):
+            for segment in directory.split("/"):
+                if "=" in segment:
+                    key, value = (unquote(part) for part in segment.split("=", 1))
+                    values.setdefault(key, set()).add(value)
+                    first_url.setdefault(key, entry[2])
+        null = next((key for key, seen in values.items() if seen == {HIVE_NULL}), "?")
+        raise InputError(
+            f"input file {first_url.get(null, listed[0][2])}: partition key {null!r} is "
+            f"{HIVE_NULL} (null) in every file, so it has no type ({_one_line(exc)}); give it "
+            "a value in at least one path, or take those files out of the input"
+        ) from None
+    partitioning = pads.HivePartitioning(schema, null_fallback=HIVE_NULL)
+    found: list[tuple[tuple[str, Any], ...]] = []
+    for entry, directory in zip(listed, directories, strict=True):
+        pairs: list[tuple[str, Any]] = []
+        for segment in directory.split("/"):
+            if "=" in segment:
+                parsed = pads.get_partition_keys(partitioning.parse(f"/{segment}/file"))
+                pairs.extend(parsed.items())
+        keys = [key for key, _ in pairs]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise InputError(
+                f"input file {entry[2]}: partition key {repeated!r} appears twice in its path; "
+                "each key=value directory level must name a different key"
+            )
+        found.append(tuple(pairs))
+    first_keys = [key for key, _ in found[0]]
+    for entry, file_pairs in zip(listed, found, strict=True):
+        keys = [key for key, _ in file_pairs]
+        if keys != first_keys:
+            odd = [key for key in keys if key not in first_keys]
+            missing = [key for key in first_keys if key not in keys]
+            key = (odd or missing or keys)[0]
+            raise InputError(
+                f"input file {entry[2]}: partition key {key!r} differs from input file "
+                f"{listed[0][2]} (partition keys: {'/'.join(keys) or 'none'} here, "
+                f"{'/'.join(first_keys) or 'none'} there); every file of a hive-partitioned "
+                "input must lie under the same key=value directories, in the same order"
+            )
+    return schema, found
+
+
+def with_partitions(
+    input_file: InputFile, pairs: tuple[tuple[str, Any], ...], partition_schema: pa.Schema
+) -> InputFile:
+    """The file with its partition keys as columns after its own; InputError naming the
+    file and key when a key is also a column inside the file (which would be ambiguous)."""
+    if not pairs:
+        return input_file
+    for key, _ in pairs:
+        if key in input_file.schema.names:
+            raise InputError(
+                f"input file {input_file.url}: partition key {key!r} of its path is also a "
+                "column inside the file, so its rows would have two values for it; drop the "
+                f"column from the file, or rename the {key}=... directories"
+            )
+    fields = [partition_schema.field(key) for key, _ in pairs]
+    schema = pa.schema([*input_file.schema, *fields], metadata=input_file.schema.metadata)
+    return replace(input_file, schema=schema, partitions=pairs)
+
+
+def _column_of(
+    entry: tuple[Any, str, str, str],
+    input_file: InputFile,
+    column: str,
+    read: Callable[[Any, str, str, str], list[Any]],
+) -> list[Any]:
+    """A column's values in one file: its partition value on every row, or `read` from it."""
+    partitions = dict(input_file.partitions)
+    if column in partitions:
+        return [partitions[column]] * input_file.num_rows
+    return read(entry[0], entry[1], entry[2], column)
+
+
 def _value_type(dtype: pa.DataType) -> pa.DataType:
     """The logical type: pandas categoricals arrive as dictionary-encoded columns."""
     return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
@@ -364,6 +506,21 @@ def check_schema(schema: pa.Schema, spec: InputSpec, file_url: str) -> None:
                 f"input file {file_url}: id column {spec.id_column!r} has type {id_type}, "
                 "expected string or integer"
             )
+    for role, column in spec.parameter_columns.items():
+        if column is None:
+            continue
+        name = role.removesuffix("_column")
+        value_type = _value_type(require(column, name))
+        if not (
+            pa.types.is_integer(value_type)
+            or pa.types.is_floating(value_type)
+            or pa.types.is_null(value_type)
+            or pa.types.is_decimal(value_type)
+        ):
+            raise InputError(
+                f"input file {file_url}: {name} column {column!r} has type {value_type}, "
+                "expected a number"
+            )
     if spec.seed_column:
         seed_type = _value_type(require(spec.seed_column, "seed"))
         if not (
@@ -380,8 +537,27 @@ def check_schema(schema: pa.Schema, spec: InputSpec, file_url: str) -> None:
         require(column, "passthrough")
 
 
+def images_of_row(value: Any, images_per_prompt: int) -> int:
+    """How many work rows a row with this images_per_prompt column value becomes: its value,
+    the spec's for null, one (its error row) for a bad value."""
+    count, problem = IMAGES_PER_PROMPT_RULE.parse(value)
+    if problem is not None:
+        return 1
+    return images_per_prompt if count is None else int(count)
+
+
+def count_images(values: list[Any], images_per_prompt: int) -> int:
+    """The images a file's images_per_prompt column values ask for (`images_of_row`)."""
+    return sum(
+        images_of_row(value, images_per_prompt) * times for value, times in Counter(values).items()
+    )
+
+
 def plan_input(
-    spec: InputSpec, filesystem: Any | None = None, output_uri: str | None = None
+    spec: InputSpec,
+    filesystem: Any | None = None,
+    output_uri: str | None = None,
+    images_per_prompt: int = 1,
 ) -> InputPlan:
     """List the input files and read their footers (in parallel); check every schema.
 
@@ -389,16 +565,23 @@ def plan_input(
     first (`check_output_outside_input`).
 
     With an id column, also reads that column everywhere to refuse duplicate ids: two
-    rows with one id would get one key, and one would silently replace the other.
+    rows with one id would get one key, and one would silently replace the other. With an
+    images_per_prompt column, reads that column to count the images planned; otherwise
+    they are the rows times `images_per_prompt` (generation.images_per_prompt).
     """
     if output_uri:
         check_output_outside_input(spec, output_uri)
     listed = list_input_files(spec, filesystem, output_uri)
+    partition_schema, partitions = hive_partitions(listed)
     with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
         files = list(pool.map(lambda entry: _read_footer(*entry), listed))
+        files = [
+            with_partitions(input_file, pairs, partition_schema)
+            for input_file, pairs in zip(files, partitions, strict=True)
+        ]
         for input_file in files:
             check_schema(input_file.schema, spec, input_file.url)
-        plan = InputPlan(files=tuple(files))
+        plan = InputPlan(files=tuple(files), planned_images=0)
         if plan.num_rows == 0:
             raise InputError(
                 f"input {', '.join(spec.uris)} holds no rows ({len(files)} file(s), all empty)"
@@ -407,11 +590,38 @@ def plan_input(
         if id_column:
             id_columns = list(
                 pool.map(
-                    lambda entry: _read_column(entry[0], entry[1], entry[2], id_column), listed
+                    lambda entry, input_file: _column_of(
+                        entry, input_file, id_column, _read_column
+                    ),
+                    listed,
+                    files,
                 )
             )
             check_unique_ids(plan, id_columns, id_column)
+        images_column = spec.images_per_prompt_column
+        if images_column:
+            counts = pool.map(
+                lambda entry, input_file: count_images(
+                    _column_of(entry, input_file, images_column, _read_values), images_per_prompt
+                ),
+                listed,
+                files,
+            )
+            plan = replace(plan, planned_images=sum(counts))
+        else:
+            plan = replace(plan, planned_images=plan.num_rows * images_per_prompt)
     return plan
+
+
+def _read_values(fs: Any, path: str, url: str, column: str) -> list[Any]:
+    """A column's values as Python objects."""
+    return read_parquet(
+        fs,
+        path,
+        lambda parquet: parquet.read(columns=[column]).column(column).to_pylist(),
+        f"read column {column} of {url}",
+        f"input file {url}: column {column!r} is unreadable",
+    )
 
 
 def _read_column(fs: Any, path: str, url: str, column: str) -> list[Any]:
@@ -509,6 +719,7 @@ def input_columns(spec: InputSpec) -> list[str]:
         spec.id_column,
         spec.negative_prompt_column,
         spec.seed_column,
+        *spec.parameter_columns.values(),
         *spec.passthrough_columns,
     ]
     return list(dict.fromkeys(column for column in wanted if column))
@@ -525,10 +736,12 @@ class ReadRowGroups:
     def read_unit(self, unit: dict[str, Any]) -> pa.Table:
         fs, path = _input_filesystem(unit["url"], self.options, self.filesystem)
         first = unit["row_offset"]
+        partitions = _partition_values(unit["partitions"])
+        in_file = [column for column in self.columns if column not in partitions]
         table = read_parquet(
             fs,
             path,
-            lambda parquet: parquet.read_row_group(unit["row_group"], columns=self.columns),
+            lambda parquet: parquet.read_row_group(unit["row_group"], columns=in_file),
             f"read {unit['url']} row group {unit['row_group']}",
             f"input file {unit['url']}: row group {unit['row_group']} (rows {first} to "
             f"{first + unit['num_rows'] - 1}) is unreadable",
@@ -543,8 +756,92 @@ class ReadRowGroups:
             Col.ROW_INDEX: row_index,
             Col.ROW_ORDINAL: ordinal,
         }
-        return pa.table({**provenance, **{c: table.column(c) for c in self.columns}})
+        columns = {
+            column: pa.repeat(partitions[column], count)
+            if column in partitions
+            else table.column(column)
+            for column in self.columns
+        }
+        return pa.table({**provenance, **columns})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, READ_UNIT_FIELDS, "read")
         return pa.concat_tables([self.read_unit(unit) for unit in batch.to_pylist()])
+
+
+def _partition_values(row: bytes | None) -> dict[str, pa.Scalar]:
+    """A read unit's partition values (`InputFile.partition_row`), by key."""
+    if not row:
+        return {}
+    table = pa.ipc.open_stream(row).read_all()
+    return {name: table.column(name)[0] for name in table.column_names}
+
+
+def check_dataset_schema(schema: pa.Schema, spec: InputSpec) -> None:
+    """Raise SpecError or InputError, naming the column, if rows of this schema (those of
+    a ray.data.Dataset) cannot serve the spec: as a file's (`check_schema`), and they
+    need an id column, having no file and row index to derive ids from."""
+    if spec.id_column is None:
+        raise SpecError(
+            "input.id_column is not set: rows of a ray.data.Dataset have no file and row "
+            "index to derive ids from, and the id names and seeds each image; set "
+            "input.id_column to a column of unique ids"
+        )
+    if spec.id_column not in schema.names:
+        raise InputError(
+            f"{DATASET_INPUT}: id column {spec.id_column!r} (input.id_column) is missing; rows "
+            "of a ray.data.Dataset need one (they have no file and row index to derive ids "
+            f"from); columns present: {_describe_columns(schema)}"
+        )
+    check_schema(schema, spec, DATASET_INPUT)
+
+
+class DatasetRows:
+    """Read stage of a ray.data.Dataset of prompt rows: its rows in, with the provenance
+    columns the validate stage takes (rows that have them, the read stage's, pass as
+    they are).
+
+    A Dataset's rows have no file or position: `source` and `row_index` are null, and a
+    row's id comes only from input.id_column; a null id is an InputError (nothing to
+    name or seed its images by). Ids must be unique, as in a file; a Dataset is not read
+    twice to check it.
+    """
+
+    def __init__(self, spec: InputSpec):
+        self.spec = spec
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if all(column in table.column_names for column in READ_COLUMNS):
+            return table
+        check_dataset_schema(table.schema, self.spec)
+        id_column = self.spec.id_column
+        assert id_column is not None  # checked just above
+        ids = table.column(id_column)
+        if ids.null_count:
+            nulls = table.filter(ids.is_null())
+            prompt = nulls.column(self.spec.prompt_column)[0].as_py()
+            raise InputError(
+                f"{DATASET_INPUT}: id column {id_column!r} (input.id_column) is null in "
+                f"{ids.null_count} row(s) of a batch, e.g. the row with prompt {prompt!r}; "
+                "every row needs an id to name and seed its images: drop or fill those rows "
+                "first"
+            )
+        _, bad = text_values(ids) if _is_text(ids.type) else ([], {})
+        if bad:
+            row, why = next(iter(bad.items()))
+            raise InputError(
+                f"{DATASET_INPUT}: id column {id_column!r} (input.id_column), row {row} of a "
+                f"batch: {why}; ids must be text: fix or drop those rows first"
+            )
+        count = table.num_rows
+        table = table.drop_columns([c for c in READ_COLUMNS if c in table.column_names])
+        provenance = {
+            Col.SOURCE: pa.nulls(count, pa.string()),
+            Col.ROW_INDEX: pa.nulls(count, pa.int64()),
+            # The validate stage numbers images from it; a Dataset row has no position,
+            # and generate_images nulls the ordinal it gets.
+            Col.ROW_ORDINAL: pa.array([0] * count, pa.int64()),
+        }
+        for name, values in provenance.items():
+            table = table.append_column(name, values)
+        return table

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from koala_batch.errors import StageInputError
 
@@ -45,11 +46,14 @@ class Col:
     SHA256 = "sha256"
     BYTES = "bytes"
     GENERATED_AT = "generated_at"
-    # write: constant per job, and where the image went
+    GENERATE_S = "generate_s"
+    ENCODE_S = "encode_s"
+    # per row (the spec's values unless the input names a column for them)
     STEPS = "steps"
     GUIDANCE_SCALE = "guidance_scale"
     WIDTH = "width"
     HEIGHT = "height"
+    # write: constant per job, and where the image went
     MODEL = "model"
     IMAGE_FORMAT = "image_format"
     SHARD = "shard"
@@ -62,16 +66,27 @@ WORK_FIELDS = (
     pa.field(Col.ID, pa.string()),
     pa.field(Col.IMAGE_INDEX, pa.int32()),
     pa.field(Col.KEY, pa.string()),
-    pa.field(Col.SEED, pa.uint64()),
+    # int64, never uint64: seeds are below 2**63 (keys.SEED_MODULUS) so every reader
+    # takes them
+    pa.field(Col.SEED, pa.int64()),
     pa.field(Col.ORDINAL, pa.int64()),
     pa.field(Col.PROMPT, pa.string()),
     pa.field(Col.NEGATIVE_PROMPT, pa.string()),
+    # the generation parameters of this row's pipeline call
+    pa.field(Col.STEPS, pa.int32()),
+    pa.field(Col.GUIDANCE_SCALE, pa.float64()),
+    pa.field(Col.WIDTH, pa.int32()),
+    pa.field(Col.HEIGHT, pa.int32()),
     pa.field(Col.SOURCE, pa.string()),
     pa.field(Col.ROW_INDEX, pa.int64()),
     pa.field(Col.STATUS, pa.string()),
     pa.field(Col.ERROR, pa.string()),
 )
 WORK_SCHEMA = pa.schema(WORK_FIELDS)
+
+# What decides which rows may share a pipeline call (with whether a row has a negative
+# prompt): rows that differ in one of these never do.
+BUCKET_COLUMNS = (Col.WIDTH, Col.HEIGHT, Col.STEPS, Col.GUIDANCE_SCALE)
 
 GENERATED_FIELDS = (
     *WORK_FIELDS,
@@ -81,6 +96,10 @@ GENERATED_FIELDS = (
     pa.field(Col.BYTES, pa.int64()),
     # unix seconds when the image left the pipeline: the job's commit timeline
     pa.field(Col.GENERATED_AT, pa.float64()),
+    # What the image cost: its share of its pipeline call's wall seconds (the call's
+    # seconds over its images) and its encoding seconds. Summed into the shard's stats.
+    pa.field(Col.GENERATE_S, pa.float64()),
+    pa.field(Col.ENCODE_S, pa.float64()),
 )
 
 MANIFEST_FIELDS = (
@@ -90,7 +109,7 @@ MANIFEST_FIELDS = (
     pa.field(Col.PROMPT, pa.string()),
     pa.field(Col.NEGATIVE_PROMPT, pa.string()),
     pa.field(Col.PROMPT_TRUNCATED, pa.bool_()),
-    pa.field(Col.SEED, pa.uint64(), nullable=False),
+    pa.field(Col.SEED, pa.int64(), nullable=False),
     pa.field(Col.STEPS, pa.int32(), nullable=False),
     pa.field(Col.GUIDANCE_SCALE, pa.float64(), nullable=False),
     pa.field(Col.WIDTH, pa.int32(), nullable=False),
@@ -106,18 +125,32 @@ MANIFEST_FIELDS = (
     pa.field(Col.SOURCE, pa.string(), nullable=False),
     pa.field(Col.ROW_INDEX, pa.int64(), nullable=False),
     pa.field(Col.ORDINAL, pa.int64(), nullable=False),
+    # When the image left the pipeline (error rows: when they were seen), as readers
+    # expect a moment: microseconds, UTC (GENERATED_FIELDS carry it as unix seconds).
+    pa.field(Col.GENERATED_AT, pa.timestamp("us", tz="UTC")),
 )
 MANIFEST_COLUMNS = tuple(field.name for field in MANIFEST_FIELDS)
 
 # Manifest columns whose value is the same for every row of a job (from the spec).
-SPEC_CONSTANT_COLUMNS = (
-    Col.STEPS,
-    Col.GUIDANCE_SCALE,
-    Col.WIDTH,
-    Col.HEIGHT,
-    Col.MODEL,
-    Col.IMAGE_FORMAT,
+SPEC_CONSTANT_COLUMNS = (Col.MODEL, Col.IMAGE_FORMAT)
+
+# Manifest columns only the writer knows: where it put the image.
+WRITER_COLUMNS = (Col.SHARD, Col.MEMBER)
+
+# What `generate_images` yields, one row per image (before the passthrough columns): the
+# manifest columns but the writer's, as the generator carries them (nullable: a Dataset's
+# rows have no source, row_index or ordinal; moments as unix seconds), then the image bytes
+# and what else the generator adds.
+_GENERATED_BY_NAME = {field.name: field for field in GENERATED_FIELDS}
+IMAGE_ROW_FIELDS = (
+    *(
+        _GENERATED_BY_NAME.get(field.name, field)
+        for field in MANIFEST_FIELDS
+        if field.name not in WRITER_COLUMNS
+    ),
+    *(field for field in GENERATED_FIELDS if field.name not in MANIFEST_COLUMNS),
 )
+IMAGE_ROW_SCHEMA = pa.schema(IMAGE_ROW_FIELDS)
 
 # What the `{key}.json` sidecar of each image holds (before the passthrough columns).
 SIDECAR_COLUMNS = (
@@ -128,6 +161,10 @@ SIDECAR_COLUMNS = (
     Col.NEGATIVE_PROMPT,
     Col.PROMPT_TRUNCATED,
     Col.SEED,
+    Col.STEPS,
+    Col.GUIDANCE_SCALE,
+    Col.WIDTH,
+    Col.HEIGHT,
     *SPEC_CONSTANT_COLUMNS,
 )
 
@@ -144,6 +181,12 @@ SUMMARY_SCHEMA = pa.schema(
         # this run's timing (null for shards committed by an earlier run): unix seconds
         pa.field("committed_at", pa.float64()),
         pa.field("generated_at", pa.list_(pa.float64())),
+        # the shard's stats (`layout.recorded_stats`; null for manifests written before)
+        pa.field("failures", pa.map_(pa.string(), pa.int64())),  # reason -> error rows
+        pa.field("generate_s", pa.float64()),
+        pa.field("encode_s", pa.float64()),
+        pa.field("first_generated_at", pa.float64()),
+        pa.field("last_generated_at", pa.float64()),
     ]
 )
 # Summary fields that describe one run, not the shard: left out of the job record.
@@ -163,6 +206,13 @@ RESERVED_COLUMNS = frozenset(
 def field_names(fields: Iterable[pa.Field]) -> tuple[str, ...]:
     """The names of a sequence of fields, in order."""
     return tuple(field.name for field in fields)
+
+
+def utc_timestamps(seconds: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Unix seconds (float64, as the pipeline keeps moments) as the manifest's
+    `timestamp("us", tz="UTC")`: Arrow casts no float to a timestamp."""
+    micros = pc.round(pc.multiply(seconds.cast(pa.float64()), 1e6)).cast(pa.int64())
+    return micros.cast(pa.timestamp("us", tz="UTC"))
 
 
 def require_columns(table: pa.Table, columns: Iterable[str], stage: str) -> None:

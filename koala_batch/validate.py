@@ -1,8 +1,12 @@
 """Validation: row checks that become error rows, and one work row per image.
 
 Schema problems were refused while planning the input (`read.check_schema`). A row
-problem (empty prompt, unusable seed, null id, text that is not valid UTF-8) makes that
-row's images manifest rows with status=error and the reason; nothing is dropped.
+problem (empty prompt, unusable seed or generation parameter, null id, text that is not
+valid UTF-8, a passthrough value no reader takes) makes that row's images manifest rows
+with status=error and the reason, naming the column; nothing is dropped.
+
+Each row carries the generation parameters of its pipeline call (steps, guidance scale,
+width, height): its own from the columns the spec names, else the spec's.
 """
 
 from __future__ import annotations
@@ -12,11 +16,19 @@ from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from koala_batch.config import JobSpec
+from koala_batch.config import (
+    GUIDANCE_SCALE_RULE,
+    IMAGES_PER_PROMPT_RULE,
+    SIDE_RULE,
+    STEPS_RULE,
+    JobSpec,
+)
 from koala_batch.keys import SEED_MODULUS, KeySet, derived_row_id, image_seed, sample_key
-from koala_batch.read import text_values
+from koala_batch.read import images_of_row, text_values
 from koala_batch.schemas import (
+    BUCKET_COLUMNS,
     READ_COLUMNS,
     STATUS_ERROR,
     STATUS_OK,
@@ -47,11 +59,46 @@ def parse_row_seed(value: Any) -> tuple[int | None, str | None]:
         return None, f"seed {value!r} is not an integer"
     if not isinstance(value, int) and value != as_int:
         return None, f"seed {value!r} is not a whole number"
-    if as_int < 0:
-        return None, f"seed {as_int} is negative; seeds are 0 to 2**64-1"
-    if as_int >= SEED_MODULUS:
-        return None, f"seed {as_int} does not fit in 64 bits; seeds are 0 to 2**64-1"
+    if not 0 <= as_int < SEED_MODULUS:
+        return None, f"seed {as_int} is outside 0 to 2**63-1"
     return as_int, None
+
+
+def parse_row_steps(value: Any) -> tuple[int | None, str | None]:
+    """(steps, None) for a usable value, (None, reason) for a bad one, (None, None) for null."""
+    return STEPS_RULE.parse(value)
+
+
+def parse_row_guidance_scale(value: Any) -> tuple[float | None, str | None]:
+    """(guidance scale, None), (None, reason) for a bad value, (None, None) for null."""
+    scale, problem = GUIDANCE_SCALE_RULE.parse(value)
+    return (None if scale is None else float(scale)), problem
+
+
+def parse_row_side(value: Any) -> tuple[int | None, str | None]:
+    """A width or height: (pixels, None), (None, reason) for a bad value, (None, None) for
+    null."""
+    return SIDE_RULE.parse(value)
+
+
+def parse_row_images_per_prompt(value: Any) -> tuple[int | None, str | None]:
+    """(images, None), (None, reason) for a bad value, (None, None) for null. Planning
+    counts a row's images with the same rule (`read.images_of_row`)."""
+    return IMAGES_PER_PROMPT_RULE.parse(value)
+
+
+# The parameter columns of a row: (InputSpec field, work column, rule), in message order.
+_PARAMETERS = (
+    ("steps_column", Col.STEPS, parse_row_steps),
+    ("guidance_scale_column", Col.GUIDANCE_SCALE, parse_row_guidance_scale),
+    ("width_column", Col.WIDTH, parse_row_side),
+    ("height_column", Col.HEIGHT, parse_row_side),
+)
+
+# With an images_per_prompt column, a row's ordinals are row_ordinal * this + image index:
+# the most images a row may ask for, so ordinals stay unique and do not depend on the
+# other rows' values.
+ORDINAL_STRIDE = int(IMAGES_PER_PROMPT_RULE.high)
 
 
 def _column_values(table: pa.Table, column: str | None) -> list[Any]:
@@ -73,13 +120,77 @@ def _text_column(
     return values, set(bad)
 
 
+def _signed(dtype: pa.DataType) -> pa.DataType:
+    """The type with every uint64 in it (nested too) made int64."""
+    if dtype == pa.uint64():
+        return pa.int64()
+    if pa.types.is_dictionary(dtype):
+        value_type = _signed(dtype.value_type)
+        return dtype if value_type == dtype.value_type else value_type
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        item = _signed(dtype.value_type)
+        if item == dtype.value_type:
+            return dtype
+        field = dtype.value_field.with_type(item)
+        return pa.list_(field) if pa.types.is_list(dtype) else pa.large_list(field)
+    if pa.types.is_fixed_size_list(dtype):
+        item = _signed(dtype.value_type)
+        if item == dtype.value_type:
+            return dtype
+        return pa.list_(dtype.value_field.with_type(item), dtype.list_size)
+    if pa.types.is_struct(dtype):
+        fields = [dtype.field(i) for i in range(dtype.num_fields)]
+        signed = [field.with_type(_signed(field.type)) for field in fields]
+        return dtype if signed == fields else pa.struct(signed)
+    if pa.types.is_map(dtype):
+        key, item = _signed(dtype.key_type), _signed(dtype.item_type)
+        if key == dtype.key_type and item == dtype.item_type:
+            return dtype
+        return pa.map_(key, item)
+    return dtype
+
+
+def _without_uint64(
+    values: pa.ChunkedArray, column: str, problems: dict[int, list[str]]
+) -> pa.ChunkedArray:
+    """A passthrough column with no unsigned 64-bit values: readers of the manifest and
+    sidecars (pandas, `datasets`, JSON through C longs) overflow on those above 2**63-1. It
+    is cast to int64 where every value fits; a row whose value does not becomes an error
+    row naming the column, and its value null."""
+    target = _signed(values.type)
+    if target == values.type:
+        return values
+    try:
+        return values.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    flat = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if isinstance(flat, pa.DictionaryArray):
+        flat = flat.dictionary_decode()
+    fits = []
+    for row in range(len(flat)):
+        try:
+            # A fresh array: a slice of a nested array shares (and casts) all its children.
+            pa.array([flat[row].as_py()], flat.type).cast(target)
+            fits.append(True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            fits.append(False)
+            problems.setdefault(row, []).append(
+                f"passthrough column {column!r}: value {flat[row].as_py()!r} does not fit a "
+                "signed 64-bit integer (readers take no larger one)"
+            )
+    kept = pc.if_else(pa.array(fits), flat, pa.nulls(len(flat), flat.type))
+    return pa.chunked_array([kept.cast(target)])
+
+
 def _passthrough_column(
     table: pa.Table, column: str, problems: dict[int, list[str]]
 ) -> pa.ChunkedArray:
     """A passthrough column as it is, unless it holds text that is not valid UTF-8: then
     with those values escaped (the manifest and sidecars must stay readable) and a
-    problem on their rows."""
-    values = table.column(column)
+    problem on their rows; or unsigned 64-bit integers: then as int64 (`_without_uint64`).
+    Timestamps are kept as they are, with or without a time zone: they are the user's."""
+    values = _without_uint64(table.column(column), column, problems)
     value_type = values.type.value_type if pa.types.is_dictionary(values.type) else values.type
     if value_type not in (pa.string(), pa.large_string(), pa.string_view()):
         return values
@@ -95,8 +206,11 @@ def _passthrough_column(
 class ExpandImages:
     """Validate stage: input rows in, one work row per (row, image index) out.
 
-    Each work row carries its id, key, seed and ordinal, plus status/error when the row
-    cannot be generated. Rows whose key is already committed are left out (resume).
+    Each work row carries its id, key, seed, ordinal and generation parameters, plus
+    status/error when the row cannot be generated. Rows whose key is already committed are
+    left out (resume). With per-row parameter columns, the rows come out sorted by their
+    bucket (`schemas.BUCKET_COLUMNS`, then whether they have a negative prompt), so that
+    rows that may share a pipeline call arrive together (see `job.build_dataset`).
     """
 
     def __init__(self, spec: JobSpec, committed_keys: KeySet | Iterable[str] | None = None):
@@ -104,6 +218,7 @@ class ExpandImages:
         self.images_per_prompt = spec.generation.images_per_prompt
         self.job_seed = spec.generation.seed
         self.default_negative = spec.generation.negative_prompt
+        self.defaults = spec.row_defaults()
         if committed_keys is None:
             committed_keys = KeySet()
         elif not isinstance(committed_keys, KeySet):
@@ -112,11 +227,13 @@ class ExpandImages:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         spec = self.input
+        parameter_columns = spec.parameter_columns
         role_columns = [
             spec.prompt_column,
             spec.id_column,
             spec.negative_prompt_column,
             spec.seed_column,
+            *parameter_columns.values(),
             *spec.passthrough_columns,
         ]
         require_columns(table, [*READ_COLUMNS, *(c for c in role_columns if c)], "validate")
@@ -131,6 +248,18 @@ class ExpandImages:
             table, spec.negative_prompt_column, "negative prompt", column_problems
         )
         seeds = _column_values(table, spec.seed_column)
+        parameters = [
+            (
+                parameter_columns[role],
+                work_column,
+                parse,
+                _column_values(table, parameter_columns[role]),
+            )
+            for role, work_column, parse in _PARAMETERS
+        ]
+        images_column = spec.images_per_prompt_column
+        image_counts = _column_values(table, images_column)
+        stride = ORDINAL_STRIDE if images_column else self.images_per_prompt
         passthrough = {
             column: _passthrough_column(table, column, column_problems)
             for column in spec.passthrough_columns
@@ -155,17 +284,31 @@ class ExpandImages:
                 problems.append(prompt_problem)
             row_seed, seed_problem = parse_row_seed(seeds[row])
             if seed_problem:
-                problems.append(seed_problem)
+                problems.append(f"seed column {spec.seed_column!r}: {seed_problem}")
+            settings = dict(self.defaults)
+            for column, work_column, parse, values in parameters:
+                value, problem = parse(values[row])
+                if problem:
+                    problems.append(f"{work_column} column {column!r}: {problem}")
+                elif value is not None:
+                    settings[work_column] = value
+            count, count_problem = parse_row_images_per_prompt(image_counts[row])
+            if count_problem:
+                problems.append(f"images_per_prompt column {images_column!r}: {count_problem}")
+            # The rule planning counts with: one (error) row for a bad value.
+            images = images_of_row(image_counts[row], self.images_per_prompt)
             negative = negatives[row] if negatives[row] is not None else self.default_negative
-            for image_index in range(self.images_per_prompt):
+            for image_index in range(images):
                 take.append(row)
                 out[Col.ID].append(row_id)
                 out[Col.IMAGE_INDEX].append(image_index)
                 out[Col.KEY].append(sample_key(row_id, image_index))
                 out[Col.SEED].append(image_seed(row_seed, self.job_seed, row_id, image_index))
-                out[Col.ORDINAL].append(row_ordinals[row] * self.images_per_prompt + image_index)
+                out[Col.ORDINAL].append(row_ordinals[row] * stride + image_index)
                 out[Col.PROMPT].append(prompts[row])
                 out[Col.NEGATIVE_PROMPT].append(negative)
+                for name, value in settings.items():
+                    out[name].append(value)
                 out[Col.SOURCE].append(sources[row])
                 out[Col.ROW_INDEX].append(row_indices[row])
                 out[Col.STATUS].append(STATUS_ERROR if problems else STATUS_OK)
@@ -177,4 +320,19 @@ class ExpandImages:
             columns[column] = passthrough[column].take(indices)
         work = pa.table(columns)
         committed = self.committed_keys.contains_many(out[Col.KEY])
-        return work.filter(pa.array(~committed)) if committed.any() else work
+        if committed.any():
+            work = work.filter(pa.array(~committed))
+        if any(parameter_columns.values()):
+            work = sort_by_bucket(work)
+        return work
+
+
+def sort_by_bucket(work: pa.Table) -> pa.Table:
+    """Work rows ordered by their pipeline-call bucket (the generation parameters, then
+    whether they have a negative prompt), stably: within a bucket, rows keep their order."""
+    has_negative = pc.is_valid(work.column(Col.NEGATIVE_PROMPT))
+    keyed = work.append_column("__has_negative", has_negative)
+    order = pc.sort_indices(
+        keyed, sort_keys=[(name, "ascending") for name in (*BUCKET_COLUMNS, "__has_negative")]
+    )
+    return work.take(order)

@@ -1,22 +1,30 @@
 """Verify a finished (or partial) output: every committed shard is whole and consistent.
 
 `verify_output` reads what readers trust, the committed shards (`manifests/{shard}.parquet`
-and `shards/{shard}.tar`), and checks each against the other:
+and the shard's data in its format: `shards/{shard}.tar`, `shards/{shard}.parquet` or
+`shards/{shard}/`), and checks each against the other:
 
 - the manifest is readable and has the manifest columns, its `shard` column names its
-  file, and the shard name derives from its rows (as the writer names shards);
-- every ok row's member `{key}.{ext}` is in the tar exactly once, with the manifest's
-  sha256 and byte count, decodes with Pillow at the row's width x height, and has its
-  `{key}.json` sidecar (valid JSON with the row's key and id);
-- error rows carry an error message and nothing in the tar; the tar holds nothing else;
-- keys, and (id, image_index) pairs, are unique across all manifests, and every key is
-  the one `keys.sample_key` gives its id and image index;
+  file, and the shard name derives from its rows (as the writer names shards; for a
+  manifest that a retry of failed images rewrote, from its rows and the error rows it
+  retired, each of which must have its one row in another manifest);
+- every ok row's member `{key}.{ext}` is in the shard's data exactly once (a tar member, a
+  Parquet row whose `image.path` it is, or a file in the shard's folder), with the
+  manifest's sha256 and byte count, and decodes with Pillow at the row's width x height;
+  in a tar it has its `{key}.json` sidecar (valid JSON with the row's key and id), in a
+  Parquet file its row has the manifest row's key, id and image index and the file the
+  Hugging Face Image feature in its metadata, and a folder's metadata.parquet lists
+  exactly its images (`file_name`) with their keys;
+- error rows carry an error message and have no data; the data hold nothing else;
+- keys, and (id, image_index) pairs, are unique across all manifests (a key with an
+  error row in one shard and a newer row in another is a retry cut short, which a resume
+  resolves), and every key is the one `keys.sample_key` gives its id and image index;
 - `_SUCCESS`, when present, lists exactly the committed shards and counts their rows;
 - with a spec: the output is that spec's job (fingerprint), and every image the input
   plans (computed by the read and validate stages themselves) is committed, and no
   other.
 
-Uncommitted files (tars without a manifest, half-written `*.partial` files) are listed as
+Uncommitted files (data without a manifest, half-written `*.partial` files) are listed as
 leftovers: readers ignore them and a resumed run deletes them, so they fail nothing.
 
 Shards are checked in a thread pool, each streamed through its own worker, so memory is
@@ -38,16 +46,31 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from koala_batch.commit import retired_rows
 from koala_batch.config import JobSpec, reveal_storage_options
 from koala_batch.keys import sample_key, shard_name
 from koala_batch.layout import (
     EXTENSIONS,
+    FILE_NAME_COLUMN,
+    FILES,
+    FOLDER_METADATA,
+    HUGGINGFACE_METADATA,
+    IMAGE_COLUMN,
+    IMAGE_TYPE,
     JOB_FILE,
     MANIFESTS_DIR,
+    PARQUET,
     SUCCESS_FILE,
+    WEBDATASET,
+    FileKind,
+    classify,
+    folder_file_path,
     image_member,
     list_output,
     manifest_path,
+    parquet_path,
+    recorded_format,
+    shard_folder,
     sidecar_member,
     tar_path,
 )
@@ -81,6 +104,8 @@ _ROW_COLUMNS = [
     Col.STATUS,
     Col.ERROR,
     Col.ORDINAL,
+    Col.WIDTH,
+    Col.HEIGHT,
     *SPEC_CONSTANT_COLUMNS,
 ]
 
@@ -171,6 +196,8 @@ class _ShardResult:
     images_checked: int = 0
     # (key, id, image_index, derived key when it differs from key else None), per row
     identities: list[tuple[str | None, Any, Any, str | None]] = field(default_factory=list)
+    error_keys: set[str] = field(default_factory=set)
+    retired: dict[str, int] = field(default_factory=dict)  # rows a retry took out: key -> ordinal
 
 
 def _bounded_map(
@@ -420,6 +447,150 @@ def _scan_tar(
     return problems, decoded
 
 
+# Per format: what its data file is called in messages, and where it is (for the files
+# format, the folder's metadata: the file whose absence means the folder's is missing).
+_DATA_FILES: dict[str, Callable[[str], tuple[str, str]]] = {
+    WEBDATASET: lambda name: ("tar", tar_path(name)),
+    PARQUET: lambda name: ("Parquet file", parquet_path(name)),
+    FILES: lambda name: ("metadata file", folder_file_path(name, FOLDER_METADATA)),
+}
+
+
+def _shard_format(storage: Storage, name: str, schema: pa.Schema) -> str:
+    """The format the manifest records; for one from before formats existed, the one
+    whose data are there (a tar when none is)."""
+    recorded = recorded_format(schema)
+    if recorded is not None and recorded in _DATA_FILES:
+        return recorded
+    if storage.exists(tar_path(name)):
+        return WEBDATASET
+    for output_format in (PARQUET, FILES):
+        if storage.exists(_DATA_FILES[output_format](name)[1]):
+            return output_format
+    return WEBDATASET
+
+
+def _unlisted(name: str, member: str, where: str, statuses: dict[str, str]) -> str:
+    """The problem of data the manifest does not list."""
+    stem = member.split(".", 1)[0]
+    if statuses.get(stem, STATUS_OK) != STATUS_OK:
+        return f"shard {name}: member {member} belongs to error row {stem}, which has no image"
+    return f"shard {name}: member {member} of {where} is not listed in the manifest"
+
+
+def _scan_parquet(
+    storage: Storage,
+    name: str,
+    images: dict[str, dict[str, Any]],
+    statuses: dict[str, str],
+    limit: int,
+) -> tuple[_Problems, int]:
+    """Read a parquet shard a row group at a time, checking every row; (problems, images
+    decoded)."""
+    problems = _Problems(limit)
+    decoded = 0
+    path = parquet_path(name)
+    seen: Counter[str] = Counter()
+    with storage.open_read(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        schema = parquet.schema_arrow
+        if IMAGE_COLUMN not in schema.names or schema.field(IMAGE_COLUMN).type != IMAGE_TYPE:
+            problems.add(f"shard {name}: {path} has no {IMAGE_COLUMN} column of type {IMAGE_TYPE}")
+            return problems, decoded
+        missing = [column for column in MANIFEST_COLUMNS if column not in schema.names]
+        if missing:
+            problems.add(f"shard {name}: {path} lacks manifest column(s) {', '.join(missing)}")
+        try:
+            features = json.loads((schema.metadata or {})[HUGGINGFACE_METADATA])["info"]["features"]
+        except (KeyError, TypeError, ValueError):
+            features = {}
+        if features.get(IMAGE_COLUMN) != {"_type": "Image"}:
+            problems.add(
+                f"shard {name}: {path} does not declare its {IMAGE_COLUMN} column a Hugging "
+                f"Face Image in its {HUGGINGFACE_METADATA.decode()} metadata"
+            )
+        identity = [c for c in (Col.KEY, Col.ID, Col.IMAGE_INDEX, Col.STATUS) if c in schema.names]
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=[IMAGE_COLUMN, *identity])
+            for row in table.to_pylist():
+                image = row[IMAGE_COLUMN] or {}
+                member = str(image.get("path"))
+                seen[member] += 1
+                if seen[member] == 2:
+                    problems.add(f"shard {name}: member {member} appears more than once in {path}")
+                if seen[member] > 1:
+                    continue
+                if member not in images:
+                    problems.add(_unlisted(name, str(member), path, statuses))
+                    continue
+                expected = images[member]
+                if row.get(Col.STATUS, STATUS_OK) != STATUS_OK:
+                    problems.add(f"shard {name}: member {member} of {path} is an error row")
+                for column in (Col.KEY, Col.ID, Col.IMAGE_INDEX):
+                    if column in row and row[column] != expected[column]:
+                        problems.add(
+                            f"shard {name}: member {member} of {path} has {column}="
+                            f"{_short(row[column])}, the manifest says {_short(expected[column])}"
+                        )
+                decoded += _check_image(name, member, image.get("bytes") or b"", expected, problems)
+    for member, row in images.items():
+        if not seen[member]:
+            problems.add(
+                f"shard {name}: key {row[Col.KEY]}: member {member} is missing from {path}"
+            )
+    return problems, decoded
+
+
+def _scan_folder(
+    storage: Storage,
+    name: str,
+    images: dict[str, dict[str, Any]],
+    statuses: dict[str, str],
+    limit: int,
+) -> tuple[_Problems, int]:
+    """Read every image of a files-format shard and its metadata.parquet; (problems,
+    images decoded)."""
+    problems = _Problems(limit)
+    decoded = 0
+    folder = shard_folder(name)
+    present = set(storage.list_files(folder))
+    for member, row in images.items():
+        path = folder_file_path(name, member)
+        if member not in present:
+            problems.add(f"shard {name}: key {row[Col.KEY]}: image {path} is missing")
+            continue
+        decoded += _check_image(name, path, storage.read_bytes(path), row, problems)
+    for member in sorted(present - set(images) - {FOLDER_METADATA}):
+        # Half-written files are leftovers and a user's own foreign files: both listed
+        # with the leftovers, neither the shard's.
+        if classify(folder_file_path(name, member))[0] is FileKind.FOLDER_FILE:
+            problems.add(_unlisted(name, member, f"{folder}/", statuses))
+    metadata_path = folder_file_path(name, FOLDER_METADATA)
+    metadata = pq.read_table(io.BytesIO(storage.read_bytes(metadata_path)))
+    if FILE_NAME_COLUMN not in metadata.column_names or Col.KEY not in metadata.column_names:
+        problems.add(
+            f"shard {name}: {metadata_path} lacks a {FILE_NAME_COLUMN} or {Col.KEY} column"
+        )
+        return problems, decoded
+    listed = metadata.column(FILE_NAME_COLUMN).to_pylist()
+    keys = metadata.column(Col.KEY).to_pylist()
+    for member, key in zip(listed, keys, strict=True):
+        if member not in images:
+            problems.add(_unlisted(name, str(member), metadata_path, statuses))
+        elif key != images[member][Col.KEY]:
+            problems.add(
+                f"shard {name}: {metadata_path} lists {member} with key {key}, the manifest "
+                f"says {images[member][Col.KEY]}"
+            )
+    if len(set(listed)) != len(listed):
+        problems.add(f"shard {name}: {metadata_path} lists an image more than once")
+    for member in sorted(set(images) - set(listed)):
+        problems.add(
+            f"shard {name}: key {images[member][Col.KEY]}: {metadata_path} does not list {member}"
+        )
+    return problems, decoded
+
+
 def _check_shard(
     storage: Storage, name: str, constants: dict[str, Any] | None, limit: int
 ) -> _ShardResult:
@@ -438,19 +609,22 @@ def _check_shard(
         )
         return result
     result.rows = manifest.num_rows
-    tar_present = storage.exists(tar_path(name))
+    output_format = _shard_format(storage, name, manifest.schema)
+    what, data_path = _DATA_FILES[output_format](name)
+    tar_present = storage.exists(data_path)
     if not tar_present:
         problems.add(
-            f"shard {name}: tar {tar_path(name)} is missing (the manifest lists "
+            f"shard {name}: {what} {data_path} is missing (the manifest lists "
             f"{manifest.num_rows} row(s))"
         )
     if not _check_schema(name, manifest.schema, problems):
         return result
     rows = manifest.select(_ROW_COLUMNS).to_pylist()
+    result.retired = retired_rows(manifest.schema)
     del manifest, data
     if rows:
-        keys = [row[Col.KEY] for row in rows]
-        ordinals = [row[Col.ORDINAL] for row in rows]
+        keys = [row[Col.KEY] for row in rows] + list(result.retired)
+        ordinals = [row[Col.ORDINAL] for row in rows] + list(result.retired.values())
         if None not in keys and None not in ordinals:
             expected_name = shard_name(min(ordinals), keys)
             if expected_name != name:
@@ -462,21 +636,25 @@ def _check_shard(
     else:
         problems.add(f"shard {name}: manifest {manifest_path(name)} has no rows")
     images, sidecars, statuses = _check_rows(name, rows, result, constants)
+    result.error_keys = {key for key, status in statuses.items() if status != STATUS_OK}
     del rows
     if not tar_present:
         return result
+
+    def scan() -> tuple[_Problems, int]:
+        if output_format == PARQUET:
+            return _scan_parquet(storage, name, images, statuses, limit)
+        if output_format == FILES:
+            return _scan_folder(storage, name, images, statuses, limit)
+        return _scan_tar(storage, name, images, sidecars, statuses, limit)
+
     try:
-        tar_problems, decoded = with_retries(
-            lambda: _scan_tar(storage, name, images, sidecars, statuses, limit),
-            f"read {storage.url(tar_path(name))}",
-        )
+        tar_problems, decoded = with_retries(scan, f"read {storage.url(data_path)}")
     except FileNotFoundError:
-        problems.add(f"shard {name}: tar {tar_path(name)} vanished while verifying")
+        problems.add(f"shard {name}: {what} {data_path} vanished while verifying")
         return result
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        problems.add(
-            f"shard {name}: tar {tar_path(name)} is unreadable: {type(exc).__name__}: {exc}"
-        )
+    except (tarfile.TarError, EOFError, OSError, pa.ArrowException) as exc:
+        problems.add(f"shard {name}: {what} {data_path} is unreadable: {type(exc).__name__}: {exc}")
         return result
     problems.merge(tar_problems)
     result.images_checked = decoded
@@ -565,8 +743,10 @@ def _track_identity(
     owner: dict[str, int],
     pairs: dict[str, int],
     problems: _Problems,
+    failed: set[str] | None = None,
 ) -> None:
-    """Record one manifest row's key and (id, image_index); report repeats of either."""
+    """Record one manifest row's key and (id, image_index); report repeats of either.
+    `failed`: the keys seen so far with an error row."""
     if key is None:
         return
     if key in owner:
@@ -576,6 +756,12 @@ def _track_identity(
             if first == names[index]
             else f"in shard {first} and shard {names[index]}"
         )
+        if failed and key in failed and first != names[index]:
+            where += (
+                ", one of them an error row: a retry of failed images was cut short; "
+                "`koala-batch run` on the spec (a resume, or `run --retry-failed`) keeps "
+                "the newer row and takes the other out of its manifest"
+            )
         problems.add(f"key {key} (id {_short(row_id)}, image {image_index}) appears {where}")
     else:
         owner[key] = index
@@ -604,7 +790,12 @@ def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int, 
 
     An input that can reach the output being verified is refused, as `run` refuses it:
     its expected images would include the output's own manifests."""
-    plan = plan_input(spec.input, input_filesystem, output_uri)
+    plan = plan_input(
+        spec.input,
+        input_filesystem,
+        output_uri,
+        images_per_prompt=spec.generation.images_per_prompt,
+    )
     reader = ReadRowGroups(spec.input, input_filesystem)
     expand = ExpandImages(spec)
 
@@ -683,6 +874,8 @@ def verify_output(
     pairs: dict[str, int] = {}
     shard_ids = list(range(len(names)))
     shard_rows: dict[str, tuple[int, int]] = {}
+    failed_keys: set[str] = set()
+    retired_by: dict[str, str] = {}  # key -> the shard whose manifest a retry rewrote
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = _bounded_map(
             pool,
@@ -697,12 +890,30 @@ def verify_output(
             report.images_checked += result.images_checked
             shard_rows[result.name] = (result.rows, result.rows_ok)
             problems.merge(result.problems)
+            failed_keys |= result.error_keys
+            retired_by.update(dict.fromkeys(result.retired, result.name))
             for key, row_id, image_index, derived in result.identities:
                 _track_identity(
-                    key, row_id, image_index, derived, index, names, owner, pairs, problems
+                    key,
+                    row_id,
+                    image_index,
+                    derived,
+                    index,
+                    names,
+                    owner,
+                    pairs,
+                    problems,
+                    failed_keys,
                 )
             result.identities.clear()
     report.rows_failed = report.rows_checked - report.rows_ok
+    for key, shard in sorted(retired_by.items()):
+        if key not in owner:
+            problems.add(
+                f"shard {shard}: a retry took the error row of key {key} out of its manifest, "
+                "but no manifest holds that key now; rerun `koala-batch run` on the spec to "
+                "generate it"
+            )
 
     if success is not None:
         _check_success(success, shard_rows, spec, problems)

@@ -40,10 +40,12 @@ ROW_CASES = [
     ("a/b/c", "an id with slashes", None, "ok", None),
     ("nul\x00id", "an id with a NUL", None, "ok", None),
     ("i" * 10_000, "a 10,000-character id", None, "ok", None),
-    ("negative-seed", "a seeded row", -5, "error", "seed -5 is negative"),
+    ("negative-seed", "a seeded row", -5, "error", "seed -5 is outside 0 to 2**63-1"),
     ("float-seed", "a seeded row", 2.5, "error", "not a whole number"),
     ("whole-float-seed", "a seeded row", 42.0, "ok", None),
-    ("huge-seed", "a seeded row", 2**70, "error", "does not fit in 64 bits"),
+    ("huge-seed", "a seeded row", 2**70, "error", "is outside 0 to 2**63-1"),
+    ("int63-seed", "a seeded row", 2**63, "error", f"seed {2**63} is outside 0 to 2**63-1"),
+    ("top-seed", "a seeded row", 2**63 - 1, "ok", None),
     ("null-seed", "a seeded row", "null", "ok", None),
 ]
 
@@ -86,7 +88,8 @@ def test_row_level_problems_become_error_rows(tmp_path):
     assert rows["emoji"]["prompt_truncated"] is False
     assert rows["whole-float-seed"]["seed"] == 42
     assert rows["null-seed"]["seed"] == derived_seed(7, "null-seed", 0)
-    assert record["counts"]["images_failed"] == 6
+    assert rows["top-seed"]["seed"] == 2**63 - 1
+    assert record["counts"]["images_failed"] == 7
 
     # Every file stays under the output prefix and is named from hashes, not ids.
     for path in output.rglob("*"):
@@ -229,7 +232,11 @@ def test_wrong_credentials_are_one_clear_message(tmp_path, s3_server, s3_bucket)
 
 def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [CLI, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        [CLI, "--log-format", "text", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,6 +21,14 @@ from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
 SMOKE = str(REPO_ROOT / "jobs" / "smoke.yaml")
+# Ray's notes about itself, which stay off the console (its session logs keep them).
+RAY_NOISE = (
+    "Token authentication",
+    "Started a local Ray instance",
+    "Execution plan of Dataset",
+    "Progress bars disabled",
+    "constructor arguments in the object store",
+)
 
 
 def koala_batch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -97,7 +110,9 @@ def test_set_takes_a_text_field_as_given(tmp_path, capsys):
 def test_set_of_a_number_with_a_comment_exits_2(tmp_path, capsys):
     spec = write_spec(tmp_path, {"uri": str(tmp_path / "out")})
 
-    code = cli.main(["validate", spec, "--set", "compute.batch_size=8 #was 4"])
+    code = cli.main(
+        ["validate", spec, "--set", "compute.batch_size=8 #was 4", "--log-format", "text"]
+    )
 
     assert code == 2
     assert capsys.readouterr().err.startswith("koala-batch: error: --set compute.batch_size: ")
@@ -108,7 +123,7 @@ def test_spec_that_is_not_a_mapping_exits_2_saying_what_a_spec_looks_like(tmp_pa
     spec = tmp_path / "list.yaml"
     spec.write_text(text)
 
-    result = koala_batch("validate", str(spec), "--set", "output.uri=out/x")
+    result = koala_batch("validate", str(spec), "--set", "output.uri=out/x", "--log-format", "text")
 
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
@@ -122,7 +137,7 @@ def test_output_that_is_a_file_exits_2_saying_so(tmp_path, capsys):
     spec = write_spec(tmp_path, {"uri": str(output)})
 
     for command in ("validate", "run"):
-        code = cli.main([command, spec])
+        code = cli.main([command, spec, "--log-format", "text"])
         err = capsys.readouterr().err
         assert code == 2
         assert err.strip() == (
@@ -137,7 +152,7 @@ def test_validate_checks_that_the_output_can_be_written(tmp_path, capsys):
     in_the_way.write_text("x")
     spec = write_spec(tmp_path, {"uri": str(in_the_way / "out")})
 
-    code = cli.main(["validate", spec])
+    code = cli.main(["validate", spec, "--log-format", "text"])
 
     err = capsys.readouterr().err
     assert code == 2
@@ -160,7 +175,7 @@ def test_missing_output_bucket_exits_2_naming_the_url(s3_server, tmp_path, capsy
     spec = write_spec(tmp_path, s3_output(s3_server, url))
 
     for command in ("validate", "run"):
-        code = cli.main([command, spec])
+        code = cli.main([command, spec, "--log-format", "text"])
         err = capsys.readouterr().err
         assert code == 2, err
         (line,) = err.strip().splitlines()
@@ -172,7 +187,7 @@ def test_output_that_is_an_object_exits_2_saying_so(s3_server, s3_bucket, tmp_pa
     s3_server.filesystem().pipe_file(f"{s3_bucket}/run1", b"an object, not a prefix")
     spec = write_spec(tmp_path, s3_output(s3_server, f"s3://{s3_bucket}/run1"))
 
-    assert cli.main(["validate", spec]) == 2
+    assert cli.main(["validate", spec, "--log-format", "text"]) == 2
     assert capsys.readouterr().err.startswith(
         f"koala-batch: error: output s3://{s3_bucket}/run1 is a file, not a directory (prefix)"
     )
@@ -199,14 +214,20 @@ def test_run_smoke_job_then_resume(model_cache, tmp_path):
     first = koala_batch("run", SMOKE, *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     # Ray's notes about itself stay off the console (its session logs keep them).
-    for noise in (
-        "Token authentication",
-        "Started a local Ray instance",
-        "Execution plan of Dataset",
-        "Progress bars disabled",
-    ):
+    for noise in RAY_NOISE:
         assert noise not in first.stderr, first.stderr[-3000:]
-    assert "committed shard" in first.stderr
+    # Stderr is not a terminal: JSON lines only, none of them a warning or an error.
+    records = [json.loads(line) for line in first.stderr.splitlines()]
+    assert {record["level"] for record in records} == {"info"}, first.stderr[-3000:]
+    commits = [record for record in records if record.get("event") == "shard_committed"]
+    assert [record["images"] for record in commits] == [16, 16, 16, 16]
+    assert commits[0]["message"].startswith(f"committed shard {commits[0]['shard']}: 16 images")
+    assert sorted(record["done"] for record in commits) == [16, 32, 48, 64]
+    progress = [record for record in records if record.get("event") == "progress"]
+    assert progress and progress[-1]["final"] and not any(r["final"] for r in progress[:-1])
+    last = progress[-1]
+    assert (last["done"], last["total"], last["failed"], last["eta_s"]) == (64, 64, 0, 0.0)
+    assert last["images_per_s"] > 0
     summary = json.loads(first.stdout)
     assert summary["images_ok"] == 64 and summary["images_written_this_run"] == 64
     record = json.loads((output / "_SUCCESS").read_text())
@@ -238,31 +259,74 @@ def test_run_smoke_job_then_resume(model_cache, tmp_path):
     assert broken.stdout.rstrip().splitlines()[-1].startswith("FAILED")
 
 
-def test_run_joins_the_cluster_named_by_ray_address(ray_local, tmp_path):
-    import os
+def run_on_a_terminal(args: list[str], env: dict, timeout: float = 300) -> tuple[int, str, str]:
+    """The CLI with its stderr on a pseudo-terminal, as from an interactive shell: its exit
+    code, what the terminal showed, and its stdout."""
+    master, terminal = pty.openpty()
+    with subprocess.Popen(
+        [CLI, *args],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        env=env,
+    ) as job:
+        os.close(terminal)
+        shown = bytearray()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the job, the terminal's last writer, is gone
+                break
+            if not data:
+                break
+            shown += data
+        else:
+            job.kill()
+        stdout = job.stdout.read() if job.stdout else b""
+        code = job.wait(timeout=60)
+    os.close(master)
+    return code, shown.decode(), stdout.decode()
 
+
+def test_run_joins_the_cluster_named_by_ray_address(ray_local, tmp_path):
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    result = subprocess.run(
-        [
-            CLI,
-            "run",
-            SMOKE,
-            "--set",
-            f"output.uri={tmp_path / 'out'}",
-            "--set",
-            "generation.width=64",
-            "--set",
-            "generation.height=64",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Connecting to existing Ray cluster" in result.stderr
-    assert "Started a local Ray instance" not in result.stderr
-    assert json.loads(result.stdout)["images_ok"] == 64
+    args = ["run", SMOKE, "--set", f"output.uri={tmp_path / 'out'}"]
+    args += ["--set", "generation.width=64", "--set", "generation.height=64"]
+    code, shown, stdout = run_on_a_terminal(args, env)
+    assert code == 0, shown[-3000:]
+    assert "Connecting to existing Ray cluster" in shown
+    assert "Started a local Ray instance" not in shown
+    assert json.loads(stdout)["images_ok"] == 64
+
+    # On a terminal: the human lines, and the live progress line redrawn in place.
+    assert re.search(r"INFO koala_batch.job: committed shard \S+: 16 images", shown), shown
+    assert "\r\x1b[K0/64 images (0%)" in shown or "\r\x1b[K16/64 images (25%)" in shown
+    # The last one stays on the terminal as an ordinary line.
+    assert re.search(
+        r"\r\x1b\[K64/64 images \(100%\) \| 64 generated \| [.\d]+ images/s "
+        r"\| ETA 0s \| 0 failed\r?\n",
+        shown,
+    ), shown[-3000:]
+    # Each log line starts on a cleared line, never after a progress text.
+    assert not re.search(r"images \(\d+%\) \|[^\r\n\x1b]*\d{4}-\d\d-\d\d ", shown)
+    for noise in (*RAY_NOISE, "core_worker", "WARNING", "Error", "ERROR"):
+        assert noise not in shown, shown[-3000:]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_missing_input_fails_in_one_line_in_either_format(tmp_path, log_format):
+    missing = tmp_path / "nope.parquet"
+    result = koala_batch("run", SMOKE, "--set", f"input.uri={missing}", "--log-format", log_format)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    if log_format == "json":
+        entry = json.loads(line)
+        assert (entry["level"], entry["exit_code"]) == ("error", 2)
+        line = entry["message"]
+    assert line.startswith("koala-batch: error: input ") and str(missing) in line, line

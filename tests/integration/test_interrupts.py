@@ -69,7 +69,7 @@ def koala_batch_run(spec: dict, tmp_path: Path, temp_dir: str, *args: str) -> su
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     return subprocess.Popen(
-        [CLI, "run", str(spec_path), *args],
+        [CLI, "--log-format", "text", "run", str(spec_path), *args],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

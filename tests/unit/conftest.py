@@ -52,6 +52,10 @@ def encoded_table(
             "ordinal",
             "prompt",
             "negative_prompt",
+            "steps",
+            "guidance_scale",
+            "width",
+            "height",
             "source",
             "row_index",
             "status",
@@ -73,6 +77,8 @@ def encoded_table(
         rows["ordinal"].append(first_ordinal + position)
         rows["prompt"].append("" if failed else f"a photo of thing {row_id}")
         rows["negative_prompt"].append(None)
+        for name, value in spec.row_defaults().items():
+            rows[name].append(value)
         rows["source"].append("prompts.parquet")
         rows["row_index"].append(first_ordinal + position)
         rows["status"].append("error" if failed else "ok")
@@ -84,7 +90,11 @@ def encoded_table(
         rows["generated_at"].append(1_800_000_000.0 + position)
     types = {
         "image_index": pa.int32(),
-        "seed": pa.uint64(),
+        "seed": pa.int64(),
+        "steps": pa.int32(),
+        "guidance_scale": pa.float64(),
+        "width": pa.int32(),
+        "height": pa.int32(),
         "ordinal": pa.int64(),
         "row_index": pa.int64(),
         "prompt_truncated": pa.bool_(),

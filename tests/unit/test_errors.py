@@ -37,7 +37,7 @@ def test_an_interrupted_job_exits_as_a_shell_reports_the_signal(signum, code):
 
 
 def test_cli_reports_a_usage_error_in_one_line_with_exit_2(tmp_path, capsys):
-    code = cli.main(["validate", str(tmp_path / "missing.yaml")])
+    code = cli.main(["--log-format", "text", "validate", str(tmp_path / "missing.yaml")])
     err = capsys.readouterr().err
     assert code == errors.EXIT_INVALID
     assert err.strip().splitlines() == [
@@ -52,7 +52,7 @@ def test_cli_reports_an_output_conflict_with_exit_2(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"input: {{uri: {SAMPLE_PROMPTS}}}\noutput: {{uri: {out}}}\n")
 
-    code = cli.main(["validate", str(spec)])
+    code = cli.main(["--log-format", "text", "validate", str(spec)])
 
     err = capsys.readouterr().err
     assert code == errors.EXIT_INVALID
@@ -65,6 +65,6 @@ def test_cli_maps_any_koala_batch_error_through_its_code(monkeypatch, capsys):
         raise errors.RunSupersededError("output now belongs to run b")
 
     monkeypatch.setattr(cli, "command_validate", superseded)
-    code = cli.main(["validate", "spec.yaml"])
+    code = cli.main(["--log-format", "text", "validate", "spec.yaml"])
     assert code == errors.EXIT_FAILED
     assert capsys.readouterr().err == "koala-batch: validate failed: output now belongs to run b\n"

@@ -274,3 +274,75 @@ def test_compile_warms_up_at_the_job_batch_shape_before_the_first_batch(model_ca
     Recording(make_spec("out", compute={"batch_size": 3}))
     assert [settings.compile for settings in applied] == [False]
     assert calls == []  # no compilation, nothing to warm up
+
+
+def test_a_pipeline_call_never_mixes_rows_of_different_parameters(model_cache):
+    calls = []
+
+    class Recording(GenerateImages):
+        def run_pipeline(self, prompts, negative_prompts, seeds, **pipeline_kwargs):
+            calls.append((list(prompts), negative_prompts is not None, pipeline_kwargs))
+            return super().run_pipeline(prompts, negative_prompts, seeds, **pipeline_kwargs)
+
+    spec = make_spec(
+        "out",
+        input={
+            "width_column": "w",
+            "height_column": "h",
+            "steps_column": "s",
+            "guidance_scale_column": "g",
+            "negative_prompt_column": "neg",
+        },
+        generation={"width": 64, "height": 64, "steps": 2, "guidance_scale": 5.0},
+    )
+    stage = Recording(spec, torch_threads=1)
+    rows = {
+        "prompt": ["p0", "p1", "p2", "p3", "p4", "p5"],
+        "w": pa.array([None, 32, None, 32, None, None], pa.int64()),
+        "h": pa.array([None, 48, None, 48, None, None], pa.int64()),
+        "s": pa.array([None, 1, None, 1, 1, None], pa.int64()),
+        "g": pa.array([None, None, None, None, None, 2.0], pa.float64()),
+        "neg": pa.array([None, None, "blurry", None, None, None], pa.string()),
+    }
+    count = len(rows["prompt"])
+    table = pa.table(
+        {
+            Col.SOURCE: ["prompts.parquet"] * count,
+            Col.ROW_INDEX: pa.array(range(count), pa.int64()),
+            Col.ROW_ORDINAL: pa.array(range(count), pa.int64()),
+            **rows,
+        }
+    )
+    work = ExpandImages(spec)(table)
+
+    out = stage(work)
+
+    # One call per bucket: (64x64, 2 steps, 5.0) with and without a negative prompt,
+    # (32x48, 1 step), (64x64, 1 step), (64x64, 2 steps, guidance 2.0).
+    groups = {
+        (tuple(prompts), has_negative): (
+            kwargs["width"],
+            kwargs["height"],
+            kwargs["num_inference_steps"],
+            kwargs["guidance_scale"],
+        )
+        for prompts, has_negative, kwargs in calls
+    }
+    assert len(calls) == len(groups) == 5
+    assert groups == {
+        (("p0",), False): (64, 64, 2, 5.0),
+        (("p2",), True): (64, 64, 2, 5.0),
+        (("p1", "p3"), False): (32, 48, 1, 5.0),
+        (("p4",), False): (64, 64, 1, 5.0),
+        (("p5",), False): (64, 64, 2, 2.0),
+    }
+    by_prompt = {row["prompt"]: row for row in out.to_pylist()}
+    for prompt, row in by_prompt.items():
+        assert row["status"] == STATUS_OK, prompt
+        assert Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"])
+    # A row's pixels do not depend on its neighbours: p4 alone, with its own parameters.
+    alone = stage.run_pipeline(
+        ["p4"], None, [by_prompt["p4"]["seed"]], num_inference_steps=1, width=64, height=64
+    )
+    decoded = np.asarray(Image.open(io.BytesIO(by_prompt["p4"]["image"])))
+    assert np.array_equal(decoded, alone.pixels[0])

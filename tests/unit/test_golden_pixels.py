@@ -58,12 +58,16 @@ class GoldenCase:
 
 
 CASES = (
-    # A uint64 seed above 2**63, as derived_seed gives: pins how manual_seed takes it.
+    # A seed above 2**62, near the top of the range derived_seed gives (0 to 2**63-1):
+    # pins how manual_seed takes it. It was 14492353911448343431 while seeds were
+    # unsigned 64-bit; this is that value with the top bit dropped, as derived_seed now
+    # drops it. Regenerated: the values did not move, as the CPU generator (mt19937)
+    # takes only a seed's low 32 bits.
     GoldenCase(
         name="plain",
         prompt="a red cube on a wooden table",
         negative_prompt=None,
-        seed=14492353911448343431,
+        seed=5268981874593567623,
         corner=(
             0.274788,
             0.430058,

@@ -6,6 +6,8 @@ import random
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from koala_batch.keys import (
     SEED_MODULUS,
@@ -71,8 +73,14 @@ def test_derived_row_id_names_the_file_and_row():
 # Seeds
 
 
-def test_derived_seed_is_pinned_and_in_uint64_range():
+def test_seed_range_is_what_every_reader_takes():
+    assert SEED_MODULUS == 2**63
+
+
+def test_derived_seed_is_pinned_and_in_int63_range():
     assert derived_seed(7, "row-1", 0) == 3739844742471612813
+    # sha256 gives 13370374066692190539 (top bit set) here: the top bit is dropped.
+    assert derived_seed(7, "row-0", 0) == 13370374066692190539 - 2**63
     seeds = [
         derived_seed(s, f"id-{i}", k)
         for s in (0, 1, 2**63 - 1)
@@ -107,11 +115,23 @@ def test_image_seed_with_row_seed_is_seed_plus_index_whatever_the_job_seed():
     assert image_seed(0, 7, "row-1", 0) == 0  # zero is a seed, not "no seed"
 
 
-def test_image_seed_wraps_modulo_2_64():
-    top = SEED_MODULUS - 1
+def test_image_seed_wraps_modulo_2_63():
+    top = 2**63 - 1
     assert image_seed(top, 7, "row-1", 0) == top
     assert image_seed(top, 7, "row-1", 1) == 0
     assert image_seed(top - 1, 7, "row-1", 5) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    job_seed=st.integers(0, 2**63 - 1),
+    row_id=st.text(max_size=40),
+    image_index=st.integers(0, 999),
+    row_seed=st.none() | st.integers(0, 2**63 - 1),
+)
+def test_every_seed_fits_a_signed_64_bit_integer(job_seed, row_id, image_index, row_seed):
+    seed = image_seed(row_seed, job_seed, row_id, image_index)
+    assert 0 <= seed < 2**63
 
 
 def test_seeds_do_not_depend_on_call_order():

@@ -19,11 +19,11 @@ PACKAGE_DIR = REPO_ROOT / "koala_batch"
 # Bottom to top; a module may import from its own level (without a cycle) and below.
 LEVELS: list[set[str]] = [
     {"errors"},
-    {"schemas", "storage", "keys", "model", "accelerations"},
+    {"schemas", "storage", "keys", "model", "accelerations", "progress", "stats"},
     {"layout", "architectures", "config"},
     {"read", "validate", "generate", "encode", "write"},
-    {"commit"},
-    {"job", "verify"},
+    {"commit", "card"},
+    {"job", "verify", "report"},
     {"cli", "__init__"},
 ]
 LEVEL_OF = {module: level for level, modules in enumerate(LEVELS) for module in modules}

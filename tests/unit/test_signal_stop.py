@@ -69,6 +69,6 @@ def test_cli_reports_a_ctrl_c_outside_a_run_in_one_line(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "command_verify", interrupted)
-    code = cli.main(["verify", "out/"])
+    code = cli.main(["--log-format", "text", "verify", "out/"])
     assert code == 130
     assert capsys.readouterr().err == "koala-batch: interrupted: verify stopped by SIGINT\n"

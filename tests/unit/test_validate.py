@@ -47,10 +47,11 @@ def test_usable_seeds(value, expected):
     ("value", "reason"),
     [
         (5.5, "not a whole number"),
-        (-1, "negative"),
+        (-1, "seed -1 is outside 0 to 2**63-1"),
         (-0.5, ""),
-        (SEED_MODULUS, "64 bits"),
-        (float(SEED_MODULUS), "64 bits"),
+        (SEED_MODULUS, f"seed {2**63} is outside 0 to 2**63-1"),
+        (2**64 - 1, "outside 0 to 2**63-1"),
+        (float(SEED_MODULUS), "outside 0 to 2**63-1"),
         (float("inf"), ""),
         ("12", ""),
     ],
@@ -132,7 +133,7 @@ def test_expand_gives_images_per_prompt_rows_per_input_row():
 
 def test_expand_output_types():
     out = ExpandImages(expand_spec())(input_table(ROWS, TYPES))
-    assert out.schema.field("seed").type == pa.uint64()
+    assert out.schema.field("seed").type == pa.int64()
     assert out.schema.field("image_index").type == pa.int32()
     assert out.schema.field("ordinal").type == pa.int64()
     assert out.schema.field("row_index").type == pa.int64()
@@ -146,7 +147,7 @@ def test_expand_seeds_row_seed_plus_index_else_derived():
     assert seeds[0:2] == [derived_seed(7, "a", 0), derived_seed(7, "a", 1)]
     assert seeds[2:4] == [5, 6]
     assert seeds[6:8] == [derived_seed(7, "d", 0), derived_seed(7, "d", 1)]
-    assert seeds[8:10] == [SEED_MODULUS - 1, 0]  # wraps mod 2**64
+    assert seeds[8:10] == [SEED_MODULUS - 1, 0]  # wraps mod 2**63
 
 
 def test_bad_prompts_become_error_rows_with_a_reason():
@@ -264,9 +265,9 @@ def test_bad_row_seeds_are_error_rows_and_reasons_combine():
 
     assert out.column("status").to_pylist() == ["error", "error", "error", "ok"]
     errors = out.column("error").to_pylist()
-    assert "negative" in errors[0]
-    assert "whole number" in errors[1]
-    assert "empty" in errors[2] and "negative" in errors[2]
+    assert errors[0] == "seed column 'seed': seed -1 is outside 0 to 2**63-1"
+    assert "whole number" in errors[1] and "seed column 'seed'" in errors[1]
+    assert "empty" in errors[2] and "outside 0 to 2**63-1" in errors[2]
     assert out.column("seed").to_pylist()[3] == 3
 
 

@@ -1,0 +1,137 @@
+"""`koala_batch.generate_images` inside a user's own Ray Data pipeline, and the README's
+example of it, run as written."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import koala_batch
+from koala_batch.errors import InputError, SpecError
+from koala_batch.keys import image_seed, sample_key
+from koala_batch.schemas import IMAGE_ROW_SCHEMA
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+JOB_SEED = 7
+# A job spec without input.uri and output.uri.
+SPEC = {
+    "input": {"id_column": "id", "seed_column": "seed", "passthrough_columns": ["tag"]},
+    "model": {"name": "tiny"},
+    "generation": {
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 5.0,
+        "seed": JOB_SEED,
+        "images_per_prompt": 2,
+    },
+    "compute": {"actors": 1, "batch_size": 2, "num_cpus_per_actor": 1, "torch_threads": 1},
+}
+PROMPTS = [
+    {"id": "kite", "prompt": "a red kite", "seed": None, "tag": "sky"},
+    {"id": "fox", "prompt": "a fox in snow", "seed": 1234, "tag": "animals"},
+    {"id": "blank", "prompt": "  ", "seed": None, "tag": "none"},  # an error row
+]
+
+README_MARKER = "<!-- example: composable -->"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, model_cache):
+    """The user's pipeline: prompts -> generate_images -> their filter -> their writer."""
+    import ray.data
+
+    from tests.integration.conftest import start_local_ray
+
+    start_local_ray()
+    out = tmp_path_factory.mktemp("composable") / "images"
+    images = koala_batch.generate_images(ray.data.from_items(PROMPTS), SPEC)
+    images.filter(lambda row: row["status"] == "ok").write_parquet(str(out))
+    return pq.read_table(str(out))
+
+
+def test_the_users_filter_keeps_the_ok_images_and_drops_the_error_row(written):
+    assert sorted(written.column("id").to_pylist()) == ["fox", "fox", "kite", "kite"]
+    assert set(written.column("status").to_pylist()) == {"ok"}
+
+
+def test_rows_carry_the_image_and_every_manifest_column_but_the_writers(written):
+    assert written.column_names == [*IMAGE_ROW_SCHEMA.names, "tag"]
+    for row in written.to_pylist():
+        image = Image.open(io.BytesIO(row["image"]))
+        image.load()
+        assert image.size == (64, 64)
+        assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
+        assert row["bytes"] == len(row["image"])
+        assert (row["width"], row["height"], row["steps"]) == (64, 64, 2)
+        assert (row["model"], row["image_format"]) == ("tiny", "png")
+        assert row["tag"] == {"kite": "sky", "fox": "animals"}[row["id"]]
+        # a Dataset's rows have no file or position
+        assert row["source"] is None and row["row_index"] is None and row["ordinal"] is None
+
+
+def test_keys_and_seeds_are_those_a_job_gives_the_same_ids(written):
+    row_seeds = {prompt["id"]: prompt["seed"] for prompt in PROMPTS}
+    for row in written.to_pylist():
+        identifier, index = row["id"], row["image_index"]
+        assert row["key"] == sample_key(identifier, index)
+        assert row["seed"] == image_seed(row_seeds[identifier], JOB_SEED, identifier, index)
+    assert sorted(written.column("image_index").to_pylist()) == [0, 0, 1, 1]
+
+
+def test_a_dataset_without_the_id_column_is_refused_at_once(model_cache):
+    import ray.data
+
+    without_ids = ray.data.from_items([{"prompt": "a kite", "seed": 1, "tag": "x"}])
+    with pytest.raises(InputError, match=r"'id' \(input\.id_column\) is missing"):
+        koala_batch.generate_images(without_ids, SPEC)
+    no_id_column = {**SPEC, "input": {"passthrough_columns": ["tag"]}}
+    with pytest.raises(SpecError, match="input.id_column is not set"):
+        koala_batch.generate_images(without_ids, no_id_column)
+
+
+def readme_example() -> str | None:
+    """The fenced Python block after the README's composable marker, or None without one."""
+    text = (REPO_ROOT / "README.md").read_text()
+    if README_MARKER not in text:
+        return None
+    after = text.split(README_MARKER, 1)[1]
+    match = re.search(r"```(?:python)?\n(.*?)```", after, re.DOTALL)
+    assert match, f"README.md: no fenced code block after {README_MARKER}"
+    return match.group(1)
+
+
+def test_the_readme_example_runs_as_written(tmp_path, model_cache):
+    code = readme_example()
+    if code is None:
+        pytest.skip(f"README.md has no {README_MARKER} marker (the example is not pasted yet)")
+    # A fresh interpreter, as a reader would run it: its own Ray session, the tiny model
+    # from the test cache (KOALA_BATCH_CACHE).
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    files = sorted(Path(tmp_path).rglob("*.parquet"))
+    assert files, "the example wrote no Parquet files"
+    rows = pa.concat_tables([pq.read_table(path) for path in files]).to_pylist()
+    assert rows and all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        Image.open(io.BytesIO(row["image"])).load()

@@ -1,0 +1,317 @@
+"""Each output.format end to end: one job per format, resumed once, then read by its consumers.
+
+Per format, one job (7 rows, one of them an error row, 3 rows per shard: 3 shards) runs
+to the end; then one committed shard loses its manifest (a run cut short before that
+commit point) and another its data (damage a resume must notice), and the same spec runs
+again. Every test reads that resumed output: the resume was exactly-once, `verify`
+passes (and fails, naming the file, on a damaged copy), and the consumers the README's
+recipes name (`datasets`, `webdataset`, Ray Data, DuckDB) load its images: the recipes
+themselves are cut out of README.md and run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+import koala_batch
+from koala_batch.commit import claim_output, load_committed, uncommit
+from koala_batch.config import spec_from_dict
+from koala_batch.keys import sample_key
+from koala_batch.layout import folder_file_path, list_output, parquet_path, tar_path
+from koala_batch.storage import Storage
+from koala_batch.verify import verify_output
+from koala_batch.write import WriteShard
+from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
+from tests.integration.conftest import start_local_ray
+from tests.unit.conftest import encoded_table, make_spec
+
+pytestmark = pytest.mark.usefixtures("ray_local", "offline_datasets")
+
+FORMATS = ("webdataset", "parquet", "files")
+IDS = [f"p{i}" for i in range(7)]
+PROMPTS = {row_id: f"a koala made of {row_id}" for row_id in IDS}
+PROMPTS["p3"] = ""  # an error row: no image in any format
+OK_PROMPTS = sorted(prompt for prompt in PROMPTS.values() if prompt)
+ROWS_PER_SHARD = 3
+
+
+@pytest.fixture(scope="module")
+def offline_datasets(tmp_path_factory):
+    """Hugging Face `datasets` offline, its cache in a temporary folder (set before it is
+    first imported, and on its config in case another test imported it already)."""
+    cache = tmp_path_factory.mktemp("hf-home")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+            patch.setenv(name, "1")
+        patch.setenv("HF_HOME", str(cache))
+        patch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+        import datasets.config
+        import huggingface_hub.constants
+
+        patch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def manifest_rows(output: Path) -> list[dict]:
+    return [
+        row
+        for path in sorted((output / "manifests").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
+
+
+def data_file(output: Path, shard: str, output_format: str) -> str:
+    """A data file of the shard, relative: its tar, its Parquet file or its first image."""
+    if output_format == "webdataset":
+        return tar_path(shard)
+    if output_format == "parquet":
+        return parquet_path(shard)
+    table = pq.read_table(output / "manifests" / f"{shard}.parquet", columns=["member"])
+    return folder_file_path(shard, next(m for m in table.column("member").to_pylist() if m))
+
+
+@dataclass(frozen=True)
+class FormatJob:
+    output_format: str
+    spec: dict
+    output: Path
+    first: dict  # the first run's job record
+    resumed: dict  # the rerun's
+    first_rows: list[dict]  # the manifests' rows after the first run
+    cut: str  # the shard whose manifest was deleted
+    damaged: str  # the shard whose data were truncated
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def job(request, tmp_path_factory, model_cache) -> FormatJob:
+    output_format = request.param
+    root = tmp_path_factory.mktemp(f"format-{output_format}")
+    table = write_prompt_table(root / "in.parquet", list(PROMPTS.values()), id=IDS)
+    output = root / "out"
+    spec = tiny_spec(
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        output={
+            "format": output_format,
+            "rows_per_shard": ROWS_PER_SHARD,
+            "max_failed_fraction": 0.5,
+        },
+    )
+    start_local_ray()
+    first = koala_batch.run(spec)
+    first_rows = manifest_rows(output)
+    shards = [shard["shard"] for shard in first["shards"]]
+    assert len(shards) == 3
+    cut, damaged = shards[0], shards[2]
+    (output / "manifests" / f"{cut}.parquet").unlink()
+    broken = output / data_file(output, damaged, output_format)
+    broken.write_bytes(broken.read_bytes()[:50])
+    resumed = koala_batch.run(spec)
+    return FormatJob(output_format, spec, output, first, resumed, first_rows, cut, damaged)
+
+
+# ---------------------------------------------------------------------------------------
+# the commit protocol holds in every format
+
+
+def test_the_resume_regenerates_exactly_the_uncommitted_shards(job):
+    rows = manifest_rows(job.output)
+    by_shard = {shard["shard"]: shard["rows"] for shard in job.first["shards"]}
+
+    assert job.first["counts"]["images_committed"] == len(IDS)
+    assert job.resumed["resumed"] is True
+    assert job.resumed["counts"]["images_written_this_run"] == (
+        by_shard[job.cut] + by_shard[job.damaged]
+    )
+    # Exactly once: every planned image has one row, in the shard it had before.
+    assert sorted(row["id"] for row in rows) == IDS
+    assert len({row["key"] for row in rows}) == len(IDS)
+    before = {row["key"]: row["shard"] for row in job.first_rows}
+    assert {row["key"]: row["shard"] for row in rows} == before
+    assert [s["shard"] for s in job.resumed["shards"]] == [s["shard"] for s in job.first["shards"]]
+    listing = list_output(Storage(str(job.output)))
+    assert listing.leftovers == () and listing.foreign == ()
+    errors = [row for row in rows if row["status"] == "error"]
+    assert [row["id"] for row in errors] == ["p3"] and errors[0]["member"] is None
+
+
+def test_verify_passes_the_resumed_output(job):
+    report = verify_output(str(job.output), spec=spec_from_dict(job.spec))
+
+    assert report.ok, report.format()
+    assert report.images_checked == len(OK_PROMPTS)
+    assert report.rows_failed == 1
+
+
+def test_verify_names_a_damaged_or_missing_data_file(job, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(job.output, output)
+    truncated = data_file(output, job.cut, job.output_format)
+    path = output / truncated
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    deleted = data_file(output, job.damaged, job.output_format)
+    (output / deleted).unlink()
+
+    report = verify_output(str(output))
+
+    assert not report.ok
+    for relative in (truncated, deleted):
+        assert any(relative in problem for problem in report.problems), (relative, report.problems)
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "files"])
+def test_each_format_on_s3_is_written_checked_and_uncommitted(s3_server, s3_bucket, output_format):
+    url = f"s3://{s3_bucket}/out"
+    storage = Storage(url, s3_server.storage_options)
+    spec = make_spec(
+        url, output={"format": output_format, "storage_options": s3_server.storage_options}
+    )
+    claim_output(storage, spec)
+    writer = WriteShard(spec)
+    kept = writer(encoded_table(spec, ["a", "b", "c"], errors={1})).column("shard")[0].as_py()
+    cut = writer(encoded_table(spec, ["d", "e"], first_ordinal=3)).column("shard")[0].as_py()
+    assert verify_output(url, s3_server.storage_options).ok
+    assert load_committed(storage).damaged == {}
+
+    relative = {
+        "parquet": parquet_path(cut),
+        "files": folder_file_path(cut, f"{sample_key('e', 0)}.png"),
+    }
+    storage.write_bytes(relative[output_format], b"cut short")
+    state = load_committed(storage)
+    assert list(state.damaged) == [cut] and relative[output_format] in state.damaged[cut]
+    assert any(
+        relative[output_format] in p for p in verify_output(url, s3_server.storage_options).problems
+    )
+
+    uncommit(storage, [cut])
+    listing = list_output(storage)
+    assert listing.committed == (kept,)
+    assert [path for path in listing.files if cut in path] == []
+    assert verify_output(url, s3_server.storage_options).ok
+
+
+# ---------------------------------------------------------------------------------------
+# the consumers, through the README's recipes
+
+
+def recipes() -> dict[str, str]:
+    """Every `<!-- recipe: NAME -->` python block of README.md, by name."""
+    text = (REPO_ROOT / "README.md").read_text()
+    found = re.findall(r"<!-- recipe: ([\w-]+) -->\s*```python\n(.*?)```", text, re.DOTALL)
+    assert len(found) == text.count("<!-- recipe:"), "a recipe marker without a python block"
+    return dict(found)
+
+
+def check_parquet_datasets(namespace: dict[str, Any]) -> None:
+    from PIL import Image
+
+    dataset = namespace["dataset"]
+    assert len(dataset) == len(OK_PROMPTS)
+    assert isinstance(namespace["image"], Image.Image)
+    assert namespace["image"].size == (64, 64)
+    assert sorted(dataset["prompt"]) == OK_PROMPTS
+    assert dataset.features["image"].__class__.__name__ == "Image"
+
+
+def check_ray_parquet(namespace: dict[str, Any]) -> None:
+    dataset = namespace["dataset"]
+    assert dataset.count() == len(OK_PROMPTS)
+    assert sorted(row["prompt"] for row in dataset.take_all()) == OK_PROMPTS
+    image = namespace["first"]["image"]
+    assert image["bytes"].startswith(b"\x89PNG") and image["path"].endswith(".png")
+
+
+def check_parquet_duckdb(namespace: dict[str, Any]) -> None:
+    rows = namespace["rows"]
+    assert sorted(prompt for _, prompt, _ in rows) == OK_PROMPTS
+    assert all(png.startswith(b"\x89PNG") for _, _, png in rows)
+
+
+def check_webdataset_datasets(namespace: dict[str, Any]) -> None:
+    from PIL import Image
+
+    dataset = namespace["dataset"]
+    assert len(dataset) == len(OK_PROMPTS)
+    assert isinstance(namespace["image"], Image.Image)
+    assert sorted(record["prompt"] for record in dataset["json"]) == OK_PROMPTS
+
+
+def check_webdataset(namespace: dict[str, Any]) -> None:
+    samples = list(namespace["dataset"])
+    assert len(samples) == len(OK_PROMPTS)
+    assert sorted(record["prompt"] for _, record in samples) == OK_PROMPTS
+    assert {image.size for image, _ in samples} == {(64, 64)}
+
+
+def check_ray_webdataset(namespace: dict[str, Any]) -> None:
+    dataset = namespace["dataset"]
+    assert dataset.count() == len(OK_PROMPTS)
+    assert namespace["first"]["png"].shape == (64, 64, 3)
+    assert sorted(row["json"]["prompt"] for row in dataset.take_all()) == OK_PROMPTS
+
+
+def check_files_datasets(namespace: dict[str, Any]) -> None:
+    from PIL import Image
+
+    dataset = namespace["dataset"]
+    assert len(dataset) == len(OK_PROMPTS)
+    assert isinstance(namespace["image"], Image.Image)
+    assert sorted(dataset["prompt"]) == OK_PROMPTS
+
+
+def check_files_pil(namespace: dict[str, Any]) -> None:
+    images = namespace["images"]
+    assert len(images) == len(OK_PROMPTS)
+    assert sorted(prompt for _, prompt in images) == OK_PROMPTS
+    assert {image.size for image, _ in images} == {(64, 64)}
+
+
+def check_manifests_duckdb(namespace: dict[str, Any]) -> None:
+    assert namespace["failed"] == [("p3", "", "prompt is empty or whitespace only")]
+
+
+# Each README recipe: the output format it reads, and what it must have loaded.
+RECIPE_CHECKS = {
+    "parquet-datasets": ("parquet", check_parquet_datasets),
+    "parquet-ray": ("parquet", check_ray_parquet),
+    "parquet-duckdb": ("parquet", check_parquet_duckdb),
+    "webdataset-datasets": ("webdataset", check_webdataset_datasets),
+    "webdataset-webdataset": ("webdataset", check_webdataset),
+    "webdataset-ray": ("webdataset", check_ray_webdataset),
+    "files-datasets": ("files", check_files_datasets),
+    "files-pil": ("files", check_files_pil),
+    "manifests-duckdb": ("files", check_manifests_duckdb),
+}
+
+
+def test_every_readme_recipe_is_checked_here():
+    assert sorted(recipes()) == sorted(RECIPE_CHECKS)
+    assert {output_format for output_format, _ in RECIPE_CHECKS.values()} == set(FORMATS)
+
+
+def test_readme_recipes_load_the_output(job):
+    """Each recipe for this format, OUTPUT replaced by the output's path, run as written."""
+    names = [name for name, (fmt, _) in RECIPE_CHECKS.items() if fmt == job.output_format]
+    code = recipes()
+    failures = {}
+    for name in names:
+        namespace: dict[str, Any] = {}
+        source = code[name].replace("OUTPUT", str(job.output))
+        try:
+            exec(compile(source, f"README.md recipe {name}", "exec"), namespace)
+            RECIPE_CHECKS[name][1](namespace)
+        except Exception as exc:  # noqa: BLE001 - every recipe runs; all failures are shown
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    assert names and not failures, failures
