@@ -511,30 +511,31 @@ def check_schema(schema: pa.Schema, spec: InputSpec, file_url: str) -> None:
             continue
         name = role.removesuffix("_column")
         value_type = _value_type(require(column, name))
-        if not (
-            pa.types.is_integer(value_type)
-            or pa.types.is_floating(value_type)
-            or pa.types.is_null(value_type)
-            or pa.types.is_decimal(value_type)
-        ):
+        if not _is_number(value_type):
             raise InputError(
                 f"input file {file_url}: {name} column {column!r} has type {value_type}, "
                 "expected a number"
             )
     if spec.seed_column:
         seed_type = _value_type(require(spec.seed_column, "seed"))
-        if not (
-            pa.types.is_integer(seed_type)
-            or pa.types.is_floating(seed_type)
-            or pa.types.is_null(seed_type)
-            or pa.types.is_decimal(seed_type)
-        ):
+        if not _is_number(seed_type):
             raise InputError(
                 f"input file {file_url}: seed column {spec.seed_column!r} has type {seed_type}, "
                 "expected integer"
             )
     for column in spec.passthrough_columns:
         require(column, "passthrough")
+
+
+def _is_number(value_type: pa.DataType) -> bool:
+    """Whether a column of this type can hold a number (all null counts: values are checked
+    per row)."""
+    return (
+        pa.types.is_integer(value_type)
+        or pa.types.is_floating(value_type)
+        or pa.types.is_null(value_type)
+        or pa.types.is_decimal(value_type)
+    )
 
 
 def images_of_row(value: Any, images_per_prompt: int) -> int:

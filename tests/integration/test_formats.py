@@ -6,25 +6,45 @@ commit point) and another its data (damage a resume must notice), and the same s
 again. Every test reads that resumed output: the resume was exactly-once, `verify`
 passes (and fails, naming the file, on a damaged copy), and the consumers the README's
 recipes name (`datasets`, `webdataset`, Ray Data, DuckDB) load its images: the recipes
-themselves are cut out of README.md and run.
+themselves are cut out of README.md and run. The webdataset job is not resumed (that is
+test_resume.py's); what a reader finds in an output (the dataset card, the per-shard stats
+in the manifests and `_SUCCESS`, `koala-batch inspect` through the CLI) is checked on the
+same job outputs, with no job of its own.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from PIL import Image
 
 import koala_batch
 from koala_batch.commit import claim_output, load_committed, uncommit
 from koala_batch.config import spec_from_dict
 from koala_batch.keys import sample_key
-from koala_batch.layout import folder_file_path, list_output, parquet_path, tar_path
+from koala_batch.layout import (
+    CARD_FILE,
+    SUCCESS_FILE,
+    folder_file_path,
+    list_output,
+    manifest_path,
+    parquet_path,
+    recorded_stats,
+    tar_path,
+)
+from koala_batch.report import CONTACT_SHEET, THROUGHPUT, sheet_size
+from koala_batch.schemas import MANIFEST_COLUMNS
 from koala_batch.storage import Storage
 from koala_batch.verify import verify_output
 from koala_batch.write import WriteShard
@@ -40,6 +60,9 @@ PROMPTS = {row_id: f"a koala made of {row_id}" for row_id in IDS}
 PROMPTS["p3"] = ""  # an error row: no image in any format
 OK_PROMPTS = sorted(prompt for prompt in PROMPTS.values() if prompt)
 ROWS_PER_SHARD = 3
+FAILURES = {"prompt is empty or whitespace only": 1}  # p3's
+LICENSE = "cc-by-4.0"
+CLI = str(Path(sys.executable).parent / "koala-batch")
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +109,40 @@ class FormatJob:
     spec: dict
     output: Path
     first: dict  # the first run's job record
-    resumed: dict  # the rerun's
+    resumed: dict | None  # the rerun's (None: webdataset, resumed in test_resume.py)
     first_rows: list[dict]  # the manifests' rows after the first run
     cut: str  # the shard whose manifest was deleted
     damaged: str  # the shard whose data were truncated
 
+    @property
+    def record(self) -> dict:
+        """The last run's job record: the one in `_SUCCESS` and the card."""
+        return self.resumed if self.resumed is not None else self.first
+
+
+# Each format's job, run once per session: the parametrized `job` and `webdataset_job` share it.
+JOBS: dict[str, FormatJob] = {}
+
 
 @pytest.fixture(scope="module", params=FORMATS)
 def job(request, tmp_path_factory, model_cache) -> FormatJob:
-    output_format = request.param
+    return format_job(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def webdataset_job(tmp_path_factory, model_cache) -> FormatJob:
+    """The webdataset job (the same run as `job`'s webdataset one), for the checks that
+    read that format only."""
+    return format_job("webdataset", tmp_path_factory)
+
+
+def format_job(output_format: str, tmp_path_factory) -> FormatJob:
+    if output_format not in JOBS:
+        JOBS[output_format] = run_format_job(output_format, tmp_path_factory)
+    return JOBS[output_format]
+
+
+def run_format_job(output_format: str, tmp_path_factory) -> FormatJob:
     root = tmp_path_factory.mktemp(f"format-{output_format}")
     table = write_prompt_table(root / "in.parquet", list(PROMPTS.values()), id=IDS)
     output = root / "out"
@@ -106,6 +154,7 @@ def job(request, tmp_path_factory, model_cache) -> FormatJob:
             "format": output_format,
             "rows_per_shard": ROWS_PER_SHARD,
             "max_failed_fraction": 0.5,
+            "license": LICENSE,  # for the card's checks
         },
     )
     start_local_ray()
@@ -114,6 +163,10 @@ def job(request, tmp_path_factory, model_cache) -> FormatJob:
     shards = [shard["shard"] for shard in first["shards"]]
     assert len(shards) == 3
     cut, damaged = shards[0], shards[2]
+    if output_format == "webdataset":
+        # The default format's resume after a cut and damage is test_resume.py's; here
+        # its first run serves the consumers (one job run less).
+        return FormatJob(output_format, spec, output, first, None, first_rows, cut, damaged)
     (output / "manifests" / f"{cut}.parquet").unlink()
     broken = output / data_file(output, damaged, output_format)
     broken.write_bytes(broken.read_bytes()[:50])
@@ -126,6 +179,8 @@ def job(request, tmp_path_factory, model_cache) -> FormatJob:
 
 
 def test_the_resume_regenerates_exactly_the_uncommitted_shards(job):
+    if job.resumed is None:
+        pytest.skip("webdataset: resumed after a cut and damage in test_resume.py")
     rows = manifest_rows(job.output)
     by_shard = {shard["shard"]: shard["rows"] for shard in job.first["shards"]}
 
@@ -315,3 +370,116 @@ def test_readme_recipes_load_the_output(job):
         except Exception as exc:  # noqa: BLE001 - every recipe runs; all failures are shown
             failures[name] = f"{type(exc).__name__}: {exc}"
     assert names and not failures, failures
+
+
+# ---------------------------------------------------------------------------------------
+# what a reader finds: the dataset card, the stats, `koala-batch inspect`
+# (moved from test_inspect.py, which ran a job of its own)
+
+# The card's Ray Data line for each format's shards.
+CARD_RAY_LINES = {
+    "webdataset": 'ray.data.read_webdataset("{output}/shards/")',
+    "parquet": 'ray.data.read_parquet("{output}/shards/")',
+    "files": 'ray.data.read_images("{output}/shards/", include_paths=True)',
+}
+
+
+def manifests(output: Path) -> dict[str, pq.ParquetFile]:
+    storage = Storage(str(output))
+    return {
+        shard: pq.ParquetFile(io.BytesIO(storage.read_bytes(manifest_path(shard))))
+        for shard in list_output(storage).committed
+    }
+
+
+def test_the_card_has_the_counts_license_and_columns(job):
+    card = (job.output / CARD_FILE).read_text()
+    head, _, body = card.removeprefix("---\n").partition("\n---\n")
+    meta = yaml.safe_load(head)
+
+    assert meta["license"] == LICENSE
+    assert meta["task_categories"] == ["text-to-image"]
+    section = meta["koala_batch"]
+    assert section["counts"] == {
+        "images": len(IDS),
+        "ok": len(OK_PROMPTS),
+        "failed": 1,
+        "shards": 3,
+    }
+    assert section["model"]["license"] == "apache-2.0"
+    assert section["output_format"] == job.output_format
+    assert set(MANIFEST_COLUMNS) <= set(section["columns"])
+    assert section["fingerprint"] == job.record["fingerprint"]
+    assert CARD_RAY_LINES[job.output_format].format(output=job.output) in body
+    # koala-batch's own file: the output verifies clean with it
+    assert verify_output(str(job.output)).ok
+
+
+def test_datasets_loads_the_output_through_the_cards_configs(webdataset_job, tmp_path):
+    from datasets import load_dataset
+
+    output = webdataset_job.output
+    loaded = load_dataset(str(output), split="train", cache_dir=str(tmp_path / "cache"))
+    assert loaded.num_rows == len(OK_PROMPTS)  # the ok images: error rows live in the manifests
+    assert {"png", "json"} <= set(loaded.column_names)
+
+
+def test_each_manifest_records_its_shards_stats(job):
+    found = {
+        shard: recorded_stats(file.schema_arrow) for shard, file in manifests(job.output).items()
+    }
+
+    assert sorted(stats["rows"] for stats in found.values()) == [1, 3, 3]
+    failures: dict[str, int] = {}
+    for shard, stats in found.items():
+        assert stats is not None, shard
+        assert stats["ok"] + stats["errors"] == stats["rows"]
+        assert sum(stats["failures"].values()) == stats["errors"]
+        for reason, count in stats["failures"].items():
+            failures[reason] = failures.get(reason, 0) + count
+        assert stats["generate_s"] > 0 and stats["encode_s"] > 0  # every shard has ok rows
+        assert stats["first_generated_at"] <= stats["last_generated_at"] <= stats["committed_at"]
+        assert stats["image_bytes"] > 0
+    assert failures == FAILURES
+
+
+def test_the_job_record_totals_the_stats(job):
+    on_disk = json.loads((job.output / SUCCESS_FILE).read_text())
+    stats = on_disk["stats"]
+
+    assert stats["failures_by_reason"] == FAILURES
+    shard_seconds = sum(shard["generate_s"] for shard in on_disk["shards"])
+    assert stats["generate_s"] == pytest.approx(shard_seconds, abs=1e-3)
+    assert stats["gpu_s_per_image"] == pytest.approx(shard_seconds / len(OK_PROMPTS), rel=1e-3)
+    assert all(isinstance(shard["failures"], dict) for shard in on_disk["shards"])
+    assert job.record["stats"] == stats
+
+
+def run_inspect(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CLI, "inspect", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_inspect_prints_the_table_and_writes_both_pictures(webdataset_job, tmp_path):
+    output = webdataset_job.output
+    result = run_inspect(
+        str(output), "--out", str(tmp_path / "report"), "--samples", "4", cwd=REPO_ROOT
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^images +{len(IDS)}$", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^  prompt is empty or whitespace only +1$", result.stdout, re.MULTILINE)
+    assert re.search(r"^shards +3 \(webdataset\)$", result.stdout, re.MULTILINE)
+    assert re.search(r"^GPU-s/image +\d+\.\d{4}$", result.stdout, re.MULTILINE)
+    with Image.open(tmp_path / "report" / CONTACT_SHEET) as sheet:
+        assert sheet.format == "PNG" and sheet.size == sheet_size(4)
+    with Image.open(tmp_path / "report" / THROUGHPUT) as plot:
+        plot.load()
+        assert plot.format == "PNG"
+
+    # without --out: a new folder in the current directory, named after the output
+    again = run_inspect(str(output), "--samples", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    (made,) = tmp_path.glob("inspect-out-*")
+    assert {path.name for path in made.iterdir()} == {CONTACT_SHEET, THROUGHPUT}

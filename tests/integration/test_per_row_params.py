@@ -1,6 +1,10 @@
 """Per-row generation parameters through a whole job: sizes, steps, guidance and image
 counts that differ by row (and bad values among them), in one run whose output every
-test here inspects."""
+test here inspects.
+
+The input is hive-partitioned: the width and images_per_prompt columns are the `w=` and
+`n=` partition keys of each file's path (`__HIVE_DEFAULT_PARTITION__` for null), and the
+`date=` partition key is passed through to the manifest."""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from PIL import Image
 
 import koala_batch
 from koala_batch.config import spec_from_dict
-from koala_batch.read import plan_input
+from koala_batch.keys import derived_seed
+from koala_batch.read import HIVE_NULL, plan_input
 from koala_batch.verify import verify_output
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
@@ -25,7 +30,7 @@ ROWS = {
     "plain": (None, None, None, None, None, None, 1),
     "small": (32, 48, 1, 2.0, 1, 2**63 - 1, 2),
     "wide": (48, 32, 3, None, 3, None, 3),
-    "small-too": (32, 48, 1, 2.0, 2, None, 4),
+    "small-too": (32, 48, 1, 2.0, 2, 40, 4),
     "bad-width": (100, None, None, None, None, None, 5),
     "bad-count": (None, None, None, None, 0, None, 6),
     "bad-steps": (None, None, 0, None, None, None, 7),
@@ -51,27 +56,43 @@ EXPECTED_ERRORS = {
     "bad-big": f"passthrough column 'big': value {2**64 - 1} does not fit",
 }
 DEFAULTS = (64, 64, 2, 5.0)  # tiny_spec's width, height, steps, guidance
+JOB_SEED = 7
+# id: its `date=` partition; the rows of 2026-11-01 sort first (row ordinals 0 to 2)
+DATES = {
+    row_id: "2026-11-01" if row_id in ("small", "small-too", "wide") else "2026-11-02"
+    for row_id in ROWS
+}
+
+
+def partition_files() -> dict[str, list[str]]:
+    """The ids of each input file's rows, by its path below the input root: the file of
+    one (date, width, images) partition, those two parameters its `w=` and `n=` keys."""
+    files: dict[str, list[str]] = {}
+    for row_id, (width, _, _, _, images, _, _) in ROWS.items():
+        keys = [("date", DATES[row_id]), ("w", width), ("n", images)]
+        directory = "/".join(f"{key}={HIVE_NULL if v is None else v}" for key, v in keys)
+        files.setdefault(f"{directory}/part-0.parquet", []).append(row_id)
+    return files
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, model_cache):
     tmp_path = tmp_path_factory.mktemp("per-row")
-    columns = list(zip(*ROWS.values(), strict=True))
-    table = write_prompt_table(
-        tmp_path / "in.parquet",
-        [f"a picture of {row_id}" for row_id in ROWS],
-        id=list(ROWS),
-        w=pa.array(columns[0], pa.int64()),
-        h=pa.array(columns[1], pa.int32()),
-        s=pa.array(columns[2], pa.int64()),
-        g=pa.array(columns[3], pa.float64()),
-        n=pa.array(columns[4], pa.int64()),
-        seed=pa.array(columns[5], pa.uint64()),
-        big=pa.array(columns[6], pa.uint64()),
-    )
+    for relative, ids in partition_files().items():
+        columns = list(zip(*(ROWS[row_id] for row_id in ids), strict=True))
+        write_prompt_table(  # w and n are the file's partition keys, not its columns
+            tmp_path / "in" / relative,
+            [f"a picture of {row_id}" for row_id in ids],
+            id=ids,
+            h=pa.array(columns[1], pa.int32()),
+            s=pa.array(columns[2], pa.int64()),
+            g=pa.array(columns[3], pa.float64()),
+            seed=pa.array(columns[5], pa.uint64()),
+            big=pa.array(columns[6], pa.uint64()),
+        )
     output = tmp_path / "out"
     raw = tiny_spec(
-        str(table),
+        str(tmp_path / "in"),
         str(output),
         input={
             "id_column": "id",
@@ -81,9 +102,9 @@ def job(tmp_path_factory, model_cache):
             "guidance_scale_column": "g",
             "images_per_prompt_column": "n",
             "seed_column": "seed",
-            "passthrough_columns": ["big"],
+            "passthrough_columns": ["big", "date"],
         },
-        generation={"images_per_prompt": 2},
+        generation={"images_per_prompt": 2, "seed": JOB_SEED},
         output={"max_failed_fraction": 0.9, "rows_per_shard": 6},
     )
     start_local_ray()
@@ -191,10 +212,49 @@ def test_ordinals_are_unique_and_use_the_fixed_stride(job):
     ordinals = [row["ordinal"] for row in job["rows"]]
     assert len(set(ordinals)) == len(ordinals)
     by_pair = {(row["id"], row["image_index"]): row["ordinal"] for row in job["rows"]}
-    assert by_pair[("wide", 2)] == 2 * 1000 + 2  # row ordinal 2
+    # row ordinal 2: the third row in path order, after small's and small-too's files
+    in_path_order = [ids for _, ids in sorted(partition_files().items())]
+    assert in_path_order[:3] == [["small"], ["small-too"], ["wide"]]
+    assert by_pair[("wide", 2)] == 2 * 1000 + 2
+
+
+def test_the_input_is_split_over_partitions_with_nulls(job):
+    files = partition_files()
+    assert len(files) == 6
+    assert f"date=2026-11-02/w={HIVE_NULL}/n={HIVE_NULL}/part-0.parquet" in files
+    assert f"date=2026-11-02/w=100/n={HIVE_NULL}/part-0.parquet" in files
+    assert f"date=2026-11-02/w={HIVE_NULL}/n=0/part-0.parquet" in files
+
+
+def test_the_partition_key_passes_through_to_the_manifest(job):
+    for manifest in job["manifests"]:
+        assert manifest.schema.field("date").type == pa.string()
+        # role columns, not passed through
+        assert "w" not in manifest.column_names and "n" not in manifest.column_names
+    dates = {(row["id"], row["image_index"]): row["date"] for row in job["rows"]}
+    assert dates == {
+        (row_id, index): DATES[row_id]
+        for row_id, count in EXPECTED_IMAGES.items()
+        for index in range(count)
+    }
+    assert {row["date"] for row in job["rows"]} == {"2026-11-01", "2026-11-02"}
+
+
+def test_the_seed_column_seeds_its_rows_and_null_falls_back_to_derived(job):
+    ok = [row for row in job["rows"] if row["status"] == "ok"]
+    assert {row["id"] for row in ok} == {"plain", "small", "wide", "small-too"}
+    for row in ok:
+        given = ROWS[row["id"]][5]
+        if given is None:
+            assert row["seed"] == derived_seed(JOB_SEED, row["id"], row["image_index"])
+        else:
+            assert row["seed"] == given + row["image_index"]
+    seeds = {(row["id"], row["image_index"]): row["seed"] for row in ok}
+    assert (seeds[("small-too", 0)], seeds[("small-too", 1)]) == (40, 41)
 
 
 def test_output_verifies_against_the_spec(job):
     report = verify_output(str(job["output"]), spec=job["spec"])
     assert report.problems == [], report.problems
+    assert report.ok, report.format()
     assert report.expected_images == 17 and report.missing_inputs == 0
