@@ -8,6 +8,7 @@ tests/integration/test_formats.py.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import get_args
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from koala_batch import write
 from koala_batch.commit import claim_output, load_committed, remove_leftovers, uncommit
@@ -38,12 +40,13 @@ from koala_batch.layout import (
     shard_record,
     tar_path,
 )
+from koala_batch.report import read_images
 from koala_batch.schemas import MANIFEST_COLUMNS
 from koala_batch.storage import Storage
 from koala_batch.verify import verify_output
 from koala_batch.write import WriteShard, row_group_bounds
 from tests.conftest import tiny_spec
-from tests.unit.conftest import encoded_table, make_spec
+from tests.unit.conftest import encoded_table, make_spec, png_bytes
 
 FORMATS = ("webdataset", "parquet", "files")
 IDS = [f"row-{i}" for i in range(6)]
@@ -482,3 +485,49 @@ def test_verify_reads_a_manifest_without_a_recorded_format_by_its_data(out_dir, 
 
     assert verify_output(str(out_dir)).ok
     assert load_committed(Storage(str(out_dir))).damaged == {}
+
+
+def with_sizes(table: pa.Table, sizes: list[tuple[int, int]]) -> pa.Table:
+    """The table with each row's image re-made at its own (width, height)."""
+    images = [png_bytes(index, width, height) for index, (width, height) in enumerate(sizes)]
+    for name, values, kind in (
+        ("width", [width for width, _ in sizes], pa.int32()),
+        ("height", [height for _, height in sizes], pa.int32()),
+        ("image", images, pa.binary()),
+        ("sha256", [hashlib.sha256(image).hexdigest() for image in images], pa.string()),
+        ("bytes", [len(image) for image in images], pa.int64()),
+    ):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
+    return table
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_a_shard_of_mixed_sizes_comes_out_right_in_every_format(out_dir, output_format):
+    spec = spec_for(out_dir, output_format)
+    storage = Storage(str(out_dir))
+    claim_output(storage, spec)
+    sizes = [(64, 64), (128, 64), (64, 96), (128, 64)]
+    ids = IDS[:4]
+    passthrough = {name: values[:4] for name, values in PASSTHROUGH.items()}
+    table = with_sizes(encoded_table(spec, ids, passthrough=passthrough), sizes)
+    shard = WriteShard(spec)(table).column("shard")[0].as_py()
+
+    assert verify_output(str(out_dir), spec=None).ok
+    rows = pq.read_table(out_dir / manifest_path(shard)).to_pylist()
+    assert [(row["width"], row["height"]) for row in rows] == sizes
+    stored = read_images(storage, shard, output_format, rows)
+    for row in rows:
+        assert Image.open(io.BytesIO(stored[row["key"]])).size == (row["width"], row["height"])
+
+    # verify decodes each image at its row's size: a row recording another size fails.
+    other = out_dir.parent / f"{out_dir.name}-wrong"
+    wrong_spec = spec_for(other, output_format)
+    claim_output(Storage(str(other)), wrong_spec)
+    mislabelled = table.set_column(
+        table.schema.get_field_index("width"), "width", pa.array([64, 64, 64, 128], pa.int32())
+    )
+    WriteShard(wrong_spec)(mislabelled)
+    report = verify_output(str(other))
+    assert not report.ok
+    (problem,) = report.problems  # only the second row records a size it does not have
+    assert sample_key(ids[1], 0) in problem and "the manifest says 64x64" in problem
