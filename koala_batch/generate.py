@@ -48,10 +48,6 @@ _NEEDED_COLUMNS = (
 # Concurrent calls per generator actor: one generating, one encoding (and handing over).
 CALLS_PER_ACTOR = 2
 
-# Pipeline seconds of the call running on this thread: the actor serves its calls on
-# threads of their own, so one call's share cannot be read off the actor-wide total.
-_THIS_CALL = threading.local()
-
 
 class CallSettings(NamedTuple):
     """The generation parameters of one pipeline call: rows share a call only when theirs
@@ -164,7 +160,6 @@ class GeneratorStats:
             self.first_call_at = started
         self.last_call_end = ended
         self.pipeline_s += ended - started
-        _THIS_CALL.pipeline_s = getattr(_THIS_CALL, "pipeline_s", 0.0) + (ended - started)
         self.calls += 1
         self.images += images
 
@@ -346,11 +341,14 @@ class GenerateImages:
         negatives: list[str | None],
         seeds: list[int],
         settings: Sequence[CallSettings] | None = None,
+        spent: list[float] | None = None,
     ) -> list[np.ndarray | ImageGenerationError]:
         """Images (uint8 HxWx3) or the error for each request, splitting batches that fail.
 
         `settings`: each request's generation parameters (the spec's when None). One
-        pipeline call per distinct settings and kind of negative prompt.
+        pipeline call per distinct settings and kind of negative prompt. `spent[0]`, when
+        given, grows by the seconds of the calls that succeeded: this request's share of the
+        pipeline, which the actor-wide statistics cannot give (two requests run at once).
         """
         results: list[np.ndarray | ImageGenerationError] = [None] * len(prompts)  # type: ignore[list-item]
         default = CallSettings(self.width, self.height, self.steps, self.guidance_scale)
@@ -363,7 +361,13 @@ class GenerateImages:
             groups.setdefault((bucket, negative is not None), []).append(index)
         for (bucket, has_negative), indices in groups.items():
             self._generate_split(
-                indices, prompts, negatives if has_negative else None, seeds, results, bucket
+                indices,
+                prompts,
+                negatives if has_negative else None,
+                seeds,
+                results,
+                bucket,
+                spent if spent is not None else [0.0],
             )
         return results
 
@@ -375,6 +379,7 @@ class GenerateImages:
         seeds: list[int],
         results: list[Any],
         settings: CallSettings,
+        spent: list[float],
     ) -> None:
         try:
             with self.pipeline_lock:
@@ -385,7 +390,9 @@ class GenerateImages:
                     [seeds[i] for i in indices],
                     **settings.pipeline_kwargs(),
                 )
-                self.stats.record_call(started, time.time(), len(indices))
+                ended = time.time()
+                self.stats.record_call(started, ended, len(indices))
+                spent[0] += ended - started
         except Exception as exc:  # noqa: BLE001 - every failure is retried smaller or recorded
             self._release_memory()
             if len(indices) > 1:
@@ -397,7 +404,7 @@ class GenerateImages:
                 )
                 middle = len(indices) // 2
                 for half in (indices[:middle], indices[middle:]):
-                    self._generate_split(half, prompts, negatives, seeds, results, settings)
+                    self._generate_split(half, prompts, negatives, seeds, results, settings, spent)
                 return
             reason = f"{type(exc).__name__}: {exc}".strip()
             results[indices[0]] = ImageGenerationError(reason[:2000])
@@ -411,7 +418,7 @@ class GenerateImages:
         if len(indices) > 1:
             # NaN latents can come from the batch (an fp16 overflow, say): retry each alone.
             for index in non_finite:
-                self._generate_split([index], prompts, negatives, seeds, results, settings)
+                self._generate_split([index], prompts, negatives, seeds, results, settings, spent)
             return
         for index in non_finite:
             results[index] = ImageGenerationError(
@@ -438,7 +445,7 @@ class GenerateImages:
         generated_at = [time.time()] * table.num_rows  # error rows: when they were seen
         generate_s = [0.0] * table.num_rows
         encode_s = [0.0] * table.num_rows
-        _THIS_CALL.pipeline_s = 0.0
+        spent = [0.0]
         settings = row_settings(table)
         outcomes = (
             self.generate(
@@ -446,6 +453,7 @@ class GenerateImages:
                 [negatives[i] for i in todo],
                 [seeds[i] for i in todo],
                 [settings[i] for i in todo],
+                spent,
             )
             if todo
             else []
@@ -455,7 +463,7 @@ class GenerateImages:
         finished = time.time()
         # This batch's pipeline seconds (its successful calls, halves of a split batch
         # included; an attempt that raised is not counted), split evenly over its images.
-        share = _THIS_CALL.pipeline_s / len(todo) if todo else 0.0
+        share = spent[0] / len(todo) if todo else 0.0
         made: list[int] = []
         for row, outcome in zip(todo, outcomes, strict=True):
             generated_at[row] = finished
