@@ -384,15 +384,18 @@ class GenerateImages:
         try:
             with self.pipeline_lock:
                 started = time.time()
+                # Durations from the monotonic clock: the wall clock may be stepped (a VM's
+                # time sync), which once made a batch's seconds come out as zero.
+                clock = time.perf_counter()
                 images = self.run_pipeline(
                     [prompts[i] for i in indices],
                     [negatives[i] for i in indices] if negatives is not None else None,
                     [seeds[i] for i in indices],
                     **settings.pipeline_kwargs(),
                 )
-                ended = time.time()
-                self.stats.record_call(started, ended, len(indices))
-                spent[0] += ended - started
+                elapsed = time.perf_counter() - clock
+                self.stats.record_call(started, time.time(), len(indices))
+                spent[0] += elapsed
         except Exception as exc:  # noqa: BLE001 - every failure is retried smaller or recorded
             self._release_memory()
             if len(indices) > 1:
