@@ -36,8 +36,12 @@ lint: setup
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit
 
+# Two test files at a time: most of an integration test's time is one process importing
+# torch and diffusers (a generator actor, a CLI run) while the other core waits. Each
+# worker has its own Ray cluster and S3 server; --dist loadfile keeps a file's tests (and
+# its module-scoped job outputs) on one worker.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 check: lint test
 

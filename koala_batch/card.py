@@ -3,8 +3,9 @@
 `build_card` is pure: the job record, the spec and a manifest's schema in, Markdown out,
 with YAML front matter as the Hugging Face Hub reads it (license, task, size, tags, the
 data files of each format) and a `koala_batch` section holding the model and its
-license, the counts and the columns. The body says what made the images and how to load
-them with `datasets`, `webdataset`, Ray and duckdb, for the output's format.
+license, the counts, the columns and the last run's GPU-hours and cost (when its record
+has them). The body says what made the images and how to load them with `datasets`,
+`webdataset`, Ray and duckdb, for the output's format.
 
 koala-batch owns OUTPUT/README.md (`layout.CARD_FILE`): each successful run rewrites it
 and an overwrite deletes it, like every file koala-batch writes.
@@ -23,6 +24,7 @@ from koala_batch.config import JobSpec
 from koala_batch.layout import CARD_FILE, MANIFESTS_DIR, SHARDS_DIR, manifest_path
 from koala_batch.model import preset_for
 from koala_batch.schemas import MANIFEST_FIELDS
+from koala_batch.stats import describe_cost
 from koala_batch.storage import Storage
 
 # The Hub's size buckets (the `size_categories` metadata), by upper bound.
@@ -161,6 +163,19 @@ def build_card(record: dict[str, Any], spec: JobSpec, manifest_schema: pa.Schema
     model = model_section(spec)
     fmt = output_format(spec)
     columns = {field.name: str(field.type) for field in manifest_schema}
+    cost = record.get("cost")
+    compute = describe_cost(cost)
+    # The last run's figures (a resumed output's earlier runs are not counted).
+    priced = (
+        {
+            "cost": {
+                name: cost.get(name)
+                for name in ("gpu_hours", "gpu_hour_cost", "cost", "cost_per_1000_images")
+            }
+        }
+        if compute and isinstance(cost, dict)
+        else {}
+    )
     front = {
         "license": spec.output.license,
         "pretty_name": f"koala-batch images ({model['name']})",
@@ -182,6 +197,7 @@ def build_card(record: dict[str, Any], spec: JobSpec, manifest_schema: pa.Schema
             "image_format": spec.output.image_format,
             "fingerprint": record.get("fingerprint"),
             "columns": columns,
+            **priced,
         },
     }
     failures = stats.get("failures_by_reason") or {}
@@ -210,7 +226,8 @@ def build_card(record: dict[str, Any], spec: JobSpec, manifest_schema: pa.Schema
         f"row, failed ones included, in `{MANIFESTS_DIR}/*.parquet`\n"
         f"- run: {record.get('started_at')} to {record.get('finished_at')}, "
         f"{stats.get('gpu_s_per_image')} GPU-seconds per image\n"
-        f"- software: {made_with}\n"
+        + (f"- compute: {compute}\n" if compute else "")
+        + f"- software: {made_with}\n"
         "- the job record, with the whole spec: `_SUCCESS` (JSON)\n\n"
         + "## Failures by reason\n\n"
         + ("| reason | images |\n|---|---|\n" + failure_lines if failures else "None.\n")

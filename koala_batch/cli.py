@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--tile", type=int, default=192, metavar="PX", help="contact-sheet image size in pixels"
     )
+    fetch = commands.add_parser(
+        "fetch-model",
+        help="copy a model's safetensors weights, configs and tokenizers to a folder or an "
+        "object-storage prefix, with a manifest of sizes and sha256, for model.name: DEST",
+    )
+    fetch.add_argument("name", help="preset, Hugging Face id or local diffusers directory")
+    fetch.add_argument(
+        "dest",
+        help="local folder or fsspec URL (s3://bucket/models/koala-700m/); credentials "
+        "from the environment (AWS_*, FSSPEC_S3_ENDPOINT_URL, ...)",
+    )
+    fetch.add_argument("--revision", help="Hub revision (branch, tag or commit) to copy")
+    fetch.add_argument("--variant", help="weights variant to copy, e.g. fp16 (default: plain)")
     # Also after the command (`koala-batch run spec.yaml --log-format json`).
     for command in commands.choices.values():
         _add_log_format_argument(command, default=argparse.SUPPRESS)
@@ -123,6 +136,7 @@ def command_validate(args: argparse.Namespace) -> int:
     from koala_batch.commit import check_output
     from koala_batch.config import reveal_storage_options
     from koala_batch.layout import JOB_FILE
+    from koala_batch.preflight import check_model
     from koala_batch.read import plan_input
     from koala_batch.storage import Storage
 
@@ -130,11 +144,13 @@ def command_validate(args: argparse.Namespace) -> int:
     plan = plan_input(
         spec.input, output_uri=spec.output.uri, images_per_prompt=spec.generation.images_per_prompt
     )
+    model_source = check_model(spec.model)
     storage = Storage(spec.output.uri, reveal_storage_options(spec.output.storage_options))
     state = check_output(storage, spec, spec.output.overwrite)
     storage.check_writable(JOB_FILE)  # the first file a run writes
     print("# resolved spec (secrets masked)")
     print(yaml.safe_dump(spec.snapshot(), sort_keys=False).rstrip())
+    print(f"# model: {spec.model.name}, from {model_source}")
     print(f"# steps: {spec.resolved_steps}, guidance_scale: {spec.resolved_guidance_scale}")
     print(
         f"# input: {len(plan.files)} file(s), {plan.num_rows} row(s), "
@@ -222,6 +238,18 @@ def command_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_fetch_model(args: argparse.Namespace) -> int:
+    from koala_batch.weights import fetch_model
+
+    result = fetch_model(args.name, args.dest, revision=args.revision, variant=args.variant)
+    print(
+        f"fetched {args.name}: {result.files} files, {result.total_size / 1e6:.1f} MB "
+        f"({result.copied} copied, {result.files - result.copied} already there) "
+        f"to {result.url}"
+    )
+    return EXIT_OK
+
+
 # Their debug logs carry request headers (access key ids, signatures): never below WARNING.
 CHATTY_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "boto3", "filelock")
 
@@ -248,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": command_validate,
         "verify": command_verify,
         "inspect": command_inspect,
+        "fetch-model": command_fetch_model,
     }
     try:
         return handlers[args.command](args)

@@ -235,13 +235,25 @@ class ModelSpec(_Section):
     name: str = Field(
         "tiny",
         description="Preset (koala-700m, koala-1b, koala-lightning-700m, koala-lightning-1b, "
-        "tiny), a local diffusers directory, or a Hugging Face id.",
+        "tiny), a local diffusers directory, a Hugging Face id, or the fsspec URL of a copy "
+        "made by `koala-batch fetch-model` (s3://bucket/models/koala-700m/): downloaded once "
+        "per node into the koala-batch cache, checksums verified.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     variant: str | None = Field(None, description="Weights variant, e.g. fp16.")
+    storage_options: dict[str, StorageOptionValue] = Field(
+        default_factory=dict,
+        description="fsspec options for a model.name URL (endpoint_url, key, secret, ...). "
+        "Credentials are kept as secrets.",
+    )
+
+    @field_validator("storage_options", mode="after")
+    @classmethod
+    def _hide_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _secret_storage_options(value)
 
 
 class GenerationSpec(_Section):
@@ -394,6 +406,13 @@ class ComputeSpec(_Section):
         None,
         description="Fuse each attention's query/key/value projections into one matmul; "
         "unset = on CUDA only.",
+    )
+    gpu_hour_cost: float | None = Field(
+        None,
+        ge=0,
+        description="Price of one GPU-hour, in any currency unit: the job record, the dataset "
+        "card, inspect and verify then give the run's cost and cost per 1,000 images; unset = "
+        "no cost figures (GPU-hours are recorded either way).",
     )
 
     @property

@@ -48,6 +48,12 @@ class UnsafeWeightsError(UsageError, ValueError):
     """The model directory holds pickle weights only; they are never loaded."""
 
 
+class ModelUnavailableError(UsageError):
+    """model.name cannot be loaded from here (no such directory, not in the Hugging Face
+    cache and the Hub unreachable, no weights manifest at an object-storage prefix); the
+    message names the model and the fix. Nothing was generated."""
+
+
 class ClusterResourcesError(UsageError):
     """The Ray cluster can never hold the generator actors the spec asks for (compute.*);
     the message says what the cluster has. Nothing was generated."""
@@ -57,6 +63,11 @@ class JobFailedError(KoalaBatchError):
     """The job ran but its result is not acceptable (too many failed images, say)."""
 
     headline = "job failed"
+
+
+class GeneratorStartError(JobFailedError):
+    """A generator actor could not be constructed (the model would not load, the GPU had
+    no memory left, a driver mismatch); the message is the constructor's own error."""
 
 
 class Interrupted(KoalaBatchError):

@@ -28,10 +28,11 @@ import numpy as np
 import pyarrow as pa
 
 from koala_batch.accelerations import DeepCache, guidance_cutoff_kwargs
-from koala_batch.config import JobSpec
+from koala_batch.config import JobSpec, reveal_storage_options
 from koala_batch.encode import ImageEncoder
 from koala_batch.model import SpeedSettings, load_pipeline, optimize_pipeline, pick_device
 from koala_batch.schemas import BUCKET_COLUMNS, STATUS_ERROR, STATUS_OK, Col, require_columns
+from koala_batch.weights import is_remote_model, local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +227,11 @@ class GenerateImages:
 
     def load_model(self, spec: JobSpec) -> Any:
         """The pipeline this actor runs (a benchmark's simulated generator returns None)."""
+        name = spec.model.name
+        if is_remote_model(name):  # a fetched copy: the node's actors share one download
+            name = str(local_copy(name, reveal_storage_options(spec.model.storage_options)))
         return load_pipeline(
-            spec.model.name,
+            name,
             dtype=spec.model.dtype,
             revision=spec.model.revision,
             variant=spec.model.variant,

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from koala_batch.config import (
 )
 from koala_batch.errors import (
     ClusterResourcesError,
+    GeneratorStartError,
     InputError,
     Interrupted,
     JobFailedError,
@@ -72,6 +74,7 @@ from koala_batch.layout import (
     list_output,
     manifest_path,
 )
+from koala_batch.preflight import check_model
 from koala_batch.progress import (
     JobProgress,
     Poller,
@@ -94,6 +97,7 @@ from koala_batch.schemas import (
     Col,
     require_columns,
 )
+from koala_batch.stats import run_cost
 from koala_batch.storage import Storage
 from koala_batch.validate import ExpandImages
 from koala_batch.write import WriteShard
@@ -129,7 +133,9 @@ def root_cause(exc: BaseException) -> BaseException:
     while id(exc) not in seen:
         seen.add(id(exc))
         inner = getattr(exc, "cause", None) or exc.__cause__
-        if inner is None:
+        # Ray Data raises the real error `from` an empty SystemException of its own: a
+        # marker that the trace is internal, never a cause.
+        if inner is None or type(inner).__name__ == "SystemException":
             break
         exc = inner
     return exc
@@ -194,6 +200,10 @@ def connect_ray(spec: JobSpec) -> bool:
                     include_dashboard=False,
                     # "Started a local Ray instance" tells a user nothing about the job.
                     logging_level=logging.WARNING,
+                    # Worker processes' own output (a dying actor's interpreter dump, the
+                    # raylet's retry notes) stays in the session folder's logs: what
+                    # went wrong reaches the console as the run's last line.
+                    log_to_driver=False,
                 )
             finally:
                 auth_notes.setLevel(level)
@@ -610,11 +620,29 @@ class ImageRows:
     other arguments), its rows shaped by `image_rows`."""
 
     def __init__(self, generator_cls: type[GenerateImages], spec: JobSpec, **generator_args: Any):
-        self.generator = generator_cls(spec=spec, **generator_args)
         self.constants = spec.spec_constants()
         self.passthrough = list(spec.input.passthrough_columns)
+        # An actor whose constructor raises dies, and Ray Data ends the job with the
+        # death's remote traceback and the raylet's retry notes on the console. Failing
+        # the actor's first batch instead ends it (Ray Data retries no actor task that
+        # raises) with one line: what the constructor raised. Ray Data would end the job
+        # on that first death too (DataContext.max_consecutive_actor_init_deaths = 0).
+        self.start_error: str | None = None
+        try:
+            self.generator: GenerateImages | None = generator_cls(spec=spec, **generator_args)
+        except Exception as exc:
+            logger.exception("the generator could not start")  # the traceback: worker log
+            self.generator = None
+            where = f"{socket.gethostname()}:{os.getpid()}"
+            message = " ".join(str(exc).split()).rstrip(".")
+            self.start_error = f"{where}: {type(exc).__name__}: {message}"
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.generator is None:
+            raise GeneratorStartError(
+                f"a generator actor could not start on {self.start_error}; fix what it "
+                "names (`koala-batch validate SPEC` checks the model), then rerun the same spec"
+            )
         return image_rows(self.generator(table), self.constants, self.passthrough)
 
 
@@ -739,16 +767,19 @@ def generate_images(
 def quiet_ray_data_console() -> None:
     """Ray Data's own lines (its execution plan, "Progress bars disabled") to its log file
     in the session folder only: on the console, a user reads koala-batch's lines about the
-    job. Its errors still show."""
+    job."""
     import ray.data  # noqa: F401 - configures Ray Data's loggers on import
 
     try:
         from ray._private.log import PlainRayHandler
     except ImportError:  # a private name: without it, Ray Data keeps its console lines
         return
+    # Its errors too: each reaches the driver as the exception that koala-batch words as
+    # the run's last line, and Ray Data's own "Full stack trace" lines before it would
+    # only bury that line. They stay in ray-data.log in the session folder.
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.ERROR)
+            handler.setLevel(logging.CRITICAL)
     style_library_console("ray.data")
 
 
@@ -772,7 +803,7 @@ def generate_remaining(
     overrides: Overrides | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the Ray Data graph over what is not committed: the stats of the shards it wrote
-    and the generators' busy summary.
+    and the generators' busy summary (with the GPUs each actor reserved).
 
     SIGINT or SIGTERM stops it: the local cluster is shut down and `Interrupted` says how
     many images are committed (every committed shard is kept for the rerun).
@@ -913,6 +944,8 @@ def _run_graph(
         poller.stop()
         progress.report(final=True)
         generators = collect_busy_summary(stats, ended_at=time.time())
+        # What the actors reserved: the run's GPU-hours (the record's `cost`) count it.
+        generators["gpus_per_actor"] = gpus
     except (UsageError, JobFailedError) as exc:
         # Ray raises a stage's error as a subclass of its type whose message is the whole
         # remote traceback; `cause` holds the original, one line.
@@ -992,7 +1025,7 @@ def run(
     started = time.time()
     started_at = datetime.now(UTC).isoformat()
 
-    # Input problems fail here, before Ray starts or any model loads.
+    # Input, model and output problems fail here, before Ray starts or any model loads.
     plan = plan_input(
         spec.input,
         overrides.input_filesystem,
@@ -1006,6 +1039,8 @@ def run(
         plan.num_rows,
         planned_images,
     )
+
+    logger.info("model: %s, from %s", spec.model.name, check_model(spec.model))
 
     storage = Storage(
         spec.output.uri,
@@ -1101,6 +1136,16 @@ def run(
         retried=len(retrying),
         retried_ok=retried_ok,
     )
+    cost = run_cost(
+        # A run with nothing left to generate started no actors: no GPU-hours.
+        generators.get("per_actor") if generators else [],
+        generators.get("gpus_per_actor"),
+        images=sum(shard["ok"] for shard in written),
+        gpu_hour_cost=spec.compute.gpu_hour_cost,
+    )
+    # Before the long shard list, where a reader of `_SUCCESS` finds the run's figures.
+    shard_list = record.pop("shards")
+    record.update(cost=cost, shards=shard_list)
     counts = record["counts"]
     if counts["images_committed"] > planned_images:
         raise stale_rows_error(storage, counts["images_committed"], planned_images)

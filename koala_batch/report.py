@@ -5,7 +5,8 @@ Everything comes from the committed manifests (through `layout` and `Storage`, l
 
 - the summary table: images, failures by reason, shards, bytes, images/s over the span
   from the first image generated to the last shard committed, GPU-seconds per image
-  (the shards' pipeline seconds over their ok images);
+  (the shards' pipeline seconds over their ok images), and, when `_SUCCESS` is there, the
+  last run's GPU-hours and cost (its `cost` section);
 - `contact_sheet.png`: sampled ok images in a grid, each captioned with its prompt;
 - `throughput.png`: images committed over time, from each shard's recorded stats.
 
@@ -19,6 +20,7 @@ library's in tracebacks.
 from __future__ import annotations
 
 import io
+import json
 import math
 import posixpath
 import random
@@ -41,6 +43,7 @@ from koala_batch.layout import (
     FILES,
     IMAGE_COLUMN,
     PARQUET,
+    SUCCESS_FILE,
     WEBDATASET,
     folder_file_path,
     list_output,
@@ -51,7 +54,7 @@ from koala_batch.layout import (
     tar_path,
 )
 from koala_batch.schemas import STATUS_OK, Col
-from koala_batch.stats import add_failures, shard_stats
+from koala_batch.stats import add_failures, cost_lines, shard_stats
 from koala_batch.storage import Storage
 
 CONTACT_SHEET = "contact_sheet.png"
@@ -85,6 +88,18 @@ class OutputView:
     shards: list[ShardView]
     total_bytes: int  # every file under the output
     has_success: bool
+    cost: dict[str, Any] | None = None  # `_SUCCESS`'s cost section, if it has one
+
+
+def recorded_cost(storage: Storage) -> dict[str, Any] | None:
+    """The `cost` section of the output's `_SUCCESS`; None if there is none (no record, an
+    unreadable one, or one written before costs were recorded): inspect shows no cost."""
+    try:
+        record = json.loads(storage.read_bytes(SUCCESS_FILE))
+    except (OSError, ValueError):
+        return None
+    cost = record.get("cost") if isinstance(record, dict) else None
+    return cost if isinstance(cost, dict) else None
 
 
 def load_output(storage: Storage) -> OutputView:
@@ -114,6 +129,7 @@ def load_output(storage: Storage) -> OutputView:
         shards=shards,
         total_bytes=sum(listing.sizes.values()),
         has_success=listing.has_success,
+        cost=recorded_cost(storage) if listing.has_success else None,
     )
 
 
@@ -153,6 +169,7 @@ def summarize(view: OutputView) -> dict[str, Any]:
         "span_s": span,
         "images_per_s": rows / span if span else None,
         "gpu_s_per_image": generate_s / ok if timed and ok else None,
+        "cost": view.cost,
     }
 
 
@@ -181,6 +198,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("bytes", f"{_human_bytes(summary['bytes'])} ({summary['bytes']} B)"),
         ("images/s", number(summary["images_per_s"], 3)),
         ("GPU-s/image", number(summary["gpu_s_per_image"], 4)),
+        *cost_lines(summary.get("cost")),
     ]
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in lines)

@@ -1,4 +1,5 @@
-"""Per-shard statistics, and the one rule that turns an error text into a failure reason.
+"""Per-shard statistics, the one rule that turns an error text into a failure reason, and
+a run's GPU-hours and cost (`run_cost`, the job record's `cost` section).
 
 The writer computes a shard's stats (`shard_stats`) and records them twice: in the
 manifest's Parquet key-value metadata (`layout.stats_metadata`), so that a reader of a
@@ -129,3 +130,98 @@ def job_totals(shards: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "encode_s": round(encode_s, 3),
         "gpu_s_per_image": round(generate_s / ok, 6) if ok else None,
     }
+
+
+def run_cost(
+    per_actor: Sequence[dict[str, Any]] | None,
+    gpus_per_actor: float | None,
+    *,
+    images: int,
+    gpu_hour_cost: float | None,
+) -> dict[str, Any]:
+    """The job record's `cost` section: this run's GPU-hours and, with a price, its cost.
+
+    GPU-hours are each generator actor's `life_s` (`generate.busy_summary`: from its start,
+    model load included, to the end of execution) times the GPUs it reserves: what the
+    cluster held for the run, idle time included. `images` are the ok images this run made;
+    `gpu_hour_cost` is compute.gpu_hour_cost. Nothing is estimated: `per_actor` None (the
+    statistics were lost) leaves `gpu_hours` None, a run without actors or a CPU-only run
+    (0 GPUs per actor) records 0, and either way `note` says why there is no cost.
+    """
+    gpu_hours: float | None = None
+    note: str | None = None
+    if per_actor is None:
+        note = "not measured: the generators' statistics were unavailable"
+    elif not per_actor:
+        gpu_hours = 0.0
+        note = "no generator actor ran (nothing was left to generate)"
+    elif not gpus_per_actor:
+        gpu_hours = 0.0
+        note = "CPU-only run: 0 GPUs per actor, so no GPU-hours"
+    else:
+        seconds = sum(actor["life_s"] for actor in per_actor) * gpus_per_actor
+        gpu_hours = round(seconds / 3600, 6)
+    cost = cost_per_1000 = None
+    if gpu_hours and gpu_hour_cost is not None:
+        # Each from the figure recorded before it, so the record agrees with itself.
+        cost = round(gpu_hours * gpu_hour_cost, 6)
+        cost_per_1000 = round(cost / images * 1000, 6) if images else None
+    return {
+        "actors": None if per_actor is None else len(per_actor),
+        "gpus_per_actor": gpus_per_actor,
+        "gpu_hours": gpu_hours,
+        "images": images,
+        "gpu_hour_cost": gpu_hour_cost,
+        "cost": cost,
+        "cost_per_1000_images": cost_per_1000,
+        "note": note,
+    }
+
+
+# The numbers of a cost section, type-checked before they are shown.
+_COST_FIGURES = (
+    "actors",
+    "gpus_per_actor",
+    "gpu_hours",
+    "gpu_hour_cost",
+    "cost",
+    "cost_per_1000_images",
+)
+
+
+def _amount(value: float) -> str:
+    """A money or hour figure for people: 4 significant digits, whole thousands grouped."""
+    return f"{value:,.2f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def cost_lines(cost: Any) -> list[tuple[str, str]]:
+    """A record's `cost` section as (label, value) lines for inspect, verify and the card;
+    none for a record without one (written before costs were recorded)."""
+    if not isinstance(cost, dict) or "gpu_hours" not in cost:
+        return []
+    if any(not isinstance(cost.get(name), int | float | None) for name in _COST_FIGURES):
+        return []  # a record edited by hand: no figure rather than a wrong one
+    hours = cost.get("gpu_hours")
+    if hours is None:
+        return [("GPU-hours", f"n/a ({cost.get('note') or 'not measured'})")]
+    actors, gpus = cost.get("actors"), cost.get("gpus_per_actor")
+    held = f"{actors} actor(s) x {gpus:g} GPU, last run" if actors and gpus else "last run"
+    lines = [("GPU-hours", f"{_amount(hours)} ({cost.get('note') or held})")]
+    price = cost.get("gpu_hour_cost")
+    if not hours:
+        return lines  # nothing to price; the note says why
+    if price is None or cost.get("cost") is None:
+        lines.append(("cost", "n/a (compute.gpu_hour_cost not set)"))
+    else:
+        lines.append(("cost", f"{_amount(cost['cost'])} at {_amount(price)} per GPU-hour"))
+        per_1000 = cost.get("cost_per_1000_images")
+        lines.append(
+            ("cost/1000 images", "n/a (no ok images)" if per_1000 is None else _amount(per_1000))
+        )
+    return lines
+
+
+def describe_cost(cost: Any) -> str | None:
+    """`cost_lines` as one line ("GPU-hours 0.5 (...); cost ..."); None without a section."""
+    lines = cost_lines(cost)
+    return "; ".join(f"{label} {value}" for label, value in lines) if lines else None

@@ -166,6 +166,24 @@ class Storage:
 
         return with_retries(listing, f"list {self.url(relative_dir)}")
 
+    def file_size(self, relative: str) -> int | None:
+        """Size in bytes of a file, or None where there is none."""
+
+        def size() -> int | None:
+            try:
+                return int(self.fs.size(self.path(relative)))
+            except FileNotFoundError:
+                return None
+
+        return with_retries(size, f"stat {self.url(relative)}")
+
+    def download_file(self, relative: str, local_path: str) -> None:
+        """Copy a file to a local path (replacing what is there), streamed."""
+        with_retries(
+            lambda: self.fs.get_file(self.path(relative), local_path),
+            f"download {self.url(relative)}",
+        )
+
     @contextmanager
     def open_read(self, relative: str) -> Iterator[Any]:
         with self.fs.open(self.path(relative), "rb") as handle:

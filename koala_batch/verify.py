@@ -83,6 +83,7 @@ from koala_batch.schemas import (
     STATUS_OK,
     Col,
 )
+from koala_batch.stats import describe_cost
 from koala_batch.storage import Storage, with_retries
 from koala_batch.validate import ExpandImages
 
@@ -128,6 +129,7 @@ class VerifyReport:
     expected_images: int | None = None  # with a spec: images the input plans
     success_present: bool = False
     notes: list[str] = field(default_factory=list)
+    cost: dict[str, Any] | None = None  # `_SUCCESS`'s cost section (the last run's)
 
     @property
     def ok(self) -> bool:
@@ -145,6 +147,9 @@ class VerifyReport:
                 f"  input: {self.expected_images} image(s) planned, {self.missing_inputs} missing"
             )
         lines.append(f"  {SUCCESS_FILE}: {'present' if self.success_present else 'absent'}")
+        compute = describe_cost(self.cost)
+        if compute:
+            lines.append(f"  compute: {compute}")
         for note in self.notes:
             lines.append(f"  note: {note}")
         if self.leftovers:
@@ -917,6 +922,8 @@ def verify_output(
 
     if success is not None:
         _check_success(success, shard_rows, spec, problems)
+        cost = success.get("cost")
+        report.cost = cost if isinstance(cost, dict) else None
 
     if spec is not None:
         matched: set[str] = set()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,13 +18,13 @@ import pytest
 
 import koala_batch
 from koala_batch.config import spec_from_dict
-from koala_batch.errors import InputError, OutputConflictError, SpecError
+from koala_batch.errors import GeneratorStartError, InputError, OutputConflictError, SpecError
 from koala_batch.keys import derived_seed
 from koala_batch.verify import verify_output
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
-# A model that cannot load: a job that reached model loading would fail differently.
+# A model that cannot load: a job that reached the model preflight would fail differently.
 UNLOADABLE_MODEL = {"name": "/nonexistent/model-dir"}
 
 ROW_CASES = [
@@ -167,7 +169,6 @@ def test_output_prefix_with_foreign_files_is_refused_untouched(tmp_path):
     output.mkdir()
     (output / "important.csv").write_text("do not touch")
     spec = tiny_spec(str(table), str(output))
-    spec["model"] = dict(UNLOADABLE_MODEL)
     with pytest.raises(
         OutputConflictError, match=r"holds files koala-batch did not write \(important\.csv\)"
     ):
@@ -324,3 +325,51 @@ def test_damaged_data_page_fails_the_run_with_one_line_naming_file_and_rows(tmp_
         f"input file {path}: row group 1 (rows 32 to 63) is unreadable: OSError: "
     )
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------
+# issue 10, part 1: a model that cannot load
+
+
+def test_a_wrong_model_name_fails_at_once_in_one_line(tmp_path):
+    # Once: 549 lines of retried-actor tracebacks, then "job failed: SystemException:".
+    table = write_prompt_table(tmp_path / "in.parquet", ["a cat"])
+    spec = tiny_spec(str(table), str(tmp_path / "out"))
+    spec["model"] = {"name": "koala-700"}
+    spec_path = tmp_path / "spec.json"  # JSON is YAML
+    spec_path.write_text(json.dumps(spec))
+
+    started = time.monotonic()
+    result = cli("run", str(spec_path), timeout=60)
+
+    assert time.monotonic() - started < 30  # the issue's bound: no cluster was started
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if "koala_batch" not in line]
+    assert lines == [
+        "koala-batch: error: model.name 'koala-700' is not a preset, an existing directory or "
+        "a Hugging Face id (did you mean koala-700m?); presets: koala-700m, koala-1b, "
+        "koala-lightning-700m, koala-lightning-1b, tiny"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_model_that_cannot_load_stops_the_job_with_its_error(model_cache, tmp_path):
+    from koala_batch.model import ensure_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny_model(model_cache), model)
+    (weights,) = (model / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # passes the preflight, cannot load
+    table = write_prompt_table(tmp_path / "in.parquet", ["a cat", "a dog"])
+    spec = tiny_spec(str(table), str(tmp_path / "out"), model={"name": str(model)})
+
+    with pytest.raises(GeneratorStartError) as raised:
+        koala_batch.run(spec)
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("a generator actor could not start on ")
+    assert f"OSError: Unable to load weights from checkpoint file for '{weights}'" in message
+    assert not list((tmp_path / "out").glob("manifests/*.parquet"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -64,7 +65,7 @@ def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
         str(table),
         str(output),
         input={"id_column": "id"},
-        compute={"actors": {"min": 1, "max": 2}, "batch_size": 2},
+        compute={"actors": {"min": 1, "max": 2}, "batch_size": 2, "gpu_hour_cost": 2.5},
         output={"rows_per_shard": 4},
     )
 
@@ -95,3 +96,17 @@ def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
     assert all(row["status"] == "ok" for row in rows)
     assert outcome["record"]["counts"]["images_ok"] == 40
     assert committed_before_removal < outcome["record"]["counts"]["shards"]  # removed mid-run
+
+    # GPU-hours: each actor's life times the 1 GPU it reserved (auto, on GPU nodes).
+    record = outcome["record"]
+    cost = record["cost"]
+    lives = [actor["life_s"] for actor in record["generators"]["per_actor"]]
+    assert cost["gpus_per_actor"] == 1.0 and cost["actors"] == len(lives) >= 1
+    assert cost["gpu_hours"] > 0
+    assert cost["gpu_hours"] == pytest.approx(sum(lives) / 3600, abs=1e-6)
+    assert cost["images"] == 40 and cost["gpu_hour_cost"] == 2.5
+    assert cost["cost"] == pytest.approx(cost["gpu_hours"] * 2.5, abs=1e-6)
+    assert cost["cost_per_1000_images"] == pytest.approx(cost["cost"] / 40 * 1000, rel=1e-6)
+    assert json.loads((output / "_SUCCESS").read_text())["cost"] == cost
+    card = (output / "README.md").read_text()
+    assert f"cost {cost['cost']:.4g} at 2.5 per GPU-hour" in card

@@ -169,3 +169,30 @@ def test_the_card_is_koala_batchs_own_file():
     assert CARD_FILE in listing.own_files  # an overwrite deletes it
     assert listing.foreign == ("notes/README.md",)
     assert classify(f"{CARD_FILE}.0123abcd.partial") == (FileKind.PARTIAL, None)
+
+
+def test_the_last_runs_gpu_hours_and_cost_are_on_the_card():
+    from koala_batch.stats import run_cost
+
+    per_actor = [{"life_s": 1800.0}, {"life_s": 1800.0}]
+    record = {**RECORD, "cost": run_cost(per_actor, 1.0, images=8, gpu_hour_cost=2.5)}
+    card = build_card(record, make_spec(), SCHEMA)
+
+    assert front_matter(card)["koala_batch"]["cost"] == {
+        "gpu_hours": 1.0,
+        "gpu_hour_cost": 2.5,
+        "cost": 2.5,
+        "cost_per_1000_images": 312.5,
+    }
+    assert (
+        "- compute: GPU-hours 1 (2 actor(s) x 1 GPU, last run); cost 2.5 at 2.5 per GPU-hour; "
+        "cost/1000 images 312.5\n" in card
+    )
+
+
+@pytest.mark.parametrize("cost", [None, {}, "n/a"])
+def test_a_record_without_a_cost_section_gives_a_card_without_one(cost):
+    record = dict(RECORD) if cost is None else {**RECORD, "cost": cost}
+    card = build_card(record, make_spec(), SCHEMA)
+    assert "cost" not in front_matter(card)["koala_batch"]
+    assert "- compute:" not in card

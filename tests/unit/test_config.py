@@ -253,12 +253,22 @@ def test_every_bad_field_is_reported_at_once():
         ("output", "quality", 0),
         ("output", "max_failed_fraction", 1.5),
         ("model", "dtype", "float64"),
+        ("compute", "gpu_hour_cost", -0.01),
     ],
 )
 def test_out_of_range_values_are_refused(section, field, value):
     raw = base_raw()
     raw.setdefault(section, {})[field] = value
     assert f"{section}.{field}" in spec_error(raw)
+
+
+def test_gpu_hour_cost_is_optional_and_leaves_the_fingerprint_alone():
+    plain = spec_from_dict(base_raw())
+    assert plain.compute.gpu_hour_cost is None
+    priced = spec_from_dict(apply_overrides(base_raw(), ["compute.gpu_hour_cost=3"]))
+    assert priced.compute.gpu_hour_cost == 3.0
+    # A new price must not stop an output from resuming: it changes no image.
+    assert priced.fingerprint() == plain.fingerprint()
 
 
 def test_passthrough_column_clashing_with_manifest_column_is_refused():

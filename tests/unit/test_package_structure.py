@@ -19,8 +19,9 @@ PACKAGE_DIR = REPO_ROOT / "koala_batch"
 # Bottom to top; a module may import from its own level (without a cycle) and below.
 LEVELS: list[set[str]] = [
     {"errors"},
-    {"schemas", "storage", "keys", "model", "accelerations", "progress", "stats"},
+    {"schemas", "storage", "keys", "model", "accelerations", "progress", "stats", "weights"},
     {"layout", "architectures", "config"},
+    {"preflight"},
     {"read", "validate", "generate", "encode", "write"},
     {"commit", "card"},
     {"job", "verify", "report"},

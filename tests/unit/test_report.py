@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import tarfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from koala_batch.layout import (
     IMAGE_COLUMN,
     IMAGE_TYPE,
     PARQUET,
+    SUCCESS_FILE,
     WEBDATASET,
     data_metadata,
     folder_file_path,
@@ -44,7 +46,7 @@ from koala_batch.report import (
     throughput_plot,
 )
 from koala_batch.schemas import Col
-from koala_batch.stats import shard_stats
+from koala_batch.stats import run_cost, shard_stats
 from koala_batch.storage import Storage
 
 ROWS_PER_SHARD = 4
@@ -165,6 +167,35 @@ def test_summary_counts_failures_seconds_and_rate(tmp_path):
     assert re.search(r"^images +12$", table, re.MULTILINE)
     assert re.search(r"^  RuntimeError +3$", table, re.MULTILINE)
     assert re.search(r"^GPU-s/image +0\.3333$", table, re.MULTILINE)
+
+
+def test_the_table_gives_the_last_runs_cost_from_success(tmp_path):
+    write_output(tmp_path / "out", WEBDATASET)
+    cost = run_cost([{"life_s": 900.0}, {"life_s": 900.0}], 1.0, images=6, gpu_hour_cost=3.0)
+    (tmp_path / "out" / SUCCESS_FILE).write_text(json.dumps({"status": "succeeded", "cost": cost}))
+
+    summary = summarize(load_output(Storage(str(tmp_path / "out"))))
+
+    assert summary["cost"] == cost
+    table = format_summary(summary)
+    assert re.search(r"^GPU-hours +0\.5 \(2 actor\(s\) x 1 GPU, last run\)$", table, re.M)
+    assert re.search(r"^cost +1\.5 at 3 per GPU-hour$", table, re.MULTILINE)
+    assert re.search(r"^cost/1000 images +250$", table, re.MULTILINE)
+
+
+@pytest.mark.parametrize("success", [None, '{"status": "succeeded"}', "{not json", "[]"])
+def test_without_a_recorded_cost_the_table_shows_none(tmp_path, success):
+    write_output(tmp_path / "out", WEBDATASET)
+    if success is not None:  # no record, an older one, an unreadable one
+        (tmp_path / "out" / SUCCESS_FILE).write_text(success)
+
+    summary = summarize(load_output(Storage(str(tmp_path / "out"))))
+
+    assert summary["cost"] is None
+    table = format_summary(summary)
+    labels = [line.split("  ")[0] for line in table.splitlines()]
+    assert not {"GPU-hours", "cost", "cost/1000 images"} & set(labels)
+    assert table.splitlines()[-1].startswith("GPU-s/image")
 
 
 def test_sampling_is_repeatable_and_takes_ok_images_only(tmp_path):

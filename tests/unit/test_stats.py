@@ -24,9 +24,12 @@ from koala_batch.stats import (
     MAX_REASON_CHARS,
     UNKNOWN_REASON,
     as_failures,
+    cost_lines,
+    describe_cost,
     failure_reason,
     failures_by_reason,
     job_totals,
+    run_cost,
     shard_stats,
 )
 from koala_batch.storage import Storage
@@ -226,3 +229,96 @@ def test_the_encoder_times_each_image():
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     encoded = ImageEncoder("png", 95, threads=2).encode_all([pixels, pixels])
     assert all(image.seconds > 0 for image in encoded)
+
+
+# the run's GPU-hours and cost ---------------------------------------------------------------
+
+
+def actors(*lives: float) -> list[dict]:
+    """Per-actor rows as `generate.busy_summary` gives them (only life_s counts here)."""
+    return [
+        {"worker": f"w{n}", "life_s": life, "pipeline_s": life / 2} for n, life in enumerate(lives)
+    ]
+
+
+def test_gpu_hours_sum_every_actors_life_and_price_them():
+    cost = run_cost(actors(1800.0, 3600.0, 5400.0), 1.0, images=1500, gpu_hour_cost=2.5)
+    assert cost == {
+        "actors": 3,
+        "gpus_per_actor": 1.0,
+        "gpu_hours": 3.0,
+        "images": 1500,
+        "gpu_hour_cost": 2.5,
+        "cost": 7.5,
+        "cost_per_1000_images": 5.0,
+        "note": None,
+    }
+
+
+def test_fractional_gpus_count_their_share():
+    cost = run_cost(actors(720.0, 720.0, 720.0, 720.0), 0.25, images=100, gpu_hour_cost=4.0)
+    assert cost["gpu_hours"] == pytest.approx(0.2)
+    assert cost["cost"] == pytest.approx(0.8)
+    assert cost["cost_per_1000_images"] == pytest.approx(8.0)
+
+
+def test_the_record_agrees_with_itself_after_rounding():
+    # 7 s on 3 GPUs: 0.0058333... GPU-hours, recorded to 6 places; the cost is the
+    # recorded GPU-hours times the price, not a figure rounded apart from them.
+    cost = run_cost(actors(7.0), 3.0, images=3, gpu_hour_cost=3.3)
+    assert cost["gpu_hours"] == 0.005833
+    assert cost["cost"] == pytest.approx(cost["gpu_hours"] * 3.3, abs=1e-6)
+    assert cost["cost_per_1000_images"] == pytest.approx(cost["cost"] / 3 * 1000, rel=1e-6)
+
+
+def test_without_a_price_gpu_hours_are_recorded_and_no_cost():
+    cost = run_cost(actors(3600.0, 1800.0), 2.0, images=10, gpu_hour_cost=None)
+    assert cost["gpu_hours"] == 3.0
+    assert cost["gpu_hour_cost"] is None
+    assert cost["cost"] is None and cost["cost_per_1000_images"] is None
+    assert dict(cost_lines(cost))["cost"] == "n/a (compute.gpu_hour_cost not set)"
+
+
+def test_zero_ok_images_cost_but_no_cost_per_image():
+    cost = run_cost(actors(3600.0), 1.0, images=0, gpu_hour_cost=2.0)
+    assert cost["cost"] == 2.0
+    assert cost["cost_per_1000_images"] is None
+    assert dict(cost_lines(cost))["cost/1000 images"] == "n/a (no ok images)"
+
+
+def test_a_cpu_only_run_records_zero_gpu_hours_and_says_so():
+    cost = run_cost(actors(3600.0, 3600.0), 0.0, images=50, gpu_hour_cost=2.0)
+    assert cost["gpu_hours"] == 0.0
+    assert cost["cost"] is None and cost["cost_per_1000_images"] is None
+    assert "CPU-only" in cost["note"]
+    assert describe_cost(cost) == "GPU-hours 0 (CPU-only run: 0 GPUs per actor, so no GPU-hours)"
+
+
+def test_lost_statistics_and_runs_without_actors_invent_nothing():
+    lost = run_cost(None, 1.0, images=5, gpu_hour_cost=2.0)
+    assert lost["gpu_hours"] is None and lost["cost"] is None and lost["actors"] is None
+    assert describe_cost(lost) == (
+        "GPU-hours n/a (not measured: the generators' statistics were unavailable)"
+    )
+    idle = run_cost([], None, images=0, gpu_hour_cost=2.0)
+    assert idle["gpu_hours"] == 0.0 and idle["actors"] == 0 and idle["cost"] is None
+    assert "nothing was left to generate" in idle["note"]
+
+
+def test_cost_lines_for_people():
+    cost = run_cost(actors(1800.0, 1800.0), 0.5, images=2000, gpu_hour_cost=2.5)
+    assert cost_lines(cost) == [
+        ("GPU-hours", "0.5 (2 actor(s) x 0.5 GPU, last run)"),
+        ("cost", "1.25 at 2.5 per GPU-hour"),
+        ("cost/1000 images", "0.625"),
+    ]
+    big = run_cost(actors(3_600_000.0), 1.0, images=10**6, gpu_hour_cost=2.0)
+    assert dict(cost_lines(big))["cost"] == "2,000.00 at 2 per GPU-hour"
+
+
+@pytest.mark.parametrize(
+    "section", [None, {}, "free", {"cost": 3}, {"gpu_hours": "1.5"}, {"gpu_hours": 1, "cost": []}]
+)
+def test_records_without_a_cost_section_show_nothing(section):
+    assert cost_lines(section) == []
+    assert describe_cost(section) is None

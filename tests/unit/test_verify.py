@@ -545,3 +545,36 @@ def test_damaged_input_row_group_is_one_input_error(built, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"b\.parquet: row group 0 \(rows 0 to 4\) is unreadable"):
         verify_output(str(built.output), spec=built.spec)
+
+
+def test_the_report_gives_the_recorded_cost(built):
+    from koala_batch.stats import run_cost
+
+    record = dict(built.record)
+    record["cost"] = run_cost([{"life_s": 3600.0}], 0.5, images=24, gpu_hour_cost=2.0)
+    (built.output / "_SUCCESS").write_text(json.dumps(record))
+
+    report = verify_output(str(built.output))
+
+    assert report.ok, report.format()
+    assert report.cost == record["cost"]
+    assert (
+        "  compute: GPU-hours 0.5 (1 actor(s) x 0.5 GPU, last run); cost 1 at 2 per GPU-hour; "
+        "cost/1000 images 41.67"
+    ) in report.format().splitlines()
+
+
+@pytest.mark.parametrize("cost", [None, "free", {"gpu_hours": None}])
+def test_a_record_without_a_usable_cost_shows_none_or_says_not_measured(built, cost):
+    record = dict(built.record)
+    if cost is not None:
+        record["cost"] = cost
+    (built.output / "_SUCCESS").write_text(json.dumps(record))
+
+    text = verify_output(str(built.output)).format()
+
+    compute = [line for line in text.splitlines() if "compute:" in line]
+    if isinstance(cost, dict):
+        assert compute == ["  compute: GPU-hours n/a (not measured)"]
+    else:
+        assert compute == []

@@ -1,0 +1,213 @@
+"""Model preflight: before Ray starts, check that `model.name` can be loaded from here.
+
+A model that cannot load otherwise surfaces only inside the generator actors, after the
+cluster has started, as actor-construction failures. Here it is one line naming the
+model and the fix, in seconds. The driver checks what the driver sees: on a cluster its
+image and its Hugging Face cache are the workers' (the same container), and an
+object-storage prefix is the same prefix everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from koala_batch.config import ModelSpec, reveal_storage_options
+from koala_batch.errors import ModelUnavailableError
+from koala_batch.model import (
+    PRESETS,
+    TINY_MODEL_NAME,
+    check_local_weights_are_safetensors,
+    resolve_model_source,
+)
+
+# What `from_pretrained` takes for a Hub repository: "owner/name", each part of letters,
+# digits, '-', '_' and '.'.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# How long the Hub may take to answer whether a repository exists.
+HUB_TIMEOUT_S = 10.0
+MODEL_INDEX = "model_index.json"
+WEIGHT_SUFFIX = ".safetensors"
+FETCH_HINT = (
+    "fetch it where the Hub is reachable with `koala-batch fetch-model {name} DEST` "
+    "(a local folder or an s3:// prefix) and set model.name to DEST"
+)
+
+
+def check_model(model: ModelSpec) -> str:
+    """Where model.name will load from, in words; ModelUnavailableError if it cannot."""
+    from koala_batch import weights
+
+    name = model.name
+    if name == TINY_MODEL_NAME:
+        return "the tiny random-weight model, built in code"
+    if weights.is_remote_model(name):
+        weights.check_remote_weights(
+            name, reveal_storage_options(model.storage_options), variant=model.variant
+        )
+        return f"{name} (a fetched copy, cached on each node)"
+    source = resolve_model_source(name)
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        check_model_directory(directory, name, model.variant)
+        return f"the local directory {directory}"
+    if name not in PRESETS and not HUB_ID.match(name):
+        raise ModelUnavailableError(
+            f"model.name {name!r} is not a preset, an existing directory or a Hugging Face "
+            f"id{did_you_mean(name)}; presets: {', '.join(PRESETS)}"
+        )
+    return check_hub_model(name, source, model.revision, model.variant)
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean X?)' for a name close to a preset or its Hub id, else ''."""
+    candidates = {**{p: p for p in PRESETS}, **{p.source: p.name for p in PRESETS.values()}}
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {candidates[close[0]]}?)" if close else ""
+
+
+def component_folders(index: dict[str, Any]) -> list[str]:
+    """The pipeline components `model_index.json` names (entries of [library, class])."""
+    return [
+        key
+        for key, value in index.items()
+        if isinstance(value, list) and len(value) == 2 and value[0] is not None
+    ]
+
+
+def weight_files_missing(
+    files_by_component: dict[str, list[str]], variant: str | None
+) -> list[str]:
+    """The components that hold a model (a `config.json`) but no safetensors weights of
+    the variant asked for. Tokenizers and schedulers hold no weights."""
+    missing = []
+    for component, files in files_by_component.items():
+        if "config.json" not in files:
+            continue
+        weights = [name for name in files if name.endswith(WEIGHT_SUFFIX)]
+        if variant is not None:
+            weights = [name for name in weights if f".{variant}." in name or f".{variant}-" in name]
+        if not weights:
+            missing.append(component)
+    return missing
+
+
+def check_model_directory(directory: Path, name: str, variant: str | None) -> None:
+    """A diffusers pipeline directory with safetensors weights for every model component."""
+    index_path = directory / MODEL_INDEX
+    if not index_path.is_file():
+        raise ModelUnavailableError(
+            f"model {name}: {directory} has no {MODEL_INDEX}, so it is not a diffusers "
+            "pipeline directory; save one with `pipeline.save_pretrained(DIR)` or "
+            f"`koala-batch fetch-model NAME DIR`"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(f"model {name}: cannot read {index_path}: {exc}") from exc
+    check_local_weights_are_safetensors(directory)  # pickle-only weights: refused by name
+    files = {
+        component: sorted(p.name for p in (directory / component).iterdir())
+        if (directory / component).is_dir()
+        else []
+        for component in component_folders(index)
+    }
+    absent = [component for component, listed in files.items() if not listed]
+    if absent:
+        raise ModelUnavailableError(
+            f"model {name}: {directory} lacks the component folder(s) {', '.join(absent)} "
+            f"that {MODEL_INDEX} names; copy the whole pipeline directory"
+        )
+    missing = weight_files_missing(files, variant)
+    if missing:
+        wanted = f"{variant} " if variant else ""
+        raise ModelUnavailableError(
+            f"model {name}: {directory} has no {wanted}safetensors weights for "
+            f"{', '.join(missing)}" + ("; check model.variant" if variant else "")
+        )
+
+
+def check_hub_model(name: str, repo_id: str, revision: str | None, variant: str | None) -> str:
+    """A Hub model: complete in the local cache, or the Hub says it exists."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, MODEL_INDEX, revision=revision)
+    if isinstance(cached, str):
+        snapshot = Path(cached).parent
+        try:
+            check_model_directory(snapshot, name, variant)
+            return f"the Hugging Face cache ({snapshot})"
+        except ModelUnavailableError:
+            if constants.is_offline_mode():
+                raise ModelUnavailableError(
+                    f"model {name} ({at}) is only partly in the Hugging Face cache "
+                    f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set; "
+                    + FETCH_HINT.format(name=name)
+                ) from None
+    if constants.is_offline_mode():
+        raise ModelUnavailableError(
+            f"model {name} ({at}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            "and HF_HUB_OFFLINE is set; point HF_HOME at a cache that holds it, or "
+            + FETCH_HINT.format(name=name)
+        )
+    return ask_the_hub(name, repo_id, revision, variant)
+
+
+def ask_the_hub(name: str, repo_id: str, revision: str | None, variant: str | None) -> str:
+    """The Hub's answer: the repository and revision exist and hold safetensors weights."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelUnavailableError(
+            f"model {name} ({at}) is gated on the Hub: accept its terms there and set HF_TOKEN, "
+            "or " + FETCH_HINT.format(name=name)
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelUnavailableError(
+            f"model {name}: the Hub has {repo_id} but no revision {revision!r}; "
+            "check model.revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelUnavailableError(
+            f"model {name}: the Hub has no repository {repo_id}{did_you_mean(name)} "
+            "(a private one needs HF_TOKEN)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
+        raise ModelUnavailableError(
+            f"model {name} ({at}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            f"and the Hub at {constants.ENDPOINT} cannot be reached ({type(exc).__name__}); "
+            "point HF_HOME at a cache that holds it, or " + FETCH_HINT.format(name=name)
+        ) from None
+    files: dict[str, list[str]] = {}
+    for sibling in info.siblings or []:
+        component, _, file_name = sibling.rfilename.partition("/")
+        if file_name and "/" not in file_name:
+            files.setdefault(component, []).append(file_name)
+    top_level = {sibling.rfilename for sibling in info.siblings or []}
+    if MODEL_INDEX not in top_level:
+        raise ModelUnavailableError(
+            f"model {name}: the Hub repository {at} has no {MODEL_INDEX}, so it is not a "
+            "diffusers pipeline"
+        )
+    missing = weight_files_missing(files, variant)
+    if missing:
+        wanted = f"{variant} " if variant else ""
+        raise ModelUnavailableError(
+            f"model {name}: the Hub repository {at} has no {wanted}safetensors weights for "
+            f"{', '.join(missing)}; koala-batch loads safetensors only"
+            + ("; check model.variant" if variant else "")
+        )
+    return f"the Hugging Face Hub ({at}, downloaded into {constants.HF_HUB_CACHE})"
