@@ -6,8 +6,10 @@ Exit codes: 0 success, 1 the job or check failed, 2 invalid spec or input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -300,5 +302,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def entry() -> None:
+    """The `koala-batch` command: `main`, then exit with its code at once.
+
+    Interpreter teardown runs the native libraries' static destructors (Arrow's thread
+    pools, Ray's), and a thread of theirs still running can abort the finished process:
+    "terminate called without an active exception", exit -6 instead of the command's
+    code (seen once in CI, under load). Everything the command does is done by then: the
+    Ray session it joined is left, logs and streams are flushed, then the process exits.
+    """
+    code = main()
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

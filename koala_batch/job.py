@@ -195,6 +195,10 @@ def connect_ray(spec: JobSpec) -> bool:
             auth_notes.setLevel(logging.ERROR)
             try:
                 ray.init(
+                    # "local": a new cluster even where `ray start` left one on this machine
+                    # (/tmp/ray/ray_current_cluster), which ray.init() would join otherwise;
+                    # joining one takes RAY_ADDRESS or compute.ray_address.
+                    address="local",
                     num_cpus=spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1)),
                     object_store_memory=spec.compute.local_object_store_mb * 2**20,
                     include_dashboard=False,

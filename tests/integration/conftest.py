@@ -8,8 +8,15 @@ from dataclasses import dataclass
 
 import pytest
 
+# address="local": a cluster of this process's own even while another test process (the
+# suite runs two at a time) has a ray.cluster_utils.Cluster up, whose address
+# ray.init() would otherwise join (/tmp/ray/ray_current_cluster).
 LOCAL_RAY = dict(
-    num_cpus=6, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False
+    address="local",
+    num_cpus=6,
+    object_store_memory=300 * 2**20,
+    include_dashboard=False,
+    log_to_driver=False,
 )
 
 

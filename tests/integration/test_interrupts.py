@@ -91,6 +91,13 @@ def interrupt_after_first_commit(
     output = Path(spec["output"]["uri"])
     before = committed_rows(output)
     with ray_temp_dir() as temp_dir:
+        # What `ray start` leaves on a machine (here its cluster is gone): without
+        # RAY_ADDRESS or compute.ray_address the job still starts a cluster of its own.
+        # (It once tried to join it: "When connecting to an existing cluster, num_cpus and
+        # num_gpus must not be provided", exit 1.)
+        stale = Path(temp_dir, "ray", "ray_current_cluster")
+        stale.parent.mkdir()
+        stale.write_text("127.0.0.1:1")
         job = koala_batch_run(spec, tmp_path, temp_dir)
         # Stderr is read only at the end: one line per shard and Ray's start-up lines fit
         # the pipe's buffer.

@@ -23,7 +23,11 @@ def scarce_cpus(model_cache):
 
     ray.shutdown()  # the shared local cluster, if running; ray_local restarts it later
     ray.init(
-        num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False
+        address="local",  # as LOCAL_RAY (conftest.py): never another test process's cluster
+        num_cpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
