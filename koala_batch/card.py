@@ -22,7 +22,6 @@ import yaml
 
 from koala_batch.config import JobSpec
 from koala_batch.layout import CARD_FILE, MANIFESTS_DIR, SHARDS_DIR, manifest_path
-from koala_batch.model import preset_for
 from koala_batch.schemas import MANIFEST_FIELDS
 from koala_batch.stats import describe_cost
 from koala_batch.storage import Storage
@@ -63,7 +62,7 @@ def data_files(output: str) -> str:
 
 def model_section(spec: JobSpec) -> dict[str, Any]:
     """The model that made the images: name, where its weights come from, its license."""
-    preset = preset_for(spec.model.name)
+    preset = spec.model.settings
     return {
         "name": spec.model.name,
         "id": preset.source or spec.model.name,

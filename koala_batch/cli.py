@@ -241,13 +241,17 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_fetch_model(args: argparse.Namespace) -> int:
+    from koala_batch.model import PRESETS, TINY_MODEL_NAME
     from koala_batch.weights import fetch_model
 
     result = fetch_model(args.name, args.dest, revision=args.revision, variant=args.variant)
+    use = f"model.name: {result.url}"
+    if args.name in PRESETS and args.name != TINY_MODEL_NAME:
+        use += f" and model.preset: {args.name}"
     print(
         f"fetched {args.name}: {result.files} files, {result.total_size / 1e6:.1f} MB "
         f"({result.copied} copied, {result.files - result.copied} already there) "
-        f"to {result.url}"
+        f"to {result.url}; use it with {use}"
     )
     return EXIT_OK
 

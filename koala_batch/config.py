@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from koala_batch.errors import SpecError
-from koala_batch.model import preset_for
+from koala_batch.model import PRESETS, ModelPreset, preset_for
 from koala_batch.schemas import READ_COLUMNS, RESERVED_COLUMNS, Col
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict"]
@@ -244,6 +244,12 @@ class ModelSpec(_Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     variant: str | None = Field(None, description="Weights variant, e.g. fp16.")
+    preset: str | None = Field(
+        None,
+        description="The preset whose sampler settings (steps, guidance, scheduler) apply "
+        "when model.name is a copy of it (a directory or a fetch-model URL); a preset's "
+        "name or Hugging Face id in model.name implies it.",
+    )
     storage_options: dict[str, StorageOptionValue] = Field(
         default_factory=dict,
         description="fsspec options for a model.name URL (endpoint_url, key, secret, ...). "
@@ -254,6 +260,18 @@ class ModelSpec(_Section):
     @classmethod
     def _hide_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _secret_storage_options(value)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"{value!r} is not a preset ({', '.join(PRESETS)})")
+        return value
+
+    @property
+    def settings(self) -> ModelPreset:
+        """The sampler settings that apply: model.preset's, model.name's preset, or generic."""
+        return preset_for(self.name, self.preset)
 
 
 class GenerationSpec(_Section):
@@ -521,7 +539,7 @@ class JobSpec(_Section):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the image bytes: model, dtype, sampler, seed policy, encoding."""
-        preset = preset_for(self.model.name)
+        preset = self.model.settings
         return {
             "model": self.model.name,
             "revision": self.model.revision,
@@ -586,14 +604,14 @@ class JobSpec(_Section):
     @property
     def resolved_steps(self) -> int:
         """generation.steps, or the model preset's."""
-        return self.generation.steps or preset_for(self.model.name).steps
+        return self.generation.steps or self.model.settings.steps
 
     @property
     def resolved_guidance_scale(self) -> float:
         """generation.guidance_scale, or the model preset's."""
         if self.generation.guidance_scale is not None:
             return self.generation.guidance_scale
-        return preset_for(self.model.name).guidance_scale
+        return self.model.settings.guidance_scale
 
 
 # ---------------------------------------------------------------------------------------

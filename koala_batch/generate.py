@@ -236,6 +236,7 @@ class GenerateImages:
             revision=spec.model.revision,
             variant=spec.model.variant,
             device=self.device,
+            preset=spec.model.preset,
         )
 
     def encode_default_negative(self) -> tuple[Any, Any] | None:

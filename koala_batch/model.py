@@ -82,9 +82,14 @@ PRESETS: dict[str, ModelPreset] = {
 GENERIC_DEFAULTS = ModelPreset("custom", "", steps=25, guidance_scale=5.0)
 
 
-def preset_for(name: str) -> ModelPreset:
-    """The preset for a model name, or generic SDXL defaults for a path or HF id."""
-    return PRESETS.get(name, GENERIC_DEFAULTS)
+def preset_for(name: str, preset: str | None = None) -> ModelPreset:
+    """The preset whose sampler settings apply: `preset` (model.preset) when given, else
+    the one `name` names (a preset or its Hugging Face id), else generic SDXL defaults."""
+    if preset is not None:
+        return PRESETS[preset]
+    if name in PRESETS:
+        return PRESETS[name]
+    return next((p for p in PRESETS.values() if p.source == name), GENERIC_DEFAULTS)
 
 
 def default_cache_dir() -> Path:
@@ -320,11 +325,13 @@ def load_pipeline(
     variant: str | None = None,
     device: torch.device | None = None,
     cache_dir: Path | None = None,
+    preset: str | None = None,
 ) -> StableDiffusionXLPipeline:
     """Load a StableDiffusionXLPipeline from safetensors on an explicit device and dtype.
 
     With float16 weights the VAE is kept in `decode_dtype` (bfloat16 or float32): decode
-    latents with `koala_batch.generate.decode_latents`, which casts them to it.
+    latents with `koala_batch.generate.decode_latents`, which casts them to it. `preset`
+    (model.preset) names the preset whose scheduler applies to a directory or a copy.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -342,10 +349,10 @@ def load_pipeline(
         revision=revision,
         variant=variant,
     )
-    preset = preset_for(name)
-    if preset.scheduler_timestep_spacing:
+    settings = preset_for(name, preset)
+    if settings.scheduler_timestep_spacing:
         pipeline.scheduler = EulerDiscreteScheduler.from_config(
-            pipeline.scheduler.config, timestep_spacing=preset.scheduler_timestep_spacing
+            pipeline.scheduler.config, timestep_spacing=settings.scheduler_timestep_spacing
         )
     pipeline.set_progress_bar_config(disable=True)
     vae_dtype = decode_dtype(torch_dtype, pipeline.vae, device)

@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from koala_batch import weights
 from koala_batch.config import ModelSpec, reveal_storage_options
-from koala_batch.errors import ModelUnavailableError
+from koala_batch.errors import ModelUnavailableError, SpecError
 from koala_batch.model import (
     PRESETS,
     TINY_MODEL_NAME,
@@ -39,20 +40,22 @@ FETCH_HINT = (
 
 def check_model(model: ModelSpec) -> str:
     """Where model.name will load from, in words; ModelUnavailableError if it cannot."""
-    from koala_batch import weights
-
     name = model.name
     if name == TINY_MODEL_NAME:
         return "the tiny random-weight model, built in code"
     if weights.is_remote_model(name):
-        weights.check_remote_weights(
-            name, reveal_storage_options(model.storage_options), variant=model.variant
-        )
+        options = reveal_storage_options(model.storage_options)
+        weights.check_remote_weights(name, options, variant=model.variant)
+        storage = weights.open_weights(name, options)
+        check_copy_preset(model, weights.read_weights_manifest(storage, name)[1])
         return f"{name} (a fetched copy, cached on each node)"
     source = resolve_model_source(name)
     directory = Path(source).expanduser()
     if directory.is_dir():
         check_model_directory(directory, name, model.variant)
+        manifest = local_copy_manifest(directory)
+        if manifest is not None:
+            check_copy_preset(model, manifest)
         return f"the local directory {directory}"
     if name not in PRESETS and not HUB_ID.match(name):
         raise ModelUnavailableError(
@@ -60,6 +63,37 @@ def check_model(model: ModelSpec) -> str:
             f"id{did_you_mean(name)}; presets: {', '.join(PRESETS)}"
         )
     return check_hub_model(name, source, model.revision, model.variant)
+
+
+def local_copy_manifest(directory: Path) -> weights.WeightsManifest | None:
+    """The weights manifest of a directory fetch-model wrote; None for any other one."""
+    path = directory / weights.MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return weights.WeightsManifest.from_bytes(path.read_bytes())
+    except (OSError, ValueError, KeyError):  # not fetch-model's: a directory like any other
+        return None
+
+
+def check_copy_preset(model: ModelSpec, manifest: weights.WeightsManifest) -> None:
+    """A copy of a preset (its manifest says so) loads with that preset's sampler settings
+    only through model.preset: without it the generic ones (25 steps, guidance 5.0, the
+    copy's scheduler) would silently make other images than the preset does."""
+    copied = manifest.source.get("name")
+    if model.preset is not None or copied not in PRESETS or copied == TINY_MODEL_NAME:
+        return
+    preset = PRESETS[copied]
+    spacing = (
+        f", {preset.scheduler_timestep_spacing} timesteps"
+        if (preset.scheduler_timestep_spacing)
+        else ""
+    )
+    raise SpecError(
+        f"model.name {model.name} is a copy of the preset {copied}: set model.preset: "
+        f"{copied} so that its sampler settings apply ({preset.steps} steps, guidance "
+        f"{preset.guidance_scale:g}{spacing})"
+    )
 
 
 def did_you_mean(name: str) -> str:

@@ -242,7 +242,10 @@ def test_presets():
     assert preset_for("koala-lightning-1b").guidance_scale == 3.5
     assert preset_for("koala-lightning-700m").scheduler_timestep_spacing == "trailing"
     assert preset_for("koala-700m").steps == 25
-    assert preset_for("etri-vilab/koala-700m").name == "custom"  # an HF id is not a preset name
+    # A preset's Hub id is that preset (its repository's scheduler is not the lightning one)
+    assert preset_for("etri-vilab/koala-lightning-1b").name == "koala-lightning-1b"
+    assert preset_for("someone/sdxl-finetune").name == "custom"
+    assert preset_for("/models/a-copy", "koala-lightning-700m").steps == 10
     assert PRESETS["koala-1b"].source == "etri-vilab/koala-1b"
 
 

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from koala_batch.config import ModelSpec
-from koala_batch.errors import ModelUnavailableError, UnsafeWeightsError, UsageError
+from koala_batch.errors import ModelUnavailableError, SpecError, UnsafeWeightsError, UsageError
+from koala_batch.model import PRESETS
 from koala_batch.preflight import check_model
 
 REPO = "example-org/tiny-sdxl"
@@ -143,3 +145,57 @@ def test_an_unreachable_hub_fails_fast_naming_it(hub, monkeypatch):
     assert time.monotonic() - started < 30
     assert "etri-vilab/koala-lightning-1b" in message and "cannot be reached" in message
     assert endpoint in message and "fetch-model" in message
+
+
+# ---------------------------------------------------------------------------------------
+# A copy of a preset loads with the preset's sampler settings only through model.preset
+
+LIGHTNING = "koala-lightning-700m"
+
+
+@pytest.fixture
+def lightning_copy(hub, model_dir, tmp_path) -> Path:
+    """What `fetch-model koala-lightning-700m DEST` writes (the tiny weights under the
+    preset's Hub id in the cache)."""
+    from koala_batch.weights import fetch_model
+
+    cache_snapshot(hub, model_dir, repo=PRESETS[LIGHTNING].source)
+    dest = tmp_path / "lightning-copy"
+    fetch_model(LIGHTNING, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize("where", ["directory", "url"])
+def test_a_copy_of_a_preset_without_model_preset_is_refused(lightning_copy, where):
+    name = str(lightning_copy)
+    if where == "url":
+        import fsspec
+
+        name = "memory://models/lightning"
+        fsspec.filesystem("memory").put(str(lightning_copy), "/models/lightning", recursive=True)
+    with pytest.raises(SpecError) as refused:
+        check_model(ModelSpec(name=name))
+    assert str(refused.value) == (
+        f"model.name {name} is a copy of the preset {LIGHTNING}: set model.preset: "
+        f"{LIGHTNING} so that its sampler settings apply (10 steps, guidance 3.5, trailing "
+        "timesteps)"
+    )
+    model = ModelSpec(name=name, preset=LIGHTNING)
+    check_model(model)
+    assert (model.settings.steps, model.settings.guidance_scale) == (10, 3.5)
+
+
+def test_model_preset_sets_the_scheduler_a_copy_is_loaded_with(lightning_copy):
+    from koala_batch.model import load_pipeline
+
+    generic = load_pipeline(str(lightning_copy), device=torch.device("cpu"))
+    preset = load_pipeline(str(lightning_copy), device=torch.device("cpu"), preset=LIGHTNING)
+    assert generic.scheduler.config.timestep_spacing != "trailing"
+    assert preset.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_a_presets_hub_id_takes_the_presets_settings_and_an_unknown_preset_is_refused():
+    assert ModelSpec(name=PRESETS[LIGHTNING].source).settings == PRESETS[LIGHTNING]
+    assert ModelSpec(name="someone/else").settings.steps == 25
+    with pytest.raises(ValueError, match="'koala-2b' is not a preset"):
+        ModelSpec(preset="koala-2b")
