@@ -227,6 +227,12 @@ def data_metadata(output_format: str, data_bytes: int) -> dict[bytes, bytes]:
     return {FORMAT_METADATA: output_format.encode(), DATA_BYTES_METADATA: str(data_bytes).encode()}
 
 
+def recorded_data_bytes(schema: pa.Schema) -> int | None:
+    """The size of the data file a parquet or files manifest records (None: not recorded)."""
+    value = (schema.metadata or {}).get(DATA_BYTES_METADATA)
+    return int(value) if value is not None else None
+
+
 def recorded_format(schema: pa.Schema) -> str | None:
     """The output.format a manifest records (None for manifests written before formats)."""
     value = (schema.metadata or {}).get(FORMAT_METADATA)
@@ -242,15 +248,21 @@ class ShardRecord:
     data_bytes: int | None  # size of the tar / Parquet file / folder metadata, if recorded
     members: dict[str, int] = field(default_factory=dict)  # files: image name -> bytes
 
+    @property
+    def has_data_file(self) -> bool:
+        """Whether the shard has a data file. A parquet or files shard of error rows only
+        has none (its manifest records 0 bytes): Hugging Face `datasets` fails on a Parquet
+        file of no rows, and there is no image to hold. A webdataset shard always has its
+        tar, empty or not."""
+        return not (self.output_format in (PARQUET, FILES) and self.data_bytes == 0)
+
 
 def shard_record(manifest: pa.Table) -> ShardRecord:
     """The `ShardRecord` of a manifest table: its metadata, and for the files format the
     member and byte count of each ok row (the table must hold member, bytes and status)."""
     output_format = recorded_format(manifest.schema)
-    metadata = manifest.schema.metadata or {}
     if output_format in (None, WEBDATASET):
         return ShardRecord(output_format, recorded_tar_bytes(manifest.schema))
-    value = metadata.get(DATA_BYTES_METADATA)
     members: dict[str, int] = {}
     if output_format == FILES:
         columns = [manifest.column(c).to_pylist() for c in (Col.MEMBER, Col.BYTES, Col.STATUS)]
@@ -259,7 +271,7 @@ def shard_record(manifest: pa.Table) -> ShardRecord:
             for member, size, status in zip(*columns, strict=True)
             if status == STATUS_OK and member is not None
         }
-    return ShardRecord(output_format, int(value) if value is not None else None, members)
+    return ShardRecord(output_format, recorded_data_bytes(manifest.schema), members)
 
 
 @dataclass(frozen=True)
@@ -307,6 +319,8 @@ class OutputListing:
         if not isinstance(record, ShardRecord):
             record = ShardRecord(WEBDATASET, record)
         output_format = self.shard_format(shard, record)
+        if not record.has_data_file:
+            return None
         if output_format == PARQUET:
             return self._size_damage("Parquet file", parquet_path(shard), record.data_bytes)
         if output_format == FILES:

@@ -63,12 +63,14 @@ from koala_batch.layout import (
     SUCCESS_FILE,
     WEBDATASET,
     FileKind,
+    ShardRecord,
     classify,
     folder_file_path,
     image_member,
     list_output,
     manifest_path,
     parquet_path,
+    recorded_data_bytes,
     recorded_format,
     shard_folder,
     sidecar_member,
@@ -616,8 +618,9 @@ def _check_shard(
     result.rows = manifest.num_rows
     output_format = _shard_format(storage, name, manifest.schema)
     what, data_path = _DATA_FILES[output_format](name)
+    has_data = ShardRecord(output_format, recorded_data_bytes(manifest.schema)).has_data_file
     tar_present = storage.exists(data_path)
-    if not tar_present:
+    if has_data and not tar_present:
         problems.add(
             f"shard {name}: {what} {data_path} is missing (the manifest lists "
             f"{manifest.num_rows} row(s))"
@@ -644,6 +647,10 @@ def _check_shard(
     result.error_keys = {key for key, status in statuses.items() if status != STATUS_OK}
     del rows
     if not tar_present:
+        if not has_data and images:
+            problems.add(
+                f"shard {name}: its manifest records no {what} but lists {len(images)} ok image(s)"
+            )
         return result
 
     def scan() -> tuple[_Problems, int]:

@@ -297,6 +297,11 @@ class WriteShard:
         """Put the shard's data in the output's format, after checking this run still owns
         the output; returns the manifest metadata that records them (`layout.data_metadata`)."""
         storage = self.storage
+        if self.output_format in (PARQUET, FILES) and not any(
+            status == STATUS_OK for status in manifest.column(Col.STATUS).to_pylist()
+        ):
+            self.check_still_owner()
+            return data_metadata(self.output_format, 0)  # `ShardRecord.has_data_file`
         if self.output_format == FILES:
             rows, kept = ok_rows(manifest, images)
             metadata = folder_metadata(rows)

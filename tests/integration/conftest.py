@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,41 @@ def start_local_ray() -> None:
     if not ray.is_initialized():
         ray.init(**LOCAL_RAY)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def start_gpu_cluster(gpu_nodes: int = 2) -> tuple[Any, list[Any]]:
+    """A `ray.cluster_utils.Cluster` of a head without GPUs and `gpu_nodes` worker nodes of
+    one (logical) GPU each, this process connected to it; the shared local cluster is
+    stopped first (`ray_local` starts it again). Stop it with `stop_cluster`."""
+    import ray
+    import ray.data
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 3,
+            "object_store_memory": 150 * 2**20,
+            "include_dashboard": False,
+        },
+    )
+    workers = [
+        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20)
+        for _ in range(gpu_nodes)
+    ]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return cluster, workers
+
+
+def stop_cluster(cluster: Any) -> None:
+    """Disconnect from a `start_gpu_cluster` cluster and stop its nodes."""
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture

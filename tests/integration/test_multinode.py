@@ -11,6 +11,7 @@ import pytest
 
 import koala_batch
 from tests.conftest import tiny_spec, write_prompt_table
+from tests.integration.conftest import start_gpu_cluster, stop_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -18,29 +19,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def gpu_cluster(model_cache):
     """A head node without GPUs and two worker nodes that each claim one GPU."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()  # the shared local cluster, if running; ray_local restarts it later
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 3,
-            "object_store_memory": 150 * 2**20,
-            "include_dashboard": False,
-        },
-    )
-    workers = [
-        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20) for _ in range(2)
-    ]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    cluster, workers = start_gpu_cluster(gpu_nodes=2)
     yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    stop_cluster(cluster)
 
 
 def manifest_rows(output) -> list[dict]:

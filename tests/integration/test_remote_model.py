@@ -13,7 +13,7 @@ from koala_batch import weights
 from koala_batch.model import ensure_tiny_model
 from koala_batch.weights import CACHE_FOLDER, MANIFEST_NAME, fetch_model, read_weights_manifest
 from tests.conftest import tiny_spec, write_prompt_table
-from tests.integration.conftest import S3Server
+from tests.integration.conftest import S3Server, start_gpu_cluster, stop_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -54,30 +54,12 @@ def counted_s3(s3_server):
 def two_gpu_nodes(model_cache, tmp_path, monkeypatch):
     """A head without GPUs and two worker nodes of one (logical) GPU each, started with the
     Hub offline and an empty koala-batch cache, which every node's workers inherit."""
-    import ray
-    import ray.data
-    from ray.cluster_utils import Cluster
-
     node_cache = tmp_path / "node-cache"
     monkeypatch.setenv("KOALA_BATCH_CACHE", str(node_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ray.shutdown()  # the shared local cluster, if running; ray_local restarts it later
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 3,
-            "object_store_memory": 150 * 2**20,
-            "include_dashboard": False,
-        },
-    )
-    for _ in range(2):
-        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    cluster, _ = start_gpu_cluster(gpu_nodes=2)
     yield node_cache
-    ray.shutdown()
-    cluster.shutdown()
+    stop_cluster(cluster)
 
 
 def test_actors_on_two_nodes_load_a_model_fetched_to_s3_downloading_it_once(

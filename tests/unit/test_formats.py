@@ -326,15 +326,23 @@ def test_same_rows_give_identical_data_in_every_format(tmp_path, output_format):
     assert data[0]
 
 
-def test_an_all_error_shard_has_empty_data(out_dir, output_format):
+def test_an_all_error_shard_has_an_empty_tar_or_no_data_file(out_dir, output_format):
+    # Once an empty shards/{shard}.parquet (or a folder of just an empty metadata.parquet),
+    # on which `datasets.load_dataset("parquet")` and "imagefolder" fail ("BatchSize must
+    # be greater than 0"): the README recipes broke whenever a shard held only error rows.
     spec = spec_for(out_dir, output_format)
     _, shard = write_rows(spec, ids=IDS[:2], errors={0, 1})
 
-    assert verify_output(str(out_dir)).ok
-    if output_format == "parquet":
-        assert pq.read_table(out_dir / parquet_path(shard)).num_rows == 0
-    if output_format == "files":
-        assert all_files(out_dir / "shards") == [f"{shard}/metadata.parquet"]
+    report = verify_output(str(out_dir))
+    assert report.ok, report.format()
+    manifest = pq.read_table(out_dir / manifest_path(shard))
+    record = shard_record(manifest)
+    assert list_output(Storage(str(out_dir))).shard_damage(shard, record) is None
+    if output_format == "webdataset":
+        assert record.has_data_file and all_files(out_dir / "shards") == [f"{shard}.tar"]
+    else:
+        assert (record.data_bytes, record.has_data_file) == (0, False)
+        assert not (out_dir / "shards").exists()
 
 
 def test_a_superseded_run_writes_no_data(out_dir, output_format):
