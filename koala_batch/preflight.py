@@ -24,14 +24,13 @@ from koala_batch.model import (
     check_local_weights_are_safetensors,
     resolve_model_source,
 )
+from koala_batch.weights import MODEL_INDEX
 
 # What `from_pretrained` takes for a Hub repository: "owner/name", each part of letters,
 # digits, '-', '_' and '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # How long the Hub may take to answer whether a repository exists.
 HUB_TIMEOUT_S = 10.0
-MODEL_INDEX = "model_index.json"
-WEIGHT_SUFFIX = ".safetensors"
 FETCH_HINT = (
     "fetch it where the Hub is reachable with `koala-batch fetch-model {name} DEST` "
     "(a local folder or an s3:// prefix) and set model.name to DEST"
@@ -117,16 +116,12 @@ def weight_files_missing(
 ) -> list[str]:
     """The components that hold a model (a `config.json`) but no safetensors weights of
     the variant asked for. Tokenizers and schedulers hold no weights."""
-    missing = []
-    for component, files in files_by_component.items():
-        if "config.json" not in files:
-            continue
-        weights = [name for name in files if name.endswith(WEIGHT_SUFFIX)]
-        if variant is not None:
-            weights = [name for name in weights if f".{variant}." in name or f".{variant}-" in name]
-        if not weights:
-            missing.append(component)
-    return missing
+    return [
+        component
+        for component, files in files_by_component.items()
+        if "config.json" in files
+        and not any(weights.is_selected_weight(name, variant) for name in files)
+    ]
 
 
 def check_model_directory(directory: Path, name: str, variant: str | None) -> None:
