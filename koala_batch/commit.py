@@ -187,7 +187,11 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> Ou
         return OutputState("overwrite" if listing.files else "new", listing)
     if not listing.has_job_file:
         # A `_job.json` write cut short (or a `validate` probe left behind) is no job yet.
-        if any(not relative.startswith(f"{JOB_FILE}.") for relative in listing.files):
+        leases = set(listing.leases)
+        if any(
+            not relative.startswith(f"{JOB_FILE}.") and relative not in leases
+            for relative in listing.files
+        ):
             raise OutputConflictError(
                 f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a "
                 "new output prefix or pass --overwrite"
@@ -493,24 +497,49 @@ def retire_superseded_rows(
     )
 
 
+def retriable_failures(committed: CommittedState, planned: KeySet | None) -> dict[str, str]:
+    """The failed keys a retry can generate again (key -> shard): all of them, or with
+    `planned` (an accumulating output, `output.accumulate`) those the input still plans;
+    the others have no input row left to generate them from."""
+    if planned is None:
+        return dict(committed.failed)
+    keys = list(committed.failed)
+    present = planned.contains_many(keys)
+    return {key: committed.failed[key] for key, keep in zip(keys, present, strict=True) if keep}
+
+
 def release_failed(
-    storage: Storage, committed: CommittedState, run_id: str | None
+    storage: Storage,
+    committed: CommittedState,
+    run_id: str | None,
+    retrying: dict[str, str] | None = None,
 ) -> CommittedState:
     """The committed state a retry of the failed images starts from: their keys are no
     longer committed, so the graph generates them again into new shards.
 
-    Shards holding nothing but error rows are uncommitted now (manifest first): their rows
-    are all retried, and a new shard of the same rows would get their very name. The other
-    shards keep their error rows until the retried ones are committed (`rewrite_without`).
-    Expects no superseded rows (`retire_superseded_rows` first).
+    `retrying` (key -> shard, default: every failed key) limits the retry
+    (`retriable_failures`). Shards holding nothing but retried error rows are uncommitted
+    now (manifest first): their rows are all retried, and a new shard of the same rows
+    would get their very name. The other shards keep their error rows until the retried
+    ones are committed (`rewrite_without`). Expects no superseded rows
+    (`retire_superseded_rows` first).
     """
     if committed.superseded:
         raise ValueError("release_failed: retire the superseded rows first")
-    whole = {shard for shard, summary in committed.shards.items() if summary["ok"] == 0}
+    if retrying is None:
+        retrying = committed.failed
+    retried_per_shard: dict[str, int] = {}
+    for shard in retrying.values():
+        retried_per_shard[shard] = retried_per_shard.get(shard, 0) + 1
+    whole = {
+        shard
+        for shard, summary in committed.shards.items()
+        if summary["ok"] == 0 and retried_per_shard.get(shard, 0) == summary["rows"]
+    }
     for shard in sorted(whole):
         check_owner(storage, run_id)
         uncommit(storage, [shard])
-    failed = np.array([key_digest(key) for key in committed.failed], dtype="S16")
+    failed = np.array([key_digest(key) for key in retrying], dtype="S16")
     return CommittedState(
         shards={name: s for name, s in committed.shards.items() if name not in whole},
         keys=KeySet(np.setdiff1d(committed.keys.digests, failed)),
@@ -623,11 +652,14 @@ def build_job_record(
     generators: dict[str, Any] | None = None,
     retried: int = 0,
     retried_ok: int = 0,
+    kept: int = 0,
 ) -> dict[str, Any]:
     """The job record (`_SUCCESS`): what ran, with what, and every committed shard.
 
     `retried`: failed images this run generated again (`run --retry-failed`), of which
-    `retried_ok` are now ok. `planned_images`: `read.InputPlan.planned_images`."""
+    `retried_ok` are now ok. `planned_images`: `read.InputPlan.planned_images`. `kept`:
+    committed images of rows no longer in the input (`output.accumulate`), counted in
+    `images_committed` and apart as `images_kept`."""
     planned = planned_images
     total = sum(shard["rows"] for shard in shards.values())
     failed = sum(shard["errors"] for shard in shards.values())
@@ -648,6 +680,7 @@ def build_job_record(
             "images_written_this_run": written_this_run,
             "images_retried": retried,
             "images_retried_ok": retried_ok,
+            "images_kept": kept,
             "shards": len(shards),
         },
         "stats": job_totals(shards.values()),

@@ -484,6 +484,23 @@ class OutputSpec(_Section):
         description="Delete koala-batch's own files under the output prefix before starting, "
         "instead of resuming. Never deletes files koala-batch did not write.",
     )
+    accumulate: bool = Field(
+        False,
+        description="Keep the images earlier runs committed for rows that are no longer in "
+        "the input, and add the input's: one growing output over a sliding window of inputs "
+        "(a nightly run over the newest date partitions). The job record counts the kept "
+        "images apart and `verify --spec` accepts them. Off: a run whose input lost rows "
+        "that are committed is refused, as the output would no longer match its input.",
+    )
+    heartbeat_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Seconds between a running job's heartbeats on the output's lease "
+        "(OUTPUT/_lease/). A second run on the same output watches a lease for 2.5 heartbeats: "
+        "if it moves, that run is alive and the second exits (exit 1) without writing; if "
+        "not, its run died and the second takes the output over.",
+    )
     max_failed_fraction: float = Field(
         0.1,
         ge=0.0,

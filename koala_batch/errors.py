@@ -86,6 +86,13 @@ class StorageError(KoalaBatchError, OSError):
     """A storage operation was refused for good (a path escaping the output prefix)."""
 
 
+class OutputBusyError(KoalaBatchError):
+    """Another run, alive, holds the output's lease (`lease.py`); nothing was written.
+    A rerun once that run has finished resumes the output."""
+
+    headline = "output busy"
+
+
 class RunSupersededError(KoalaBatchError):
     """Another run claimed the output: a writer of the old run must not commit."""
 

@@ -34,6 +34,7 @@ from koala_batch.card import write_card
 from koala_batch.commit import (
     CommittedState,
     build_job_record,
+    check_output,
     claim_output,
     commit_timeline,
     load_committed,
@@ -41,6 +42,7 @@ from koala_batch.commit import (
     remove_leftovers,
     retire_late_duplicates,
     retire_superseded_rows,
+    retriable_failures,
     uncommit,
     write_success,
 )
@@ -74,6 +76,7 @@ from koala_batch.layout import (
     list_output,
     manifest_path,
 )
+from koala_batch.lease import OutputLease
 from koala_batch.preflight import check_model
 from koala_batch.progress import (
     JobProgress,
@@ -99,7 +102,7 @@ from koala_batch.schemas import (
 )
 from koala_batch.stats import run_cost
 from koala_batch.storage import Storage
-from koala_batch.validate import ExpandImages
+from koala_batch.validate import ExpandImages, planned_keys
 from koala_batch.write import WriteShard
 
 logger = logging.getLogger(__name__)
@@ -988,8 +991,10 @@ def stale_rows_error(storage: Storage, committed: int, planned: int) -> OutputCo
     return OutputConflictError(
         f"output {storage.url('')} holds {committed} committed images but this input plans "
         f"{planned}: {committed - planned} belong to rows no longer in the input (rows removed "
-        "or ids changed since the output was made); the output is left as it is. Write to a "
-        "new output prefix, or pass --overwrite to regenerate it for this input"
+        "or ids changed since the output was made); the output is left as it is. To keep "
+        "them and add this input's images (one output over a sliding window of inputs), set "
+        "output.accumulate: true; else write to a new output prefix, or pass --overwrite to "
+        "regenerate it for this input"
     )
 
 
@@ -1021,8 +1026,10 @@ def run(
 
     Resumes an earlier run of the same spec on the same output: only images not yet
     committed are generated. `retry_failed` also generates again the images committed as
-    error rows, and replaces those rows with the new ones. `overrides` replaces the
-    filesystems or the generator (tests, benchmarks).
+    error rows, and replaces those rows with the new ones. With `output.accumulate`, the
+    images earlier runs committed for rows no longer in the input are kept (the record's
+    `images_kept`). `overrides` replaces the filesystems or the generator (tests,
+    benchmarks). Another live run on the same output: `OutputBusyError`, nothing written.
     """
     spec = coerce_spec(spec)
     overrides = overrides or Overrides()
@@ -1036,12 +1043,11 @@ def run(
         spec.output.uri,
         images_per_prompt=spec.generation.images_per_prompt,
     )
-    planned_images = plan.planned_images
     logger.info(
         "input: %d files, %d rows, %d images planned",
         len(plan.files),
         plan.num_rows,
-        planned_images,
+        plan.planned_images,
     )
 
     logger.info("model: %s, from %s", spec.model.name, check_model(spec.model))
@@ -1051,21 +1057,46 @@ def run(
         reveal_storage_options(spec.output.storage_options),
         overrides.output_filesystem,
     )
+    # Read-only, so that an output this job must not touch is refused before the lease
+    # writes anything there; `claim_output` checks again under the lease.
+    check_output(storage, spec, spec.output.overwrite)
     run_id = uuid.uuid4().hex
+    with OutputLease(storage, run_id, spec.output.heartbeat_s):
+        return _run_on_output(
+            spec, plan, storage, run_id, overrides, retry_failed, started, started_at
+        )
+
+
+def _run_on_output(
+    spec: JobSpec,
+    plan: InputPlan,
+    storage: Storage,
+    run_id: str,
+    overrides: Overrides,
+    retry_failed: bool,
+    started: float,
+    started_at: str,
+) -> dict[str, Any]:
+    """`run` once it holds the output's lease: claim, resume, generate, record."""
+    planned_images = plan.planned_images
     resumed = claim_output(storage, spec, overwrite=spec.output.overwrite, run_id=run_id)
     committed = CommittedState()
     retrying: dict[str, str] = {}
+    # The committed images of rows this input no longer has (output.accumulate only).
+    kept = 0
     if resumed:
         # One listing serves both: a large output on object storage lists slowly.
         listing = list_output(storage)
         committed = load_committed(storage, listing)
-        if committed.images > planned_images:
-            raise stale_rows_error(storage, committed.images, planned_images)
-        if (
-            planned_images > len(committed.keys)
-            or committed.superseded
-            or (retry_failed and committed.failed)
-        ):
+        planned: KeySet | None = None
+        if spec.output.accumulate:
+            planned = planned_keys(spec, plan, overrides.input_filesystem)
+            covered = committed.keys.overlap(planned)
+        else:
+            if committed.images > planned_images:
+                raise stale_rows_error(storage, committed.images, planned_images)
+            covered = len(committed.keys)
+        if planned_images > covered or committed.superseded or (retry_failed and committed.failed):
             # The output is about to change: it is no longer what `_SUCCESS` and the
             # card describe (both are written again when the run succeeds).
             storage.remove(SUCCESS_FILE)
@@ -1089,15 +1120,21 @@ def run(
             len(committed.shards),
             len(removed),
         )
+        if planned is not None:
+            kept = len(committed.keys) - committed.keys.overlap(planned)
+            logger.info(
+                "accumulating: %d committed images of rows no longer in the input are kept",
+                kept,
+            )
         if retry_failed:
-            retrying = dict(committed.failed)
-            committed = release_failed(storage, committed, run_id)
+            retrying = retriable_failures(committed, planned)
+            committed = release_failed(storage, committed, run_id, retrying)
     if retry_failed:
         logger.info("retrying %d failed image(s) recorded as error rows", len(retrying))
 
     written: list[dict[str, Any]] = []
     generators: dict[str, Any] = {}
-    if planned_images > len(committed.keys):
+    if planned_images > len(committed.keys) - kept:
         written, generators = generate_remaining(spec, plan, committed, run_id, overrides)
     shards = {**committed.shards, **{shard["shard"]: shard for shard in written}}
     retired = retire_late_duplicates(storage, set(shards))
@@ -1139,6 +1176,7 @@ def run(
         generators=generators,
         retried=len(retrying),
         retried_ok=retried_ok,
+        kept=kept,
     )
     cost = run_cost(
         # A run with nothing left to generate started no actors: no GPU-hours.
@@ -1151,17 +1189,19 @@ def run(
     shard_list = record.pop("shards")
     record.update(cost=cost, shards=shard_list)
     counts = record["counts"]
-    if counts["images_committed"] > planned_images:
-        raise stale_rows_error(storage, counts["images_committed"], planned_images)
-    if counts["images_committed"] != planned_images:
+    of_input = counts["images_committed"] - kept
+    if of_input > planned_images:
+        raise stale_rows_error(storage, of_input, planned_images)
+    if of_input != planned_images:
         raise JobFailedError(
-            f"{counts['images_committed']} images are committed but {planned_images} were "
+            f"{of_input} images of this input are committed but {planned_images} were "
             "planned; rerun the job to resume, then run `koala-batch verify`"
         )
     failed = counts["images_failed"]
-    if planned_images and failed / planned_images > spec.output.max_failed_fraction:
+    total = counts["images_committed"]
+    if total and failed / total > spec.output.max_failed_fraction:
         raise JobFailedError(
-            f"{failed} of {planned_images} images failed ({failed / planned_images:.1%}), more "
+            f"{failed} of {total} images failed ({failed / total:.1%}), more "
             f"than output.max_failed_fraction={spec.output.max_failed_fraction}; see the "
             f"manifests' error column under {storage.url(MANIFESTS_DIR)}"
         )

@@ -93,3 +93,7 @@ class KeySet:
         positions = np.searchsorted(self.digests, wanted)
         found = self.digests[np.minimum(positions, len(self.digests) - 1)]
         return (positions < len(self.digests)) & (found == wanted)
+
+    def overlap(self, other: KeySet) -> int:
+        """How many keys the two sets share."""
+        return len(np.intersect1d(self.digests, other.digests, assume_unique=True))

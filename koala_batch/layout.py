@@ -12,6 +12,7 @@
       manifests/{shard}.parquet    one row per image, failed ones included: the commit marker
       README.md                    the dataset card (`card.py`), written right before _SUCCESS
       _SUCCESS                     written last: the job record
+      _lease/{epoch}.json          while a run works on the output: its heartbeat (`lease.py`)
 
 A shard is committed once its manifest exists: the writer puts the manifest only after
 the shard's data (its tar, its Parquet file, or every image file and then the folder's
@@ -60,6 +61,8 @@ SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
+# Held by the run working on the output (`lease.py`): one file per holder, numbered.
+LEASE_DIR = "_lease"
 # koala-batch owns OUTPUT/README.md: overwrite deletes it, each successful run rewrites it.
 CARD_FILE = "README.md"
 TAR_SUFFIX = ".tar"
@@ -146,6 +149,7 @@ class FileKind(Enum):
     JOB_FILE = "job file"
     SUCCESS = "success marker"
     CARD = "dataset card"
+    LEASE = "run lease"
     MANIFEST = "manifest"
     TAR = "tar"
     PARQUET_SHARD = "parquet shard"
@@ -159,6 +163,7 @@ DATA_KINDS = frozenset({FileKind.TAR, FileKind.PARQUET_SHARD, FileKind.FOLDER_FI
 
 
 _TAR_NAME = re.compile(rf"{SHARDS_DIR}/({SHARD_NAME_PATTERN}){re.escape(TAR_SUFFIX)}")
+_LEASE_NAME = re.compile(rf"{LEASE_DIR}/\d{{12}}\.json")
 _MANIFEST_NAME = re.compile(rf"{MANIFESTS_DIR}/({SHARD_NAME_PATTERN}){re.escape(MANIFEST_SUFFIX)}")
 _PARQUET_NAME = re.compile(rf"{SHARDS_DIR}/({SHARD_NAME_PATTERN}){re.escape(PARQUET_SUFFIX)}")
 # What `keys.sample_key` returns, with an image extension: a files-format image member.
@@ -171,7 +176,8 @@ _PARTIAL_NAME = re.compile(
     rf"|{SHARDS_DIR}/{SHARD_NAME_PATTERN}{re.escape(PARQUET_SUFFIX)}"
     rf"|{SHARDS_DIR}/{SHARD_NAME_PATTERN}/{_FOLDER_FILE_PATTERN}"
     rf"|{MANIFESTS_DIR}/{SHARD_NAME_PATTERN}{re.escape(MANIFEST_SUFFIX)}"
-    rf"|{re.escape(JOB_FILE)}|{re.escape(SUCCESS_FILE)}|{re.escape(CARD_FILE)})"
+    rf"|{re.escape(JOB_FILE)}|{re.escape(SUCCESS_FILE)}|{re.escape(CARD_FILE)}"
+    rf"|{LEASE_DIR}/\d{{12}}\.json)"
     rf"\.[0-9a-f]+{re.escape(PARTIAL_SUFFIX)}"
 )
 
@@ -184,6 +190,8 @@ def classify(relative: str) -> tuple[FileKind, str | None]:
         return FileKind.SUCCESS, None
     if relative == CARD_FILE:
         return FileKind.CARD, None
+    if _LEASE_NAME.fullmatch(relative):
+        return FileKind.LEASE, None
     if match := _TAR_NAME.fullmatch(relative):
         return FileKind.TAR, match.group(1)
     if match := _PARQUET_NAME.fullmatch(relative):
@@ -285,6 +293,7 @@ class OutputListing:
     has_job_file: bool
     has_success: bool
     sizes: dict[str, int] = field(default_factory=dict)  # bytes per file, where listed
+    leases: tuple[str, ...] = ()  # the run lease's files (`lease.py`), if a run holds it
 
     @cached_property
     def file_set(self) -> frozenset[str]:
@@ -341,9 +350,10 @@ class OutputListing:
 
     @property
     def own_files(self) -> list[str]:
-        """The files koala-batch wrote (what an overwrite deletes)."""
-        foreign = set(self.foreign)
-        return [f for f in self.files if f not in foreign]
+        """The files koala-batch wrote (what an overwrite deletes), but the run lease's:
+        it belongs to the run working on the output, which releases it itself."""
+        kept = set(self.foreign) | set(self.leases)
+        return [f for f in self.files if f not in kept]
 
 
 def scan_output(files: Iterable[str], sizes: dict[str, int] | None = None) -> OutputListing:
@@ -366,12 +376,14 @@ def scan_output(files: Iterable[str], sizes: dict[str, int] | None = None) -> Ou
         has_job_file=JOB_FILE in files,
         has_success=SUCCESS_FILE in files,
         sizes=dict(sizes or {}),
+        leases=tuple(relative for relative, kind, _ in kinds if kind is FileKind.LEASE),
     )
 
 
 def list_output(storage: Storage) -> OutputListing:
     """List every file under the output prefix (retried) and sort it with `scan_output`."""
     root = storage.path("")
+    storage.forget_listings()
 
     def find() -> dict[str, Any]:
         try:

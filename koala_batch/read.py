@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from koala_batch.schemas import READ_COLUMNS, Col, require_columns
 from koala_batch.storage import filesystem_for, with_retries
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = "*?["
@@ -846,3 +847,17 @@ class DatasetRows:
         for name, values in provenance.items():
             table = table.append_column(name, values)
         return table
+
+
+def bounded_map(
+    pool: ThreadPoolExecutor, function: Callable[[T], R], items: list[T], in_flight: int
+) -> Iterator[R]:
+    """`pool.map` in order, with at most `in_flight` items started and not yet consumed,
+    so memory stays a few shards (or row groups) however large the output."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -131,6 +131,21 @@ class Storage:
         """Full URL (with protocol) of a relative path, for records and messages."""
         return self.fs.unstrip_protocol(self.path(relative))
 
+    def forget_listings(self) -> None:
+        """Drop what the filesystem cached of listings under the root.
+
+        fsspec shares one filesystem instance per set of options in a process, and s3fs
+        answers `info` (so `cat_file`, `exists`) from a directory listing it cached
+        earlier. Other processes (the writers) add files meanwhile: a listing cached by an
+        earlier run in this process would hide them.
+        """
+        cache = getattr(self.fs, "dircache", None)
+        if cache is None:
+            return
+        for path in [p for p in list(cache) if p == self.root or p.startswith(self.root + "/")]:
+            cache.pop(path, None)
+        self.fs.invalidate_cache(self.root)
+
     # reads ---------------------------------------------------------------------------
 
     def exists(self, relative: str) -> bool:

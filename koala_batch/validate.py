@@ -12,9 +12,11 @@ width, height): its own from the columns the spec names, else the spec's.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,7 +28,7 @@ from koala_batch.config import (
     JobSpec,
 )
 from koala_batch.keys import SEED_MODULUS, KeySet, derived_row_id, image_seed, sample_key
-from koala_batch.read import images_of_row, text_values
+from koala_batch.read import InputPlan, ReadRowGroups, bounded_map, images_of_row, text_values
 from koala_batch.schemas import (
     BUCKET_COLUMNS,
     READ_COLUMNS,
@@ -336,3 +338,34 @@ def sort_by_bucket(work: pa.Table) -> pa.Table:
         keyed, sort_keys=[(name, "ascending") for name in (*BUCKET_COLUMNS, "__has_negative")]
     )
     return work.take(order)
+
+
+def planned_images(
+    spec: JobSpec,
+    plan: InputPlan,
+    columns: Sequence[str],
+    input_filesystem: Any | None = None,
+    workers: int = 8,
+) -> Iterator[pa.Table]:
+    """The work rows of every image the input plans (`ExpandImages` without resume),
+    `columns` only, a row group at a time: what `verify --spec` checks the output against
+    and an accumulating run counts its committed images with, read here on a few threads."""
+    reader = ReadRowGroups(spec.input, input_filesystem)
+    expand = ExpandImages(spec)
+
+    def expected(unit: dict[str, Any]) -> pa.Table:
+        return expand(reader.read_unit(unit)).select(list(columns))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield from bounded_map(pool, expected, plan.read_units(), 2 * max(1, workers))
+
+
+def planned_keys(
+    spec: JobSpec, plan: InputPlan, input_filesystem: Any | None = None, workers: int = 8
+) -> KeySet:
+    """The keys of every image the input plans."""
+    digests = [
+        KeySet.from_keys(table.column(Col.KEY).to_pylist()).digests
+        for table in planned_images(spec, plan, [Col.KEY], input_filesystem, workers)
+    ]
+    return KeySet(np.concatenate(digests) if digests else None)

@@ -37,11 +37,11 @@ import hashlib
 import io
 import json
 import tarfile
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -76,7 +76,7 @@ from koala_batch.layout import (
     sidecar_member,
     tar_path,
 )
-from koala_batch.read import ReadRowGroups, plan_input
+from koala_batch.read import bounded_map, plan_input
 from koala_batch.schemas import (
     MANIFEST_COLUMNS,
     MANIFEST_FIELDS,
@@ -87,10 +87,7 @@ from koala_batch.schemas import (
 )
 from koala_batch.stats import describe_cost
 from koala_batch.storage import Storage, with_retries
-from koala_batch.validate import ExpandImages
-
-T = TypeVar("T")
-R = TypeVar("R")
+from koala_batch.validate import planned_images
 
 # What Pillow calls each output format.
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -129,6 +126,9 @@ class VerifyReport:
     rows_ok: int = 0
     rows_failed: int = 0  # error rows (status != ok): recorded failures, not problems
     expected_images: int | None = None  # with a spec: images the input plans
+    # With an accumulating spec (output.accumulate): committed images of rows no longer in
+    # the input, kept from earlier runs (without it they are problems: unexpected keys).
+    kept_images: int | None = None
     success_present: bool = False
     notes: list[str] = field(default_factory=list)
     cost: dict[str, Any] | None = None  # `_SUCCESS`'s cost section (the last run's)
@@ -147,6 +147,11 @@ class VerifyReport:
         if self.expected_images is not None:
             lines.append(
                 f"  input: {self.expected_images} image(s) planned, {self.missing_inputs} missing"
+                + (
+                    f"; {self.kept_images} image(s) of earlier inputs kept (output.accumulate)"
+                    if self.kept_images is not None
+                    else ""
+                )
             )
         lines.append(f"  {SUCCESS_FILE}: {'present' if self.success_present else 'absent'}")
         compute = describe_cost(self.cost)
@@ -205,20 +210,6 @@ class _ShardResult:
     identities: list[tuple[str | None, Any, Any, str | None]] = field(default_factory=list)
     error_keys: set[str] = field(default_factory=set)
     retired: dict[str, int] = field(default_factory=dict)  # rows a retry took out: key -> ordinal
-
-
-def _bounded_map(
-    pool: ThreadPoolExecutor, function: Callable[[T], R], items: list[T], in_flight: int
-) -> Iterator[R]:
-    """`pool.map` in order, with at most `in_flight` items started and not yet consumed,
-    so memory stays a few shards (or row groups) however large the output."""
-    pending: deque[Future[R]] = deque()
-    for item in items:
-        pending.append(pool.submit(function, item))
-        if len(pending) >= in_flight:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -808,17 +799,9 @@ def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int, 
         output_uri,
         images_per_prompt=spec.generation.images_per_prompt,
     )
-    reader = ReadRowGroups(spec.input, input_filesystem)
-    expand = ExpandImages(spec)
-
-    def expected(unit: dict[str, Any]) -> pa.Table:
-        return expand(reader.read_unit(unit)).select(
-            [Col.KEY, Col.SOURCE, Col.ROW_INDEX, Col.ID, Col.IMAGE_INDEX]
-        )
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for table in _bounded_map(pool, expected, plan.read_units(), 2 * workers):
-            yield from zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
+    columns = (Col.KEY, Col.SOURCE, Col.ROW_INDEX, Col.ID, Col.IMAGE_INDEX)
+    for table in planned_images(spec, plan, columns, input_filesystem, workers):
+        yield from zip(*(table.column(c).to_pylist() for c in columns), strict=True)
 
 
 def verify_output(
@@ -868,6 +851,11 @@ def verify_output(
         report.notes.append(f"no {JOB_FILE}: a run cannot resume this output")
     if not report.success_present:
         report.notes.append(f"no {SUCCESS_FILE}: the job has not finished (or is running)")
+    if listing.leases:
+        report.notes.append(
+            f"{listing.leases[-1]}: a run holds this output's lease; it may be writing now "
+            "(or it died, and the next run takes the output over)"
+        )
     if (
         spec is not None
         and job_record is not None
@@ -889,7 +877,7 @@ def verify_output(
     failed_keys: set[str] = set()
     retired_by: dict[str, str] = {}  # key -> the shard whose manifest a retry rewrote
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = _bounded_map(
+        results = bounded_map(
             pool,
             lambda name: _check_shard(storage, name, constants, max_problems_listed),
             names,
@@ -948,11 +936,15 @@ def verify_output(
                     f"{image_index} is missing (key {key})"
                 )
         report.expected_images = expected_count
-        for key, index in owner.items():
-            if key not in matched:
+        unexpected = [(key, index) for key, index in owner.items() if key not in matched]
+        if spec.output.accumulate:
+            report.kept_images = len(unexpected)
+        else:
+            for key, index in unexpected:
                 problems.add(
-                    f"shard {names[index]}: unexpected key {key}: the spec's input "
-                    "plans no such image"
+                    f"shard {names[index]}: unexpected key {key}: the spec's input plans no "
+                    "such image (an output that keeps the images of earlier inputs needs "
+                    "output.accumulate: true)"
                 )
 
     report.problems = problems.listed

@@ -15,7 +15,7 @@ import pytest
 
 import koala_batch
 from koala_batch.config import spec_from_dict
-from koala_batch.errors import JobFailedError, OutputConflictError
+from koala_batch.errors import JobFailedError, OutputBusyError, OutputConflictError
 from koala_batch.verify import verify_output
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
@@ -176,7 +176,10 @@ def test_two_runs_started_together_on_a_new_output_commit_each_image_once(tmp_pa
     table = write_prompt_table(tmp_path / "in.parquet", [f"a kite {i}" for i in ids], id=ids)
     output = tmp_path / "out"
     spec = tiny_spec(
-        str(table), str(output), input={"id_column": "id"}, output={"rows_per_shard": 4}
+        str(table),
+        str(output),
+        input={"id_column": "id"},
+        output={"rows_per_shard": 4, "heartbeat_s": 0.5},
     )
     start = threading.Barrier(2)
 
@@ -184,7 +187,7 @@ def test_two_runs_started_together_on_a_new_output_commit_each_image_once(tmp_pa
         start.wait()
         try:
             return koala_batch.run(spec)
-        except (OutputConflictError, JobFailedError) as failed:
+        except (OutputConflictError, OutputBusyError, JobFailedError) as failed:
             return failed
 
     with ThreadPoolExecutor(2) as pool:
@@ -192,13 +195,10 @@ def test_two_runs_started_together_on_a_new_output_commit_each_image_once(tmp_pa
 
     records = [o for o in outcomes if isinstance(o, dict)]
     failures = [str(o) for o in outcomes if isinstance(o, Exception)]
-    # One claims the output; the other is refused at its claim, or, having seen the first
-    # one's claim, takes the output over, and the first stops at its next write.
+    # One takes the output's lease; the other finds it held by a live run and leaves the
+    # output alone.
     assert len(records) == 1 and len(failures) == 1, outcomes
-    assert (
-        "claimed by another run while this one started" in failures[0]
-        or "now belongs to run" in failures[0]
-    )
+    assert "is being written by run" in failures[0]
     assert records[0]["counts"]["images_committed"] == 16
     rows = manifest_rows(output)
     assert sorted(row["id"] for row in rows) == ids  # each image once

@@ -21,7 +21,7 @@ LEVELS: list[set[str]] = [
     {"errors"},
     {"schemas", "storage", "keys", "model", "accelerations", "progress", "stats", "weights"},
     {"layout", "architectures", "config"},
-    {"preflight"},
+    {"preflight", "lease"},
     {"read", "validate", "generate", "encode", "write"},
     {"commit", "card"},
     {"job", "verify", "report"},
