@@ -451,7 +451,8 @@ def test_entrypoint_runs_the_configmap_spec_with_its_overrides(path, doc):
     sets = dict(override.split("=", 1) for override in args.overrides)
     assert args.command == "run"
     assert sets.keys() >= {"input.uri", "output.uri"}
-    assert spec.input.uri == sets["input.uri"]
+    # An override's value is YAML (koala_batch.config.apply_overrides): a list of partitions.
+    assert spec.input.uri == yaml.safe_load(sets["input.uri"])
     assert spec.output.uri == sets["output.uri"]
     # Retries (backoffLimit) and cron runs rerun the same command: it must resume.
     assert not args.overwrite and not spec.output.overwrite
@@ -581,6 +582,16 @@ def test_rayjob_retries_and_cleans_up():
     assert spec["backoffLimit"] >= 1  # a failed attempt is rerun: resume makes that safe
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
+
+
+def test_nightly_job_accumulates_a_window_of_date_partitions_into_one_output():
+    ((path, doc),) = [(p, d) for p, d in RAY_DOCS if d["kind"] == "RayCronJob"]
+    spec, _ = resolved_job_spec(path, doc)
+    assert spec.output.accumulate
+    assert spec.input.id_column  # ids stable across days, not file#row
+    assert isinstance(spec.input.uri, list) and len(spec.input.uri) == 2
+    assert all(re.search(r"/date=\$\(date -u -d [^)]+ \+%F\)/$", uri) for uri in spec.input.uri)
+    assert "$(" not in spec.output.uri  # one fixed output, never a dated one
 
 
 def test_nightly_attempts_cannot_overlap_the_next_night():

@@ -17,9 +17,10 @@ from koala_batch.commit import (
     release_failed,
     retire_superseded_rows,
     retired_rows,
+    retriable_failures,
 )
 from koala_batch.errors import OutputConflictError, RunSupersededError
-from koala_batch.keys import sample_key
+from koala_batch.keys import KeySet, sample_key
 from koala_batch.layout import TAR_BYTES_METADATA, manifest_path, recorded_stats, tar_path
 from koala_batch.storage import Storage
 from koala_batch.verify import verify_output
@@ -237,6 +238,30 @@ def test_release_failed_uncommits_all_error_shards_and_forgets_failed_keys(spec,
     # A new shard of the same rows gets the same name: it must not find one committed.
     assert write_shard(spec, ["c", "d"], first_ordinal=2, later_by=60) == all_errors
     assert load_committed(storage).shards[all_errors]["ok"] == 2
+
+
+def test_an_accumulating_retry_keeps_the_error_rows_the_input_no_longer_plans(
+    spec, storage, out_dir
+):
+    gone = write_shard(spec, ["old-1", "old-2"], errors={0, 1})  # rows of an earlier input
+    mixed = write_shard(spec, ["a", "old-3"], first_ordinal=2, errors={0, 1})
+    state = load_committed(storage)
+    planned = KeySet.from_keys([key("a"), key("b")])  # this input: a and b only
+
+    retrying = retriable_failures(state, planned)
+    released = release_failed(storage, state, "run-1", retrying)
+
+    assert retrying == {key("a"): mixed}
+    # Nothing can generate old-* again: their error rows, and their shards, stay.
+    assert (out_dir / manifest_path(gone)).exists()
+    assert (out_dir / manifest_path(mixed)).exists()
+    assert set(released.shards) == {gone, mixed}
+    assert [k for k in map(key, ["old-1", "old-2", "old-3", "a"]) if k in released.keys] == [
+        key("old-1"),
+        key("old-2"),
+        key("old-3"),
+    ]
+    assert retriable_failures(state, None) == state.failed  # without accumulate: all
 
 
 def test_release_failed_wants_superseded_rows_retired_first(spec, storage):
