@@ -808,12 +808,14 @@ def generate_remaining(
     committed: CommittedState,
     run_id: str | None = None,
     overrides: Overrides | None = None,
+    kept: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the Ray Data graph over what is not committed: the stats of the shards it wrote
     and the generators' busy summary (with the GPUs each actor reserved).
 
     SIGINT or SIGTERM stops it: the local cluster is shut down and `Interrupted` says how
-    many images are committed (every committed shard is kept for the rerun).
+    many of the input's images are committed (every committed shard is kept for the
+    rerun); `kept`: committed images of rows no longer in the input (output.accumulate).
     """
     written: list[dict[str, Any]] = []
     with stop_on_signals() as stop:
@@ -829,10 +831,12 @@ def generate_remaining(
             at_least = ""
             if images is None:
                 at_least, images = "at least ", sum(known.values())
+            images -= kept
             raise Interrupted(
                 signum,
                 f"stopped by {signal.Signals(signum).name}: {at_least}{images} of {planned} "
-                f"images are committed ({at_least}{images - len(committed.keys)} this run); "
+                f"images are committed ({at_least}{images - len(committed.keys) + kept} this "
+                "run); "
                 "rerun the same command to resume",
             ) from None
     return written, generators
@@ -1135,7 +1139,9 @@ def _run_on_output(
     written: list[dict[str, Any]] = []
     generators: dict[str, Any] = {}
     if planned_images > len(committed.keys) - kept:
-        written, generators = generate_remaining(spec, plan, committed, run_id, overrides)
+        written, generators = generate_remaining(
+            spec, plan, committed, run_id, overrides, kept=kept
+        )
     shards = {**committed.shards, **{shard["shard"]: shard for shard in written}}
     retired = retire_late_duplicates(storage, set(shards))
     if retired:
