@@ -69,6 +69,7 @@ from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
 from koala_batch.keys import KeySet
 from koala_batch.layout import (
     CARD_FILE,
+    JOB_FILE,
     MANIFESTS_DIR,
     SUCCESS_FILE,
     FileKind,
@@ -1062,8 +1063,10 @@ def run(
         overrides.output_filesystem,
     )
     # Read-only, so that an output this job must not touch is refused before the lease
-    # writes anything there; `claim_output` checks again under the lease.
+    # writes anything there; `claim_output` checks again under the lease. A missing bucket
+    # or a file in the way fails here too, naming the output, rather than at the lease.
     check_output(storage, spec, spec.output.overwrite)
+    storage.check_writable(JOB_FILE)
     run_id = uuid.uuid4().hex
     with OutputLease(storage, run_id, spec.output.heartbeat_s):
         return _run_on_output(
