@@ -18,8 +18,17 @@ import yaml
 from koala_batch.errors import EXIT_FAILED, EXIT_OK, KoalaBatchError
 
 
-def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="job spec YAML file")
+def _add_spec_arguments(parser: argparse.ArgumentParser, spec_env: bool = False) -> None:
+    if spec_env:
+        parser.add_argument("spec", nargs="?", help="job spec YAML file (or --spec-env)")
+        parser.add_argument(
+            "--spec-env",
+            metavar="NAME",
+            help="read the spec YAML from this environment variable instead of a file; what "
+            "`submit` uses",
+        )
+    else:
+        parser.add_argument("spec", help="job spec YAML file")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -53,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a job (resumes an earlier run on the same output)")
-    _add_spec_arguments(run)
+    _add_spec_arguments(run, spec_env=True)
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -65,6 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="also generate again the images recorded as errors (status=error) and replace "
         "their rows; with nothing failed, a plain resume",
     )
+
+    submit = commands.add_parser(
+        "submit",
+        help="send a job to a Ray cluster through its Job Submission API and print its "
+        "submission id: the spec travels in the submission, its relative local paths made "
+        "absolute here first; a spec holding storage credentials is refused",
+    )
+    _add_spec_arguments(submit)
+    submit.add_argument(
+        "--address",
+        required=True,
+        metavar="URL",
+        help="the Ray dashboard of the cluster's head, e.g. http://HEAD:8265",
+    )
+    submit.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream the job's logs and exit with its status (0, 1 or 2, as `run`); Ctrl-C "
+        "stops following and leaves the job running",
+    )
+    submit.add_argument("--submission-id", metavar="ID", help="the job's submission id")
+    submit.add_argument(
+        "--overwrite", action="store_true", help="as for run: sets output.overwrite=true"
+    )
+    submit.add_argument("--retry-failed", action="store_true", help="as for run")
 
     validate = commands.add_parser(
         "validate",
@@ -125,13 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
-    from koala_batch.config import load_spec
-
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if getattr(args, "overwrite", False):
         overrides.append("output.overwrite=true")
-    return load_spec(args.spec, overrides)
+    return overrides
+
+
+def _load(args: argparse.Namespace):
+    from koala_batch.config import load_spec
+
+    if getattr(args, "spec_env", None):
+        from koala_batch.submit import spec_from_env
+
+        return spec_from_env(args.spec_env, _overrides(args))
+    return load_spec(args.spec, _overrides(args))
 
 
 def command_validate(args: argparse.Namespace) -> int:
@@ -211,6 +253,19 @@ def command_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_submit(args: argparse.Namespace) -> int:
+    from koala_batch.submit import submit
+
+    return submit(
+        args.spec,
+        _overrides(args),
+        args.address,
+        retry_failed=args.retry_failed,
+        submission_id=args.submission_id,
+        follow_logs=args.follow,
+    )
+
+
 def command_verify(args: argparse.Namespace) -> int:
     from koala_batch.config import load_spec, reveal_storage_options
     from koala_batch.verify import verify_output
@@ -275,10 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 failed, 2 invalid)."""
     from koala_batch.progress import print_failure
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and (args.spec is None) == (args.spec_env is None):
+        parser.error("run: give either a spec file or --spec-env NAME (one of the two)")
     configure_logging(args.verbose, args.log_format)
     handlers = {
         "run": command_run,
+        "submit": command_submit,
         "validate": command_validate,
         "verify": command_verify,
         "inspect": command_inspect,

@@ -93,6 +93,15 @@ class OutputBusyError(KoalaBatchError):
     headline = "output busy"
 
 
+class SecretInSubmissionError(UsageError):
+    """`submit`: the spec holds storage credentials, which a submission would show on the
+    Ray dashboard; the message names each field and where credentials go instead."""
+
+
+class DashboardError(KoalaBatchError):
+    """`submit`: the Ray dashboard at --address cannot be reached or refused the request."""
+
+
 class RunSupersededError(KoalaBatchError):
     """Another run claimed the output: a writer of the old run must not commit."""
 

@@ -24,7 +24,7 @@ LEVELS: list[set[str]] = [
     {"preflight", "lease"},
     {"read", "validate", "generate", "encode", "write"},
     {"commit", "card"},
-    {"job", "verify", "report"},
+    {"job", "verify", "report", "submit"},
     {"cli", "__init__"},
 ]
 LEVEL_OF = {module: level for level, modules in enumerate(LEVELS) for module in modules}
