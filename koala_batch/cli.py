@@ -180,6 +180,7 @@ def command_validate(args: argparse.Namespace) -> int:
     from koala_batch.commit import check_output
     from koala_batch.config import reveal_storage_options
     from koala_batch.layout import JOB_FILE
+    from koala_batch.lease import current_holder
     from koala_batch.preflight import check_model
     from koala_batch.read import plan_input
     from koala_batch.storage import Storage
@@ -219,6 +220,12 @@ def command_validate(args: argparse.Namespace) -> int:
             "deleted)",
         }[state.action]
     )
+    holder = current_holder(storage)
+    if holder is not None:
+        print(
+            f"# output lease: held by {holder.describe()}; a run now exits busy while that "
+            "run is alive, and takes the output over if it died"
+        )
     return EXIT_OK
 
 

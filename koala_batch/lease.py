@@ -94,6 +94,12 @@ def lease_epochs(storage: Storage) -> list[int]:
     )
 
 
+def current_holder(storage: Storage) -> LeaseHolder | None:
+    """The run holding the output's lease now, as its file says (alive or not), or None."""
+    epochs = lease_epochs(storage)
+    return read_holder(storage, epochs[-1]) if epochs else None
+
+
 def _process_gone(holder: LeaseHolder) -> bool:
     """Whether the holder ran on this machine and its process no longer exists."""
     if holder.host != socket.gethostname():

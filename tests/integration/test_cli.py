@@ -44,6 +44,29 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
+def test_validate_names_the_run_holding_the_output_lease(model_cache, tmp_path):
+    lease = tmp_path / "out" / "_lease" / "000000000004.json"
+    lease.parent.mkdir(parents=True)
+    lease.write_text(
+        json.dumps(
+            {
+                "run_id": "nightly-1",
+                "host": "gpu-head-0",
+                "pid": 4242,
+                "started_at": "2026-11-28T02:00:00+00:00",
+                "beat": 3,
+                "heartbeat_s": 10.0,
+            }
+        )
+    )
+    result = koala_batch("validate", SMOKE, "--set", f"output.uri={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "# output lease: held by run nightly-1 (pid 4242 on gpu-head-0, started "
+        "2026-11-28T02:00:00+00:00)" in result.stdout
+    )
+
+
 def test_validate_prints_spec_schema_and_row_count(model_cache, tmp_path):
     result = koala_batch(
         "validate",

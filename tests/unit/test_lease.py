@@ -13,7 +13,13 @@ import pytest
 
 from koala_batch.errors import OutputBusyError
 from koala_batch.layout import FileKind, classify, scan_output
-from koala_batch.lease import OutputLease, lease_epochs, lease_path, read_holder
+from koala_batch.lease import (
+    OutputLease,
+    current_holder,
+    lease_epochs,
+    lease_path,
+    read_holder,
+)
 from koala_batch.storage import Storage
 
 
@@ -42,9 +48,10 @@ def finished_pid() -> int:
 
 
 def test_a_run_holds_the_lease_while_it_works_and_deletes_it_at_the_end(storage):
+    assert current_holder(storage) is None
     with OutputLease(storage, "run-a", heartbeat_s=0.05) as lease:
         assert lease.epoch == 1
-        first = read_holder(storage, 1)
+        first = current_holder(storage)
         assert first is not None and first.run_id == "run-a"
         time.sleep(0.3)
         later = read_holder(storage, 1)
