@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,13 +50,14 @@ README_MARKER = "<!-- example: composable -->"
 def written(tmp_path_factory, model_cache):
     """The user's pipeline: prompts -> generate_images -> their filter -> their writer."""
     import ray.data
+    from ray.data.expressions import col
 
     from tests.integration.conftest import start_local_ray
 
     start_local_ray()
     out = tmp_path_factory.mktemp("composable") / "images"
     images = koala_batch.generate_images(ray.data.from_items(PROMPTS), SPEC)
-    images.filter(lambda row: row["status"] == "ok").write_parquet(str(out))
+    images.filter(expr=col("status") == "ok").write_parquet(str(out))
     return pq.read_table(str(out))
 
 
@@ -119,7 +121,19 @@ def test_the_readme_example_runs_as_written(tmp_path, model_cache, monkeypatch):
     assert code.count('"generated/"') == 1, "the example's output folder changed"
     code = code.replace('"generated/"', repr(f"{tmp_path}/generated/"))
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
-    exec(compile(code, "README.md (example: composable)", "exec"), {"__name__": "__main__"})
+    example = "README.md (example: composable)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, example, "exec"), {"__name__": "__main__"})
+    # What Python shows a user by default: every warning but the deprecation kinds, and
+    # those too when the user's own code (the example) triggers them.
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+    shown = [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in caught
+        if not issubclass(w.category, hidden) or w.filename == example
+    ]
+    assert not shown, "running the README example warns the user:\n" + "\n".join(shown)
     files = sorted(Path(tmp_path).rglob("*.parquet"))
     assert files, "the example wrote no Parquet files"
     rows = pa.concat_tables([pq.read_table(path) for path in files]).to_pylist()
