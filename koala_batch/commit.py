@@ -62,7 +62,8 @@ JOB_FILE_FORMAT = 1
 @dataclass
 class CommittedState:
     """What earlier runs committed to an output: per-shard stats and every key, and the
-    committed shards that cannot be trusted (`damaged`: name -> why), left out of both.
+    committed shards that cannot be trusted (`damaged`: name -> why, and `damaged_keys`,
+    the keys of those whose manifest reads), left out of both.
 
     `failed`: the keys whose standing row is an error row, and its shard. `superseded`:
     per shard, the keys of its rows that another shard's newer row of the same key
@@ -72,6 +73,8 @@ class CommittedState:
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     keys: KeySet = field(default_factory=KeySet)
     damaged: dict[str, str] = field(default_factory=dict)
+    # The keys of each damaged shard whose manifest still reads.
+    damaged_keys: dict[str, list[str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     superseded: dict[str, list[str]] = field(default_factory=dict)
 
@@ -279,12 +282,15 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
 
     shards: dict[str, dict[str, Any]] = {}
     damaged: dict[str, str] = {}
+    damaged_keys: dict[str, list[str]] = {}
     digests: list[np.ndarray] = []
     error_rows: list[tuple[str, str]] = []  # (key, shard): few, unless the job failed
     with ThreadPoolExecutor(max_workers=8) as pool:
         for shard, manifest, damage in pool.map(read, listing.committed):
             if damage is not None or manifest is None:
                 damaged[shard] = damage or "its manifest is unreadable"
+                if manifest is not None:
+                    damaged_keys[shard] = manifest.column(Col.KEY).to_pylist()
                 continue
             keys = manifest.column(Col.KEY).to_pylist()
             digests.append(np.array([key_digest(key) for key in keys], dtype="S16"))
@@ -302,8 +308,29 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
     losers = {(key, shard) for shard, lost in superseded.items() for key in lost}
     failed = {key: shard for key, shard in error_rows if (key, shard) not in losers}
     return CommittedState(
-        shards=shards, keys=keys, damaged=damaged, failed=failed, superseded=superseded
+        shards=shards,
+        keys=keys,
+        damaged=damaged,
+        damaged_keys=damaged_keys,
+        failed=failed,
+        superseded=superseded,
     )
+
+
+def damage_beyond_input(committed: CommittedState, planned: KeySet) -> dict[str, str]:
+    """The damaged shards that a run planning `planned` cannot make again (shard -> why):
+    those holding images of rows the input no longer has (`output.accumulate`), and those
+    whose manifest is unreadable, as nobody can tell which rows they held."""
+    beyond = {}
+    for shard, why in sorted(committed.damaged.items()):
+        keys = committed.damaged_keys.get(shard)
+        if keys is None:
+            beyond[shard] = f"{why}; which rows it held is unknown"
+            continue
+        gone = len(keys) - int(planned.contains_many(keys).sum())
+        if gone:
+            beyond[shard] = f"{why}; {gone} of its {len(keys)} images are of rows not in the input"
+    return beyond
 
 
 @dataclass(frozen=True)

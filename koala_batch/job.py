@@ -37,6 +37,7 @@ from koala_batch.commit import (
     check_output,
     claim_output,
     commit_timeline,
+    damage_beyond_input,
     load_committed,
     release_failed,
     remove_leftovers,
@@ -1074,6 +1075,25 @@ def run(
         )
 
 
+def refuse_damage_beyond_input(
+    storage: Storage, committed: CommittedState, planned: KeySet
+) -> None:
+    """Stop, touching nothing, where damaged shards hold images this input cannot make
+    again: uncommitting them would lose those images for good."""
+    beyond = damage_beyond_input(committed, planned)
+    if not beyond:
+        return
+    shards = "; ".join(
+        f"{storage.url(manifest_path(shard))}: {why}" for shard, why in beyond.items()
+    )
+    raise OutputConflictError(
+        f"output {storage.url('')}: {len(beyond)} committed shard(s) are damaged and hold "
+        f"images of rows this input no longer has (output.accumulate), which no run can make "
+        f"again: {shards}. Restore the shards' files, or rerun with an input that holds those "
+        "rows; to give the images up, delete the shards' manifests"
+    )
+
+
 def _run_on_output(
     spec: JobSpec,
     plan: InputPlan,
@@ -1099,6 +1119,7 @@ def _run_on_output(
         if spec.output.accumulate:
             planned = planned_keys(spec, plan, overrides.input_filesystem)
             covered = committed.keys.overlap(planned)
+            refuse_damage_beyond_input(storage, committed, planned)
         else:
             if committed.images > planned_images:
                 raise stale_rows_error(storage, committed.images, planned_images)

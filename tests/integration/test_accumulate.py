@@ -122,3 +122,20 @@ def test_three_nights_over_a_two_day_window_keep_every_night_and_generate_each_r
         koala_batch.run(plain)
     assert not verify_output(f"s3://{s3_bucket}/nightly", spec=spec_from_dict(plain)).ok
     assert committed_ids(fs, s3_bucket) == expected
+
+    # A shard of day 1 (out of the window) damaged: this input cannot make its images
+    # again, so the run stops before it uncommits anything, naming the shard.
+    lost_shard = next(
+        path.rsplit("/", 1)[-1].removesuffix(".parquet")
+        for path in sorted(fs.glob(f"{s3_bucket}/nightly/manifests/*.parquet"))
+        if any(
+            row_id.startswith(DAYS[0])
+            for row_id in pq.read_table(io.BytesIO(fs.cat_file(path))).column("id").to_pylist()
+        )
+    )
+    fs.rm_file(f"{s3_bucket}/nightly/shards/{lost_shard}.tar")
+    with pytest.raises(OutputConflictError, match="no longer has") as damaged:
+        koala_batch.run(third_spec)
+    assert f"manifests/{lost_shard}.parquet: its tar is missing; " in str(damaged.value)
+    assert "Restore the shards' files" in str(damaged.value)
+    assert committed_ids(fs, s3_bucket) == expected  # its manifest stays: nothing given up

@@ -11,12 +11,13 @@ import pytest
 from koala_batch.commit import (
     OutputConflictError,
     claim_output,
+    damage_beyond_input,
     load_committed,
     remove_leftovers,
     uncommit,
     write_success,
 )
-from koala_batch.keys import sample_key
+from koala_batch.keys import KeySet, sample_key
 from koala_batch.layout import recorded_tar_bytes
 from koala_batch.schemas import RUN_TIMING_FIELDS
 from koala_batch.storage import Storage
@@ -328,6 +329,32 @@ def test_committed_shards_are_checked_against_the_listing(storage, out_dir):
 
     uncommit(storage, sorted(state.damaged))
     assert all_files(out_dir) == sorted([f"manifests/{good}.parquet", f"shards/{good}.tar"])
+
+
+def test_damage_beyond_the_input_is_what_the_input_cannot_make_again(storage, out_dir):
+    spec = make_spec(out_dir)
+    in_input = write_shard(spec, ["a", "b"])
+    half_gone = write_shard(spec, ["c", "d"], first_ordinal=2)
+    garbled = write_shard(spec, ["e"], first_ordinal=4)
+    for shard in (in_input, half_gone):
+        (out_dir / "shards" / f"{shard}.tar").unlink()
+    (out_dir / "manifests" / f"{garbled}.parquet").write_bytes(b"PAR1 no footer")
+    state = load_committed(storage)
+    assert state.damaged_keys == {
+        in_input: [sample_key("a", 0), sample_key("b", 0)],
+        half_gone: [sample_key("c", 0), sample_key("d", 0)],
+    }
+    # The input (a sliding window) still has rows a, b and c; d and e left it.
+    planned = KeySet.from_keys([sample_key(row_id, 0) for row_id in "abc"])
+
+    beyond = damage_beyond_input(state, planned)
+
+    assert beyond == {
+        half_gone: "its tar is missing; 1 of its 2 images are of rows not in the input",
+        garbled: f"{state.damaged[garbled]}; which rows it held is unknown",
+    }
+    everything = KeySet.from_keys([sample_key(row_id, 0) for row_id in "abcde"])
+    assert list(damage_beyond_input(state, everything)) == [garbled]
 
 
 def test_a_manifest_without_a_recorded_tar_size_needs_only_its_tar(storage, out_dir):
