@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -40,12 +41,14 @@ from koala_batch.keys import KeySet, key_digest
 from koala_batch.layout import (
     JOB_FILE,
     MANIFESTS_DIR,
+    SHARDS_DIR,
     SUCCESS_FILE,
     OutputListing,
     list_output,
     manifest_path,
     recorded_stats,
     shard_data_files,
+    shard_folder,
     shard_record,
     stats_metadata,
     summary_from_manifest,
@@ -237,6 +240,7 @@ def claim_output(
     if state.action == "overwrite":
         for relative in state.listing.own_files:
             storage.remove(relative)
+        remove_emptied_shard_folders(storage, list(state.listing.own_files))
     if state.previous_job is not None:
         changes = version_changes(state.previous_job)
         if changes:
@@ -582,6 +586,7 @@ def uncommit(storage: Storage, shards: list[str]) -> None:
         storage.remove(manifest_path(shard))
         for relative in shard_data_files(storage, shard):
             storage.remove(relative)
+        storage.remove_empty_folder(shard_folder(shard))
 
 
 def retire_late_duplicates(storage: Storage, known: set[str]) -> list[str]:
@@ -623,7 +628,15 @@ def remove_leftovers(storage: Storage, listing: OutputListing | None = None) -> 
     for relative, _ in (listing or list_output(storage)).leftovers:
         storage.remove(relative)
         removed.append(relative)
+    remove_emptied_shard_folders(storage, removed)
     return removed
+
+
+def remove_emptied_shard_folders(storage: Storage, removed: list[str]) -> None:
+    """Remove the files-format shard folders that the removal of `removed` left empty."""
+    for folder in sorted({posixpath.dirname(relative) for relative in removed}):
+        if posixpath.dirname(folder) == SHARDS_DIR:
+            storage.remove_empty_folder(folder)
 
 
 def commit_timeline(started: float, written: list[dict[str, Any]]) -> dict[str, Any]:

@@ -271,6 +271,14 @@ class Storage:
         """Copy a local file to a relative path atomically."""
         self._put_atomically(relative, lambda path: self.fs.put_file(local_path, path), "upload")
 
+    def remove_empty_folder(self, relative: str) -> None:
+        """Remove a folder that its files' removal left empty, where folders exist (the
+        local disk): readers that walk folders would take an empty one for a shard.
+        Object stores have no folders; a folder that is not empty stays."""
+        if is_local(self.fs):
+            with suppress(OSError):
+                os.rmdir(self.path(relative))
+
     def remove(self, relative: str) -> None:
         target = self.path(relative)
 

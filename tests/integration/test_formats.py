@@ -208,6 +208,9 @@ def test_the_resume_regenerates_exactly_the_uncommitted_shards(job):
     assert kept in {shard["shard"] for shard in job.resumed["shards"]}
     listing = list_output(Storage(str(job.output)))
     assert listing.leftovers == () and listing.foreign == ()
+    # Nor an empty folder where a shard was taken out, which folder walkers would read.
+    folders = [path for path in (job.output / "shards").iterdir() if path.is_dir()]
+    assert all(any(folder.iterdir()) for folder in folders), folders
     errors = [row for row in rows if row["status"] == "error"]
     assert [row["id"] for row in errors] == ["p3"] and errors[0]["member"] is None
 

@@ -357,6 +357,24 @@ def test_damage_beyond_the_input_is_what_the_input_cannot_make_again(storage, ou
     assert list(damage_beyond_input(state, everything)) == [garbled]
 
 
+def test_files_shards_taken_out_leave_no_empty_folder(storage, out_dir):
+    # A reader walking shards/*/ (or datasets' imagefolder) would take one for a shard.
+    spec = make_spec(out_dir, output={"format": "files"})
+    kept = write_shard(spec, ["a"])
+    leftover = write_shard(spec, ["b"], first_ordinal=1)
+    uncommitted = write_shard(spec, ["c"], first_ordinal=2)
+    (out_dir / "manifests" / f"{leftover}.parquet").unlink()
+    assert (out_dir / "shards" / leftover / "metadata.parquet").exists()
+
+    removed = remove_leftovers(storage)
+    uncommit(storage, [uncommitted])
+
+    assert removed and all(path.startswith(f"shards/{leftover}/") for path in removed)
+    assert sorted(path.name for path in (out_dir / "shards").iterdir()) == [kept]
+    assert claim_output(storage, spec, overwrite=True) is False
+    assert not (out_dir / "shards").exists() or not any((out_dir / "shards").iterdir())
+
+
 def test_a_manifest_without_a_recorded_tar_size_needs_only_its_tar(storage, out_dir):
     spec = make_spec(out_dir)
     shard = write_shard(spec, ["a"])
