@@ -392,6 +392,9 @@ def list_output(storage: Storage) -> OutputListing:
             return {}
 
     found = with_retries(find, f"list {storage.url('')}")
+    # s3fs answers a listing that found nothing with the prefix's own info, which is a
+    # directory when another writer's object appeared in between: not a file of the output.
+    found = {path: info for path, info in found.items() if info.get("type") != "directory"}
     sizes = {
         posixpath.relpath(path, root): int(info["size"])
         for path, info in found.items()

@@ -4,7 +4,7 @@ and committed shards checked against a listing's sizes. No Ray."""
 from __future__ import annotations
 
 from koala_batch.commit import load_committed
-from koala_batch.layout import tar_path
+from koala_batch.layout import list_output, tar_path
 from koala_batch.storage import Storage
 from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec, race, race_for_claim
@@ -29,6 +29,28 @@ def test_of_claims_racing_for_a_new_s3_output_exactly_one_creates_it(s3_server, 
     spec = make_spec(url, output={"storage_options": s3_server.storage_options})
     outcomes = race_for_claim(storage, spec, racers=4)
     assert outcomes.count("created") == 1, outcomes
+
+
+def test_a_listing_raced_by_a_new_object_holds_no_directory_entry(
+    s3_server, s3_bucket, monkeypatch
+):
+    # The race behind a claim once refused for "files koala-batch did not write (.)": s3fs
+    # lists the prefix (nothing yet), another run's object lands, and s3fs's fallback
+    # info on the prefix itself finds it a directory.
+    storage = Storage(f"s3://{s3_bucket}/out", s3_server.storage_options)
+    storage.write_bytes("_job.json.0123abcd.partial", b"{}")  # the other run's probe
+    lsdir = storage.fs._lsdir
+
+    async def empty_first(path, *args, **kwargs):
+        monkeypatch.setattr(storage.fs, "_lsdir", lsdir)
+        return []
+
+    monkeypatch.setattr(storage.fs, "_lsdir", empty_first)
+
+    listing = list_output(storage)
+
+    assert storage.fs._lsdir is lsdir, "the race was not staged: s3fs listed otherwise"
+    assert listing.files == () and listing.foreign == ()
 
 
 def test_damaged_shards_are_found_from_the_s3_listing(s3_server, s3_bucket):
