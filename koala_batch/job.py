@@ -510,8 +510,9 @@ def start_stats_collector() -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: a worker node can be taken away mid-job, the driver's cannot
-    # without ending the job anyway.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # without ending the job anyway. Hard affinity: Ray places a zero-CPU actor with a
+    # soft one on another node (seen on Ray 2.60, every time).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return GeneratorStatsCollector.options(  # type: ignore[attr-defined]
         scheduling_strategy=here
     ).remote()

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
+from koala_batch.job import start_stats_collector
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_gpu_cluster, stop_cluster
 
@@ -37,6 +38,8 @@ def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
 
     cluster, workers = gpu_cluster
     assert ray.cluster_resources().get("GPU") == 2
+    collector = start_stats_collector()  # one like the job's, placed while every node lives
+    assert ray.get(collector.collect.remote(), timeout=60) == []
     ids = [f"p{i:03d}" for i in range(40)]
     table = write_prompt_table(
         tmp_path / "in.parquet", [f"a castle, view {i}" for i in ids], id=ids
@@ -91,3 +94,7 @@ def test_worker_node_removed_mid_run_output_exactly_once(gpu_cluster, tmp_path):
     assert json.loads((output / "_SUCCESS").read_text())["cost"] == cost
     card = (output / "README.md").read_text()
     assert f"cost {cost['cost']:.4g} at 2.5 per GPU-hour" in card
+
+    # A statistics collector stays on the driver's node: it outlives both worker nodes.
+    cluster.remove_node(workers[1])
+    assert ray.get(collector.collect.remote(), timeout=60) == []
