@@ -275,8 +275,15 @@ def command_submit(args: argparse.Namespace) -> int:
 
 def command_verify(args: argparse.Namespace) -> int:
     from koala_batch.config import load_spec, reveal_storage_options
+    from koala_batch.errors import UsageError
     from koala_batch.verify import verify_output
 
+    if args.overrides and not args.spec:
+        # Without a spec there is nothing to override: ignoring them would verify less
+        # than the user asked for.
+        raise UsageError(
+            "--set needs --spec: give the job spec the overrides apply to, or drop --set"
+        )
     spec = load_spec(args.spec, args.overrides) if args.spec else None
     options = reveal_storage_options(spec.output.storage_options) if spec else None
     report = verify_output(args.output, options, spec=spec)

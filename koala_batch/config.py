@@ -25,6 +25,7 @@ from pydantic import (
 from koala_batch.errors import SpecError
 from koala_batch.model import PRESETS, ModelPreset, preset_for
 from koala_batch.schemas import READ_COLUMNS, RESERVED_COLUMNS, Col
+from koala_batch.weights import local_model_path
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict"]
 
@@ -237,7 +238,8 @@ class ModelSpec(_Section):
         description="Preset (koala-700m, koala-1b, koala-lightning-700m, koala-lightning-1b, "
         "tiny), a local diffusers directory, a Hugging Face id, or the fsspec URL of a copy "
         "made by `koala-batch fetch-model` (s3://bucket/models/koala-700m/): downloaded once "
-        "per node into the koala-batch cache, checksums verified.",
+        "per node into the koala-batch cache, checksums verified. A file:// URL is taken as "
+        "the local path it names.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."
@@ -260,6 +262,13 @@ class ModelSpec(_Section):
     @classmethod
     def _hide_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _secret_storage_options(value)
+
+    @field_validator("name")
+    @classmethod
+    def _local_url_as_path(cls, value: str) -> str:
+        # fetch-model names a local copy by its file:// URL; everything that loads, checks
+        # or records model.name takes the path.
+        return local_model_path(value)
 
     @field_validator("preset")
     @classmethod
@@ -461,6 +470,11 @@ class ComputeSpec(_Section):
         return value
 
 
+DEFAULT_QUALITY = 95
+# The image formats whose bytes output.quality changes; PNG is lossless.
+LOSSY_FORMATS = frozenset({"jpeg", "webp"})
+
+
 class OutputSpec(_Section):
     """Where and how the dataset is written."""
 
@@ -473,7 +487,9 @@ class OutputSpec(_Section):
         "files = one image file per image in a folder per shard, with its metadata.parquet.",
     )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
-    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    quality: int = Field(
+        DEFAULT_QUALITY, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)."
+    )
     rows_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Images per shard.")
     storage_options: dict[str, StorageOptionValue] = Field(
         default_factory=dict,
@@ -577,7 +593,12 @@ class JobSpec(_Section):
             # Not the pixels, but the manifest schema: one output keeps one schema.
             "passthrough_columns": list(self.input.passthrough_columns),
             "image_format": self.output.image_format,
-            "quality": self.output.quality,
+            # Quality changes no byte of a PNG: only lossy formats record it.
+            **(
+                {"quality": self.output.quality}
+                if self.output.image_format in LOSSY_FORMATS
+                else {}
+            ),
             # Seeds became 63-bit (keys.SEED_MODULUS): an output made with the 64-bit ones
             # holds other images for the same rows, and must not be resumed into.
             "seed_range": "int63",

@@ -7,9 +7,11 @@ directory or a Hugging Face id, with an explicit device and dtype.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from koala_batch.errors import UnsafeWeightsError
+from koala_batch.errors import ModelUnavailableError, UnsafeWeightsError
 
 if TYPE_CHECKING:  # torch and diffusers are heavy: import them where the model is built
     import torch
@@ -80,6 +82,36 @@ PRESETS: dict[str, ModelPreset] = {
 
 # Used when model.name is a local directory or a Hugging Face id that is not a preset.
 GENERIC_DEFAULTS = ModelPreset("custom", "", steps=25, guidance_scale=5.0)
+
+# What `from_pretrained` takes for a Hub repository: "owner/name", each part of letters,
+# digits, '-', '_' and '.'.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean X?)' for a name close to a preset or its Hub id, else ''."""
+    candidates = {**{p: p for p in PRESETS}, **{p.source: p.name for p in PRESETS.values()}}
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {candidates[close[0]]}?)" if close else ""
+
+
+def unknown_model_error(name: str, what: str = "model.name") -> ModelUnavailableError:
+    """The error for a model name that is no preset, local directory or Hugging Face id,
+    with the preset it is closest to."""
+    return ModelUnavailableError(
+        f"{what} {name!r} is not a preset, an existing directory or a Hugging Face "
+        f"id{did_you_mean(name)}; presets: {', '.join(PRESETS)}"
+    )
+
+
+def check_model_name(name: str, what: str = "model.name") -> None:
+    """Refuse a name that is neither a preset nor a Hugging Face id ("owner/name"); call
+    it once no local directory of that name exists.
+
+    A typo of a preset would otherwise reach the Hub, whose answer (a connection error
+    offline, "no such repository" online) says nothing of the preset meant."""
+    if name not in PRESETS and not HUB_ID.match(name):
+        raise unknown_model_error(name, what)
 
 
 def preset_for(name: str, preset: str | None = None) -> ModelPreset:

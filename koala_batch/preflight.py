@@ -9,9 +9,7 @@ object-storage prefix is the same prefix everywhere.
 
 from __future__ import annotations
 
-import difflib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +20,12 @@ from koala_batch.model import (
     PRESETS,
     TINY_MODEL_NAME,
     check_local_weights_are_safetensors,
+    check_model_name,
+    did_you_mean,
     resolve_model_source,
 )
 from koala_batch.weights import MODEL_INDEX
 
-# What `from_pretrained` takes for a Hub repository: "owner/name", each part of letters,
-# digits, '-', '_' and '.'.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # How long the Hub may take to answer whether a repository exists.
 HUB_TIMEOUT_S = 10.0
 FETCH_HINT = (
@@ -51,17 +48,24 @@ def check_model(model: ModelSpec) -> str:
     source = resolve_model_source(name)
     directory = Path(source).expanduser()
     if directory.is_dir():
-        check_model_directory(directory, name, model.variant)
-        manifest = local_copy_manifest(directory)
-        if manifest is not None:
-            check_copy_preset(model, manifest)
+        check_local_model(model, directory)
         return f"the local directory {directory}"
-    if name not in PRESETS and not HUB_ID.match(name):
-        raise ModelUnavailableError(
-            f"model.name {name!r} is not a preset, an existing directory or a Hugging Face "
-            f"id{did_you_mean(name)}; presets: {', '.join(PRESETS)}"
-        )
+    check_model_name(name)
     return check_hub_model(name, source, model.revision, model.variant)
+
+
+def check_local_model(model: ModelSpec, directory: Path) -> None:
+    """A local pipeline directory; for a copy fetch-model wrote, also its files' sizes as
+    its manifest records them and model.preset where it copies a preset."""
+    manifest = local_copy_manifest(directory)
+    if manifest is not None:
+        # Checked as a remote copy is: a file cut short names the fetch-model command
+        # that repairs it.
+        copy = str(directory)
+        weights.check_copy_sizes(weights.open_weights(copy, None), copy, manifest)
+    check_model_directory(directory, model.name, model.variant)
+    if manifest is not None:
+        check_copy_preset(model, manifest)
 
 
 def local_copy_manifest(directory: Path) -> weights.WeightsManifest | None:
@@ -93,13 +97,6 @@ def check_copy_preset(model: ModelSpec, manifest: weights.WeightsManifest) -> No
         f"{copied} so that its sampler settings apply ({preset.steps} steps, guidance "
         f"{preset.guidance_scale:g}{spacing})"
     )
-
-
-def did_you_mean(name: str) -> str:
-    """' (did you mean X?)' for a name close to a preset or its Hub id, else ''."""
-    candidates = {**{p: p for p in PRESETS}, **{p.source: p.name for p in PRESETS.values()}}
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
-    return f" (did you mean {candidates[close[0]]}?)" if close else ""
 
 
 def component_folders(index: dict[str, Any]) -> list[str]:
@@ -157,6 +154,24 @@ def check_model_directory(directory: Path, name: str, variant: str | None) -> No
             f"model {name}: {directory} has no {wanted}safetensors weights for "
             f"{', '.join(missing)}" + ("; check model.variant" if variant else "")
         )
+    check_weight_headers(directory, files, name, variant)
+
+
+def check_weight_headers(
+    directory: Path, files_by_component: dict[str, list[str]], name: str, variant: str | None
+) -> None:
+    """Each safetensors file the pipeline will load has a header that parses and the size
+    it announces: a truncated or corrupt file fails here, naming it, not in every actor."""
+    for component, files in files_by_component.items():
+        for file_name in files:
+            if not weights.is_selected_weight(file_name, variant):
+                continue
+            path = directory / component / file_name
+            damage = weights.safetensors_damage(path)
+            if damage is not None:
+                raise ModelUnavailableError(
+                    f"model {name}: {path} is damaged ({damage}); copy the model again"
+                )
 
 
 def check_hub_model(name: str, repo_id: str, revision: str | None, variant: str | None) -> str:

@@ -376,6 +376,23 @@ def default_out_dir(url: str, now: datetime | None = None) -> Path:
     return Path.cwd() / f"inspect-{name}-{stamp}"
 
 
+def make_out_dir(out_dir: Path) -> None:
+    """Make inspect's --out folder; UsageError naming it where a file is in the way or it
+    may not be made."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(
+            f"--out {out_dir}: a file stands where that folder is needed; give --out a new "
+            "or empty folder"
+        ) from None
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out_dir} cannot be made ({exc.strerror or exc}); give --out a folder "
+            "you may write"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Inspection:
     """What `inspect_output` found and wrote."""
@@ -409,7 +426,7 @@ def inspect_output(
         raise UsageError(
             f"{', '.join(existing)} already exist(s); give --out a new or empty folder"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     summary = summarize(view)
     contact_sheet(sample_images(storage, view, samples, seed), targets[0], tile)
     throughput_plot(view, targets[1])

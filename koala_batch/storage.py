@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
@@ -90,6 +91,20 @@ def filesystem_for(uri: str, storage_options: dict[str, Any] | None = None):
 def is_local(fs: Any) -> bool:
     """Whether the filesystem is the local disk (needs write-aside-and-rename for atomicity)."""
     return isinstance(fs, LocalFileSystem)
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """How a message names a prefix koala-batch writes, and the settings that fix it."""
+
+    noun: str = "output"
+    uri_setting: str = "output.uri"
+    options_setting: str = "output.storage_options"
+    endpoint_setting: str = "output.storage_options endpoint_url"
+
+
+# A job's output prefix (what `run` and `validate` check).
+OUTPUT_TARGET = WriteTarget()
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -288,7 +303,7 @@ class Storage:
 
         with_retries(remove_if_present, f"remove {self.url(relative)}")
 
-    def check_writable(self, relative: str) -> None:
+    def check_writable(self, relative: str, names: WriteTarget = OUTPUT_TARGET) -> None:
         """Prove the prefix can be written: write and remove an empty probe beside `relative`.
 
         The probe is named as a write-aside partial of `relative`
@@ -296,7 +311,7 @@ class Storage:
         run removes, never a foreign file. A local prefix that does not exist yet is not
         made: its nearest existing parent must be a directory this process may write.
         Raises OutputUnwritableError (StorageError where the storage stayed unreachable)
-        naming the prefix's URL.
+        naming the prefix's URL, and the settings that fix it as `names` calls them.
         """
         probe = f"{relative}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
         target = self.path(probe)
@@ -321,7 +336,7 @@ class Storage:
         try:
             with_retries(write_probe, f"write {self.url(probe)}")
         except Exception as exc:  # noqa: BLE001 - whatever refused the write, name the URL
-            raise unwritable_output(self.url(""), exc) from None
+            raise unwritable_output(self.url(""), exc, names) from None
         finally:
             try:
                 if written:
@@ -331,26 +346,26 @@ class Storage:
                 logger.warning("could not remove the probe %s: %s", self.url(probe), exc)
 
 
-def unwritable_output(url: str, exc: BaseException) -> KoalaBatchError:
-    """The one-line error for an output prefix that refused a write, naming its URL."""
+def unwritable_output(
+    url: str, exc: BaseException, names: WriteTarget = OUTPUT_TARGET
+) -> KoalaBatchError:
+    """The one-line error for a prefix that refused a write, naming its URL."""
     if isinstance(exc, KoalaBatchError):
         return exc
     detail = " ".join(str(exc).split()) or "no detail"
     cause = f"{type(exc).__name__}: {detail}"
+    where, options = f"{names.noun} {url}", names.options_setting
     if is_transient(exc):
         return StorageError(
-            f"output {url} cannot be written ({cause}, after retries); check that the "
-            "storage is reachable (output.storage_options endpoint_url), then rerun"
+            f"{where} cannot be written ({cause}, after retries); check that the storage "
+            f"is reachable ({names.endpoint_setting}), then rerun"
         )
     if isinstance(exc, FileNotFoundError):
-        hint = "does the bucket exist? Create it, or fix output.uri"
+        hint = f"does the bucket exist? Create it, or fix {names.uri_setting}"
     elif isinstance(exc, PermissionError):
-        hint = (
-            "the credentials may not write there: fix output.storage_options or the "
-            "bucket's permissions"
-        )
+        hint = f"the credentials may not write there: fix {options} or the bucket's permissions"
     elif isinstance(exc, (FileExistsError, NotADirectoryError)):
-        hint = "a file stands where a directory is needed: choose another output.uri"
+        hint = f"a file stands where a directory is needed: choose another {names.uri_setting}"
     else:
-        hint = "fix output.uri or output.storage_options"
-    return OutputUnwritableError(f"output {url} cannot be written ({cause}); {hint}")
+        hint = f"fix {names.uri_setting} or {options}"
+    return OutputUnwritableError(f"{where} cannot be written ({cause}); {hint}")

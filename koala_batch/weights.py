@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from koala_batch.errors import ModelUnavailableError
 from koala_batch.model import (
@@ -36,10 +37,12 @@ from koala_batch.model import (
     TINY_MODEL_NAME,
     TINY_MODEL_VERSION,
     check_local_weights_are_safetensors,
+    check_model_name,
     default_cache_dir,
     ensure_tiny_model,
+    unknown_model_error,
 )
-from koala_batch.storage import Storage
+from koala_batch.storage import Storage, WriteTarget
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,18 @@ CONFIG_SUFFIXES = (".json", ".txt")
 CACHE_FOLDER = "models"
 _LOCAL_PROTOCOLS = {"file", "local"}
 _HASH_CHUNK = 8 * 2**20
+# A safetensors file: an 8-byte little-endian header length, the JSON header, then the
+# tensors' bytes, each at the header's `data_offsets` (from the end of the header).
+SAFETENSORS_LENGTH_BYTES = 8
+# The safetensors library refuses a longer header: a length beyond it is damage.
+SAFETENSORS_MAX_HEADER = 100_000_000
+# How messages name fetch-model's destination and the settings that fix it.
+FETCH_DESTINATION = WriteTarget(
+    noun="destination",
+    uri_setting="dest",
+    options_setting="the storage credentials in the environment (AWS_*)",
+    endpoint_setting="FSSPEC_S3_ENDPOINT_URL",
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,41 @@ def is_remote_model(name: str) -> bool:
     """Whether model.name is an fsspec URL of a fetched copy (s3://, gs://, memory://, ...)."""
     protocol, _ = fsspec.core.split_protocol(name)
     return protocol is not None and protocol not in _LOCAL_PROTOCOLS
+
+
+def local_model_path(name: str) -> str:
+    """model.name with a local URL (file:///models/tiny, what fetch-model prints for a local
+    copy) made the path it names; any other name unchanged."""
+    protocol, _ = fsspec.core.split_protocol(name)
+    if protocol in _LOCAL_PROTOCOLS:
+        return LocalFileSystem._strip_protocol(name)
+    return name
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole, or None: its header does not parse, or the
+    file's size is not where the header's last tensor ends (a truncated copy). Reads the
+    header alone, not the tensors: cheap enough for every preflight."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(SAFETENSORS_LENGTH_BYTES), "little")
+            if size < SAFETENSORS_LENGTH_BYTES or length > min(
+                size - SAFETENSORS_LENGTH_BYTES, SAFETENSORS_MAX_HEADER
+            ):
+                return f"{size} bytes, too short for the header it announces"
+            header = json.loads(handle.read(length))
+        ends = [
+            int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"
+        ]
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not a safetensors header"
+    expected = SAFETENSORS_LENGTH_BYTES + length + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes where its header's tensors end at byte {expected}"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -224,10 +274,7 @@ def hub_snapshot(name: str, repo_id: str, revision: str | None, variant: str | N
             ignore_patterns=ignore,
         )
     except HFValidationError:
-        raise ModelUnavailableError(
-            f"model {name!r} is not a preset ({', '.join(PRESETS)}), a local diffusers "
-            "directory or a Hugging Face id"
-        ) from None
+        raise unknown_model_error(name, "model") from None
     except GatedRepoError:
         raise ModelUnavailableError(
             f"model {label} is gated on the Hub: accept its terms there and set HF_TOKEN"
@@ -261,7 +308,7 @@ def resolve_fetch_source(
             f"model {name} is a URL; fetch-model copies a preset, a Hugging Face id or a local "
             "diffusers directory (copy a fetched prefix with your storage's own tools)"
         )
-    local = Path(name).expanduser()
+    local = Path(local_model_path(name)).expanduser()
     if name == TINY_MODEL_NAME or local.is_dir():
         if revision:
             raise ModelUnavailableError(
@@ -273,6 +320,7 @@ def resolve_fetch_source(
             return ensure_tiny_model(), {**source, "revision": None, "variant": variant}
         directory = local.resolve()
         return directory, {"name": name, "id": str(directory), "revision": None, "variant": variant}
+    check_model_name(name, "model")  # a preset's typo: a suggestion, not a Hub error
     repo_id = PRESETS[name].source if name in PRESETS else name
     snapshot = hub_snapshot(name, repo_id, revision, variant)
     # A Hub snapshot's folder is named after the commit it holds: the exact weights.
@@ -296,15 +344,17 @@ def fetch_model(
     or an fsspec URL) with its manifest, written last.
 
     Idempotent: files the manifest already at `dest` records with the same size and sha256,
-    and that are there with that size, are not copied again.
+    and that are there with that size, are not copied again. A destination that cannot be
+    written (no such bucket, a file in the way) is refused before anything is downloaded.
     """
+    storage = Storage(dest, storage_options)
+    storage.check_writable(MANIFEST_NAME, FETCH_DESTINATION)
     directory, source = resolve_fetch_source(name, revision, variant)
     files = tuple(
         WeightFile(path, (directory / path).stat().st_size, file_sha256(directory / path))
         for path in select_files(directory, name, variant)
     )
     manifest = WeightsManifest(source=source, files=files)
-    storage = Storage(dest, storage_options)
     recorded = _recorded_files(storage)
     to_copy = [
         entry
@@ -394,6 +444,12 @@ def check_remote_weights(
             f"{variant or 'plain'} ones: set model.variant to {fetched_variant}, or "
             f"{_fetch_hint(url, manifest)}" + (f" --variant {variant}" if variant else "")
         )
+    check_copy_sizes(storage, url, manifest)
+
+
+def check_copy_sizes(storage: Storage, url: str, manifest: WeightsManifest) -> None:
+    """Every file the manifest of a fetched copy lists is there with its size (a listing,
+    no hashing); ModelUnavailableError naming the first few that are not."""
     try:
         wrong = [e.path for e in manifest.files if storage.file_size(e.path) != e.size]
     except Exception as exc:  # noqa: BLE001 - as for the manifest

@@ -206,6 +206,24 @@ def test_missing_output_bucket_exits_2_naming_the_url(s3_server, tmp_path, capsy
         assert "bucket does not exist" in line and "Create it, or fix output.uri" in line
 
 
+def test_fetch_model_to_a_missing_bucket_exits_2_naming_the_url(
+    s3_server, model_cache, monkeypatch, capsys
+):
+    import fsspec
+
+    # What AWS_* and FSSPEC_S3_ENDPOINT_URL give fetch-model outside a test.
+    monkeypatch.setitem(fsspec.config.conf, "s3", s3_server.storage_options)
+    url = "s3://no-such-bucket-koala/models/tiny"
+
+    code = cli.main(["--log-format", "text", "fetch-model", "tiny", url])
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"koala-batch: error: destination {url} cannot be written (")
+    assert "bucket does not exist" in line and "Create it, or fix dest" in line
+
+
 def test_output_that_is_an_object_exits_2_saying_so(s3_server, s3_bucket, tmp_path, capsys):
     s3_server.filesystem().pipe_file(f"{s3_bucket}/run1", b"an object, not a prefix")
     spec = write_spec(tmp_path, s3_output(s3_server, f"s3://{s3_bucket}/run1"))

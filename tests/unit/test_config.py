@@ -12,6 +12,7 @@ from pydantic import SecretStr, ValidationError
 
 from koala_batch.config import (
     JobSpec,
+    ModelSpec,
     SpecError,
     apply_overrides,
     load_spec,
@@ -661,6 +662,23 @@ def test_fingerprint_changes_with_what_decides_the_images(sections):
 )
 def test_fingerprint_ignores_what_does_not_decide_the_images(sections):
     assert fingerprint_with(**sections) == fingerprint_with()
+
+
+def test_quality_enters_the_fingerprint_of_lossy_formats_only():
+    png = spec_from_dict(tiny_spec("in.parquet", "out", output={"quality": 50}))
+    assert png.fingerprint() == fingerprint_with()
+    assert "quality" not in png.fingerprint_fields()
+    for image_format in ("jpeg", "webp"):
+        assert fingerprint_with(output={"image_format": image_format, "quality": 50}) != (
+            fingerprint_with(output={"image_format": image_format})
+        )
+
+
+def test_a_file_url_model_name_is_the_path_it_names():
+    # What fetch-model prints for a local copy.
+    assert ModelSpec(name="file:///models/tiny-copy").name == "/models/tiny-copy"
+    assert ModelSpec(name="s3://bucket/models/tiny").name == "s3://bucket/models/tiny"
+    assert ModelSpec(name="etri-vilab/koala-700m").name == "etri-vilab/koala-700m"
 
 
 def test_fingerprint_sees_a_preset_default_change():

@@ -99,6 +99,38 @@ def test_pickle_only_weights_are_refused(model_dir):
         check_model(ModelSpec(name=str(model_dir)))
 
 
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda data: data[: len(data) - 100], "where its header's tensors end at byte"),
+        (lambda data: data[:5], "too short for the header it announces"),
+        (lambda data: data[:8] + b"#" * (len(data) - 8), "is not a safetensors header"),
+    ],
+    ids=["truncated", "stub", "corrupt-header"],
+)
+def test_a_damaged_weights_file_is_named(model_dir, damage, why):
+    weights = model_dir / UNET
+    weights.write_bytes(damage(weights.read_bytes()))
+    message = failure(str(model_dir))
+    assert f"{weights} is damaged" in message and why in message
+
+
+def test_a_fetched_copy_with_a_corrupt_file_of_the_right_size_is_caught(model_dir, tmp_path):
+    from koala_batch.weights import fetch_model
+
+    copy = tmp_path / "fetched"
+    fetch_model(str(model_dir), str(copy))
+    weights = copy / UNET
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff" * 8  # the header's first bytes: the manifest's size still holds
+    weights.write_bytes(bytes(data))
+    message = failure(str(copy))
+    assert f"{weights} is damaged" in message
+
+
 @pytest.mark.parametrize(
     ("typo", "preset"), [("koala-700", "koala-700m"), ("koala_1b", "koala-1b")]
 )

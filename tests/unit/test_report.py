@@ -245,6 +245,25 @@ def test_inspect_writes_both_pictures_and_never_overwrites(tmp_path):
         inspect_output(str(tmp_path / "out"), out)
 
 
+@pytest.mark.parametrize("below", ["", "deeper"])
+def test_inspect_out_that_is_a_file_exits_2_naming_it(tmp_path, capsys, below):
+    from koala_batch import cli
+
+    write_output(tmp_path / "out", PARQUET)
+    in_the_way = tmp_path / "report.txt"
+    in_the_way.write_text("mine")
+    out = in_the_way / below if below else in_the_way
+
+    code = cli.main(["--log-format", "text", "inspect", str(tmp_path / "out"), "--out", str(out)])
+
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"koala-batch: error: --out {out}: a file stands where that folder is needed; give "
+        "--out a new or empty folder"
+    ]
+    assert in_the_way.read_text() == "mine"
+
+
 def test_inspect_refuses_an_output_without_committed_shards(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no committed shard"):

@@ -33,7 +33,7 @@ from koala_batch.weights import (
     is_selected_weight,
     local_copy,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
 
 MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
@@ -167,6 +167,64 @@ def test_cli_fetch_prints_one_summary_line(tiny_dir, tmp_path, capsys):
     files = len(read_manifest(dest).files)
     assert len(out) == 1
     assert f"{files} files" in out[0] and str(dest) in out[0] and f"{files} copied" in out[0]
+
+
+def test_fetch_to_an_existing_file_exits_2_naming_it(tiny_dir, tmp_path, capsys):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("mine")
+
+    code = cli.main(["--log-format", "text", "fetch-model", "tiny", str(in_the_way)])
+
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INVALID
+    assert line.startswith(f"koala-batch: error: destination file://{in_the_way} cannot be")
+    assert "a file stands where a directory is needed: choose another dest" in line
+    assert in_the_way.read_text() == "mine"
+
+
+def test_fetch_of_a_typo_of_a_preset_suggests_it_without_asking_the_hub(
+    tmp_path, capsys, monkeypatch
+):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the Hub's answer would differ
+    code = cli.main(["--log-format", "text", "fetch-model", "koala-700", str(tmp_path / "d")])
+
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INVALID
+    assert "'koala-700' is not a preset" in line and "(did you mean koala-700m?)" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_model_name_fetch_model_prints_passes_preflight(tiny_dir, tmp_path, capsys):
+    from koala_batch.config import ModelSpec
+    from koala_batch.preflight import check_model
+
+    dest = tmp_path / "copy"
+    assert cli.main(["--log-format", "text", "fetch-model", "tiny", str(dest)]) == 0
+    printed = capsys.readouterr().out.split("model.name: ")[1].split()[0]
+    assert printed == f"file://{dest}"
+
+    assert str(dest) in check_model(ModelSpec(name=printed))
+
+
+def test_validate_catches_a_truncated_unet_in_a_fetched_copy(tiny_dir, tmp_path, capsys):
+    dest = tmp_path / "copy"
+    fetch_model("tiny", str(dest))
+    unet = dest / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"input: {{uri: {SAMPLE_PROMPTS}}}\nmodel: {{name: {dest}}}\n"
+        f"output: {{uri: {tmp_path / 'out'}}}\n"
+    )
+
+    code = cli.main(["--log-format", "text", "validate", str(spec)])
+
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INVALID
+    assert f"model {dest} is damaged" in line and "unet/diffusion_pytorch_model" in line
+    assert f"fetch-model tiny {dest}" in line
 
 
 # ---------------------------------------------------------------------------------------
