@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from koala_batch.config import JobSpec
 from koala_batch.errors import OutputConflictError, OutputUnwritableError, RunSupersededError
-from koala_batch.keys import KeySet, key_digest
+from koala_batch.keys import KeySet, key_digest, made_from_bytes
 from koala_batch.layout import (
     JOB_FILE,
     MANIFESTS_DIR,
@@ -59,7 +59,8 @@ from koala_batch.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-JOB_FILE_FORMAT = 1
+# 2: manifests record what each image was made from (`schemas.Col.MADE_FROM`).
+JOB_FILE_FORMAT = 2
 
 
 @dataclass
@@ -210,6 +211,13 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> Ou
             f"output {storage.url(JOB_FILE)} is unreadable ({exc}); choose a new output "
             "prefix or pass --overwrite"
         ) from None
+    if existing.get("format") != JOB_FILE_FORMAT:
+        raise OutputConflictError(
+            f"output {storage.url('')} was made by another koala-batch version (job-file "
+            f"format {existing.get('format')}, this one resumes format {JOB_FILE_FORMAT}), "
+            "whose manifests cannot say what each image was made from; write to a new "
+            "output prefix, or pass --overwrite to regenerate it"
+        )
     if existing.get("fingerprint") != spec.fingerprint():
         theirs = existing.get("determined_by", {})
         ours = spec.fingerprint_fields()
@@ -277,7 +285,7 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
 
     def read(shard: str) -> tuple[str, pa.Table | None, str | None]:
         data = storage.read_bytes(manifest_path(shard))
-        columns = [Col.KEY, Col.STATUS, Col.BYTES, Col.ORDINAL, Col.MEMBER]
+        columns = [Col.KEY, Col.STATUS, Col.BYTES, Col.ORDINAL, Col.MEMBER, Col.MADE_FROM]
         try:
             manifest = pq.read_table(io.BytesIO(data), columns=columns)
         except (pa.ArrowException, KeyError) as exc:
@@ -287,7 +295,7 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
     shards: dict[str, dict[str, Any]] = {}
     damaged: dict[str, str] = {}
     damaged_keys: dict[str, list[str]] = {}
-    digests: list[np.ndarray] = []
+    rows: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}  # keys, digests, made_from
     error_rows: list[tuple[str, str]] = []  # (key, shard): few, unless the job failed
     with ThreadPoolExecutor(max_workers=8) as pool:
         for shard, manifest, damage in pool.map(read, listing.committed):
@@ -297,28 +305,45 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
                     damaged_keys[shard] = manifest.column(Col.KEY).to_pylist()
                 continue
             keys = manifest.column(Col.KEY).to_pylist()
-            digests.append(np.array([key_digest(key) for key in keys], dtype="S16"))
+            made = made_from_bytes(manifest.column(Col.MADE_FROM).to_pylist())
+            digests = np.array([key_digest(key) for key in keys], dtype="S16")
+            rows[shard] = (keys, digests, np.array(made, dtype="S16"))
             errors = pc.not_equal(manifest.column(Col.STATUS), STATUS_OK)
             if pc.any(errors).as_py():
                 failing = manifest.filter(errors).column(Col.KEY).to_pylist()
                 error_rows.extend((key, shard) for key in failing)
             shards[shard] = summary_from_manifest(storage, shard, manifest)
-    everything = np.concatenate(digests) if digests else np.empty(0, "S16")
-    keys = KeySet(everything)
+    everything = [digests for _, digests, _ in rows.values()]
     superseded: dict[str, list[str]] = {}
-    if len(keys) != len(everything):
-        unique, counts = np.unique(everything, return_counts=True)
-        superseded = _superseded_rows(storage, list(shards), digests, unique[counts > 1])
+    if everything:
+        unique, counts = np.unique(np.concatenate(everything), return_counts=True)
+        if (counts > 1).any():
+            superseded = _superseded_rows(storage, list(rows), everything, unique[counts > 1])
     losers = {(key, shard) for shard, lost in superseded.items() for key in lost}
     failed = {key: shard for key, shard in error_rows if (key, shard) not in losers}
     return CommittedState(
         shards=shards,
-        keys=keys,
+        keys=_standing_keys(rows, superseded),
         damaged=damaged,
         damaged_keys=damaged_keys,
         failed=failed,
         superseded=superseded,
     )
+
+
+def _standing_keys(
+    rows: dict[str, tuple[list[str], np.ndarray, np.ndarray]], superseded: dict[str, list[str]]
+) -> KeySet:
+    """The committed keys, each with the `made_from` of the row that stands for it."""
+    digests, made = [], []
+    for shard, (keys, shard_digests, shard_made) in rows.items():
+        lost = set(superseded.get(shard, ()))
+        keep = np.array([key not in lost for key in keys], dtype=bool) if lost else slice(None)
+        digests.append(shard_digests[keep])
+        made.append(shard_made[keep])
+    if not digests:
+        return KeySet(made_from=np.empty(0, "S16"))
+    return KeySet(np.concatenate(digests), np.concatenate(made))
 
 
 def damage_beyond_input(committed: CommittedState, planned: KeySet) -> dict[str, str]:
@@ -440,15 +465,17 @@ def check_owner(storage: Storage, run_id: str | None) -> None:
 
 
 # Manifest metadata of a shard whose manifest a retry rewrote: the rows it retired, as a
-# JSON list of [key, ordinal], so that its name (from all the rows it was written with)
-# can still be checked.
+# JSON list of [key, ordinal, made_from], so that its name (from all the rows it was
+# written with) can still be checked.
 RETIRED_ROWS_METADATA = b"koala_batch.retired_rows"
 
 
-def retired_rows(schema: pa.Schema) -> dict[str, int]:
-    """key -> ordinal of the rows a retry took out of a manifest (empty if none)."""
+def retired_rows(schema: pa.Schema) -> dict[str, tuple[int, str]]:
+    """key -> (ordinal, made_from) of the (error) rows a retry took out of a manifest."""
     value = (schema.metadata or {}).get(RETIRED_ROWS_METADATA)
-    return {key: int(ordinal) for key, ordinal in json.loads(value)} if value else {}
+    if not value:
+        return {}
+    return {key: (int(ordinal), str(made)) for key, ordinal, made in json.loads(value)}
 
 
 def rewrite_without(storage: Storage, shard: str, keys: set[str], run_id: str | None) -> bool:
@@ -475,14 +502,15 @@ def rewrite_without(storage: Storage, shard: str, keys: set[str], run_id: str | 
         return False
     metadata = dict(manifest.schema.metadata or {})
     retired = retired_rows(manifest.schema)
-    retired.update(
-        zip(
-            retiring.column(Col.KEY).to_pylist(),
-            retiring.column(Col.ORDINAL).to_pylist(),
-            strict=True,
-        )
-    )
-    metadata[RETIRED_ROWS_METADATA] = json.dumps(sorted(retired.items())).encode()
+    for key, ordinal, made in zip(
+        retiring.column(Col.KEY).to_pylist(),
+        retiring.column(Col.ORDINAL).to_pylist(),
+        retiring.column(Col.MADE_FROM).to_pylist(),
+        strict=True,
+    ):
+        retired[key] = (ordinal, made)
+    listed = [[key, ordinal, made] for key, (ordinal, made) in sorted(retired.items())]
+    metadata[RETIRED_ROWS_METADATA] = json.dumps(listed).encode()
     stats = recorded_stats(manifest.schema)
     if stats is not None:
         # Counts follow the rows; seconds and moments stay: they were spent all the same.
@@ -540,41 +568,28 @@ def retriable_failures(committed: CommittedState, planned: KeySet | None) -> dic
 
 
 def release_failed(
-    storage: Storage,
-    committed: CommittedState,
-    run_id: str | None,
-    retrying: dict[str, str] | None = None,
+    committed: CommittedState, retrying: dict[str, str] | None = None
 ) -> CommittedState:
     """The committed state a retry of the failed images starts from: their keys are no
     longer committed, so the graph generates them again into new shards.
 
     `retrying` (key -> shard, default: every failed key) limits the retry
-    (`retriable_failures`). Shards holding nothing but retried error rows are uncommitted
-    now (manifest first): their rows are all retried, and a new shard of the same rows
-    would get their very name. The other shards keep their error rows until the retried
-    ones are committed (`rewrite_without`). Expects no superseded rows
+    (`retriable_failures`). Nothing is removed here: every error row stays committed until
+    its key's new row is (a retry cut short leaves the key with two rows, and the next
+    run keeps the newer one: `newest_row`, `settle_retries`). A new shard of the same
+    keys as an old one gets another name (`keys.shard_name` hashes each row's status
+    and what it was made from), so it commits beside it. Expects no superseded rows
     (`retire_superseded_rows` first).
     """
     if committed.superseded:
         raise ValueError("release_failed: retire the superseded rows first")
     if retrying is None:
         retrying = committed.failed
-    retried_per_shard: dict[str, int] = {}
-    for shard in retrying.values():
-        retried_per_shard[shard] = retried_per_shard.get(shard, 0) + 1
-    whole = {
-        shard
-        for shard, summary in committed.shards.items()
-        if summary["ok"] == 0 and retried_per_shard.get(shard, 0) == summary["rows"]
-    }
-    for shard in sorted(whole):
-        check_owner(storage, run_id)
-        uncommit(storage, [shard])
-    failed = np.array([key_digest(key) for key in retrying], dtype="S16")
     return CommittedState(
-        shards={name: s for name, s in committed.shards.items() if name not in whole},
-        keys=KeySet(np.setdiff1d(committed.keys.digests, failed)),
+        shards=dict(committed.shards),
+        keys=committed.keys.difference(KeySet.from_keys(retrying)),
         damaged=dict(committed.damaged),
+        failed={key: shard for key, shard in committed.failed.items() if key not in retrying},
     )
 
 

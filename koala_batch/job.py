@@ -37,7 +37,6 @@ from koala_batch.commit import (
     check_output,
     claim_output,
     commit_timeline,
-    damage_beyond_input,
     load_committed,
     release_failed,
     remove_leftovers,
@@ -55,13 +54,18 @@ from koala_batch.config import (
     reveal_storage_options,
     spec_from_dict,
 )
+from koala_batch.coverage import (
+    changed_failures,
+    check_complete,
+    check_resume,
+    stale_keys,
+)
 from koala_batch.errors import (
     ClusterResourcesError,
     GeneratorStartError,
     InputError,
     Interrupted,
     JobFailedError,
-    OutputConflictError,
     RunSupersededError,
     SpecError,
     UsageError,
@@ -809,68 +813,76 @@ def generate_remaining(
     spec: JobSpec,
     plan: InputPlan,
     committed: CommittedState,
+    planned: KeySet,
     run_id: str | None = None,
     overrides: Overrides | None = None,
-    kept: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the Ray Data graph over what is not committed: the stats of the shards it wrote
-    and the generators' busy summary (with the GPUs each actor reserved).
+    """Run the Ray Data graph over the planned keys that are not committed: the stats of
+    the shards it wrote and the generators' busy summary (with the GPUs each actor
+    reserved).
 
     SIGINT or SIGTERM stops it: the local cluster is shut down and `Interrupted` says how
-    many of the input's images are committed (every committed shard is kept for the
-    rerun); `kept`: committed images of rows no longer in the input (output.accumulate).
+    many of the planned images are committed (every committed shard is kept for the
+    rerun).
     """
     written: list[dict[str, Any]] = []
     with stop_on_signals() as stop:
         try:
-            generators = _run_graph(spec, plan, committed, run_id, overrides, stop, written)
+            generators = _run_graph(
+                spec, plan, committed, planned, run_id, overrides, stop, written
+            )
         except KeyboardInterrupt:
             signum = stop.received or signal.SIGINT
-            planned = plan.planned_images
-            known = {shard: stats["rows"] for shard, stats in committed.shards.items()}
-            known.update((shard["shard"], shard["rows"]) for shard in written)
             with stop.held():
-                images = count_committed(spec, overrides, known)
+                now = committed_keys_now(spec, overrides, committed, written)
             at_least = ""
-            if images is None:
-                at_least, images = "at least ", sum(known.values())
-            images -= kept
+            if now is None:
+                at_least, now = "at least ", committed.keys.union(keys_written(written))
+            done = now.overlap(planned)
+            before = committed.keys.overlap(planned)
             raise Interrupted(
                 signum,
-                f"stopped by {signal.Signals(signum).name}: {at_least}{images} of {planned} "
-                f"images are committed ({at_least}{images - len(committed.keys) + kept} this "
-                "run); "
+                f"stopped by {signal.Signals(signum).name}: {at_least}{done} of {len(planned)} "
+                f"images are committed ({at_least}{done - before} this run); "
                 "rerun the same command to resume",
             ) from None
     return written, generators
 
 
-def count_committed(
-    spec: JobSpec, overrides: Overrides | None, known: dict[str, int]
-) -> int | None:
-    """Images committed under the output now: `known` gives the rows of some shards, the
-    manifests of the others are read (writers may commit after the driver stopped listening).
-    None if the output cannot be read."""
+def keys_written(written: list[dict[str, Any]]) -> KeySet:
+    """The keys of the shards this run committed (their summaries carry them)."""
+    return KeySet.from_keys([key for shard in written for key in shard["keys"] or ()])
+
+
+def committed_keys_now(
+    spec: JobSpec,
+    overrides: Overrides | None,
+    committed: CommittedState,
+    written: list[dict[str, Any]],
+) -> KeySet | None:
+    """The keys committed under the output now: those the run started with, those of the
+    shards it saw committed, and those of shards committed since (writers may commit after
+    the driver stopped listening), read from their manifests. None if the output cannot
+    be read."""
     overrides = overrides or Overrides()
+    known = set(committed.shards) | {shard["shard"] for shard in written}
     try:
         storage = Storage(
             spec.output.uri,
             reveal_storage_options(spec.output.storage_options),
             overrides.output_filesystem,
         )
-        images = 0
+        late: list[str] = []
         for name in storage.list_files(MANIFESTS_DIR):
             kind, shard = classify(f"{MANIFESTS_DIR}/{name}")
-            if kind is not FileKind.MANIFEST or shard is None:
+            if kind is not FileKind.MANIFEST or shard is None or shard in known:
                 continue
-            if shard not in known:
-                metadata = pq.read_metadata(io.BytesIO(storage.read_bytes(manifest_path(shard))))
-                known[shard] = metadata.num_rows
-            images += known[shard]
-        return images
+            data = io.BytesIO(storage.read_bytes(manifest_path(shard)))
+            late.extend(pq.read_table(data, columns=[Col.KEY]).column(Col.KEY).to_pylist())
     except Exception as exc:  # noqa: BLE001 - the count only words the message
-        logger.debug("cannot count the committed images: %s", describe_failure(exc))
+        logger.debug("cannot read the committed keys: %s", describe_failure(exc))
         return None
+    return committed.keys.union(keys_written(written)).union(KeySet.from_keys(late))
 
 
 # Ray's core worker says this, once per process, for every Ray Data actor pool: Ray Data
@@ -905,6 +917,7 @@ def _run_graph(
     spec: JobSpec,
     plan: InputPlan,
     committed: CommittedState,
+    planned: KeySet,
     run_id: str | None,
     overrides: Overrides | None,
     stop: SignalStop,
@@ -930,8 +943,8 @@ def _run_graph(
         dataset = build_dataset(
             spec, plan, committed.keys, run_id=run_id, overrides=overrides, stats=stats
         )
-        remaining = plan.planned_images - len(committed.keys)
-        progress = JobProgress(logger, plan.planned_images, len(committed.keys))
+        remaining = len(planned.difference(committed.keys))
+        progress = JobProgress(logger, len(planned), committed.keys.overlap(planned))
         poller = poll_progress(progress, stats)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
@@ -951,7 +964,7 @@ def _run_graph(
                         "images": shard["rows"],
                         "errors": shard["errors"],
                         "done": done,
-                        "total": plan.planned_images,
+                        "total": len(planned),
                     },
                 )
                 progress.report()
@@ -993,18 +1006,6 @@ def _run_graph(
     return generators
 
 
-def stale_rows_error(storage: Storage, committed: int, planned: int) -> OutputConflictError:
-    """The refusal of an output holding images of rows that this input no longer has."""
-    return OutputConflictError(
-        f"output {storage.url('')} holds {committed} committed images but this input plans "
-        f"{planned}: {committed - planned} belong to rows no longer in the input (rows removed "
-        "or ids changed since the output was made); the output is left as it is. To keep "
-        "them and add this input's images (one output over a sliding window of inputs), set "
-        "output.accumulate: true; else write to a new output prefix, or pass --overwrite to "
-        "regenerate it for this input"
-    )
-
-
 def settle_retries(
     storage: Storage, committed: CommittedState, run_id: str | None
 ) -> CommittedState:
@@ -1031,12 +1032,14 @@ def run(
 ) -> dict[str, Any]:
     """Run a job to completion and return its record (also written as OUTPUT/_SUCCESS).
 
-    Resumes an earlier run of the same spec on the same output: only images not yet
-    committed are generated. `retry_failed` also generates again the images committed as
-    error rows, and replaces those rows with the new ones. With `output.accumulate`, the
-    images earlier runs committed for rows no longer in the input are kept (the record's
-    `images_kept`). `overrides` replaces the filesystems or the generator (tests,
-    benchmarks). Another live run on the same output: `OutputBusyError`, nothing written.
+    Resumes an earlier run of the same spec on the same output: only planned images whose
+    keys are not committed are generated. An output holding images this input does not
+    plan, or images of rows changed since under the same id, is refused before anything
+    is written (`coverage.check_resume`); with `output.accumulate`, the images of rows no
+    longer in the input are kept instead (the record's `images_kept`). `retry_failed` also
+    generates again the images committed as error rows, and replaces those rows with the
+    new ones. `overrides` replaces the filesystems or the generator (tests, benchmarks).
+    Another live run on the same output: `OutputBusyError`, nothing written.
     """
     spec = coerce_spec(spec)
     overrides = overrides or Overrides()
@@ -1050,13 +1053,10 @@ def run(
         spec.output.uri,
         images_per_prompt=spec.generation.images_per_prompt,
     )
+    planned = planned_keys(spec, plan, overrides.input_filesystem)
     logger.info(
-        "input: %d files, %d rows, %d images planned",
-        len(plan.files),
-        plan.num_rows,
-        plan.planned_images,
+        "input: %d files, %d rows, %d images planned", len(plan.files), plan.num_rows, len(planned)
     )
-
     logger.info("model: %s, from %s", spec.model.name, check_model(spec.model))
 
     storage = Storage(
@@ -1065,177 +1065,184 @@ def run(
         overrides.output_filesystem,
     )
     # Read-only, so that an output this job must not touch is refused before the lease
-    # writes anything there; `claim_output` checks again under the lease. A missing bucket
-    # or a file in the way fails here too, naming the output, rather than at the lease.
-    check_output(storage, spec, spec.output.overwrite)
+    # writes anything there; both checks run again under the lease. A missing bucket or a
+    # file in the way fails here too, naming the output, rather than at the lease.
+    state = check_output(storage, spec, spec.output.overwrite)
+    if state.action == "resume":
+        committed = load_committed(storage, state.listing)
+        check_resume(storage, spec, plan, committed, planned, overrides.input_filesystem)
     storage.check_writable(JOB_FILE)
     run_id = uuid.uuid4().hex
+    output = OutputRun(spec, plan, planned, storage, run_id, overrides)
     with OutputLease(storage, run_id, spec.output.heartbeat_s):
-        return _run_on_output(
-            spec, plan, storage, run_id, overrides, retry_failed, started, started_at
+        return output.run(retry_failed, started, started_at)
+
+
+@dataclass
+class Resumed:
+    """Where a run on an output starts: what is committed (without the keys it retries),
+    the failed keys it retries (key -> shard), and whether an earlier run's output is
+    resumed at all."""
+
+    committed: CommittedState
+    retrying: dict[str, str]
+    resumed: bool
+
+
+@dataclass
+class OutputRun:
+    """`run` once the input is planned and the output checked: its steps on the output,
+    taken under the output's lease (`run`)."""
+
+    spec: JobSpec
+    plan: InputPlan
+    planned: KeySet
+    storage: Storage
+    run_id: str
+    overrides: Overrides
+
+    def run(self, retry_failed: bool, started: float, started_at: str) -> dict[str, Any]:
+        """Claim, resume, generate what is missing, check, record."""
+        start = self.resume(retry_failed)
+        written: list[dict[str, Any]] = []
+        generators: dict[str, Any] = {}
+        if len(self.planned.difference(start.committed.keys)):
+            written, generators = generate_remaining(
+                self.spec, self.plan, start.committed, self.planned, self.run_id, self.overrides
+            )
+        final = self.settle(start.committed, written)
+        check_complete(
+            self.storage, self.spec, self.plan, final, self.planned, self.overrides.input_filesystem
         )
+        retried_ok = self.report_retries(start.retrying, final)
+        record = build_job_record(
+            self.spec,
+            started_at=started_at,
+            finished_at=datetime.now(UTC).isoformat(),
+            wall_time_s=time.time() - started,
+            resumed=start.resumed,
+            input_files=len(self.plan.files),
+            input_rows=self.plan.num_rows,
+            planned_images=len(self.planned),
+            shards=final.shards,
+            written_this_run=sum(shard["rows"] for shard in written),
+            timeline=commit_timeline(started, written),
+            generators=generators,
+            retried=len(start.retrying),
+            retried_ok=retried_ok,
+            kept=len(stale_keys(final, self.planned)),
+        )
+        cost = run_cost(
+            # A run with nothing left to generate started no actors: no GPU-hours.
+            generators.get("per_actor") if generators else [],
+            generators.get("gpus_per_actor"),
+            images=sum(shard["ok"] for shard in written),
+            gpu_hour_cost=self.spec.compute.gpu_hour_cost,
+        )
+        # Before the long shard list, where a reader of `_SUCCESS` finds the run's figures.
+        shard_list = record.pop("shards")
+        record.update(cost=cost, shards=shard_list)
+        self.check_failures(record["counts"])
+        write_card(self.storage, record, self.spec)
+        write_success(self.storage, record)
+        return record
 
-
-def refuse_damage_beyond_input(
-    storage: Storage, committed: CommittedState, planned: KeySet
-) -> None:
-    """Stop, touching nothing, where damaged shards hold images this input cannot make
-    again: uncommitting them would lose those images for good."""
-    beyond = damage_beyond_input(committed, planned)
-    if not beyond:
-        return
-    shards = "; ".join(
-        f"{storage.url(manifest_path(shard))}: {why}" for shard, why in beyond.items()
-    )
-    raise OutputConflictError(
-        f"output {storage.url('')}: {len(beyond)} committed shard(s) are damaged and hold "
-        f"images of rows this input no longer has (output.accumulate), which no run can make "
-        f"again: {shards}. Restore the shards' files, or rerun with an input that holds those "
-        "rows; to give the images up, delete the shards' manifests"
-    )
-
-
-def _run_on_output(
-    spec: JobSpec,
-    plan: InputPlan,
-    storage: Storage,
-    run_id: str,
-    overrides: Overrides,
-    retry_failed: bool,
-    started: float,
-    started_at: str,
-) -> dict[str, Any]:
-    """`run` once it holds the output's lease: claim, resume, generate, record."""
-    planned_images = plan.planned_images
-    resumed = claim_output(storage, spec, overwrite=spec.output.overwrite, run_id=run_id)
-    committed = CommittedState()
-    retrying: dict[str, str] = {}
-    # The committed images of rows this input no longer has (output.accumulate only).
-    kept = 0
-    if resumed:
+    def resume(self, retry_failed: bool) -> Resumed:
+        """Claim the output; on an earlier run's output, check it against the input again
+        (under the lease now), finish a retry cut short, take damaged shards and leftovers
+        out, and release the failed keys a retry generates again."""
+        storage, spec, planned = self.storage, self.spec, self.planned
+        resumed = claim_output(storage, spec, overwrite=spec.output.overwrite, run_id=self.run_id)
+        if not resumed:
+            return Resumed(CommittedState(), {}, False)
         # One listing serves both: a large output on object storage lists slowly.
         listing = list_output(storage)
         committed = load_committed(storage, listing)
-        planned: KeySet | None = None
-        if spec.output.accumulate:
-            planned = planned_keys(spec, plan, overrides.input_filesystem)
-            covered = committed.keys.overlap(planned)
-            refuse_damage_beyond_input(storage, committed, planned)
-        else:
-            if committed.images > planned_images:
-                raise stale_rows_error(storage, committed.images, planned_images)
-            covered = len(committed.keys)
-        if planned_images > covered or committed.superseded or (retry_failed and committed.failed):
+        check_resume(storage, spec, self.plan, committed, planned, self.overrides.input_filesystem)
+        if (
+            len(planned.difference(committed.keys))
+            or committed.superseded
+            or (retry_failed and committed.failed)
+        ):
             # The output is about to change: it is no longer what `_SUCCESS` and the
             # card describe (both are written again when the run succeeds).
             storage.remove(SUCCESS_FILE)
             storage.remove(CARD_FILE)
         # A retry cut short is finished before anything else.
-        committed = settle_retries(storage, committed, run_id)
-        if committed.damaged:
-            uncommit(storage, sorted(committed.damaged))
-            logger.warning(
-                "%d committed shard(s) were damaged and are generated again: %s",
-                len(committed.damaged),
-                "; ".join(
-                    f"{storage.url(manifest_path(shard))}: {why}"
-                    for shard, why in sorted(committed.damaged.items())
-                ),
-            )
+        committed = settle_retries(storage, committed, self.run_id)
+        self.uncommit_damaged(committed)
         removed = remove_leftovers(storage, listing)
         logger.info(
-            "resuming: %d images in %d shards already committed; %d leftovers removed",
-            committed.images,
+            "resuming: %d of the %d planned images already committed in %d shards; %d "
+            "leftovers removed",
+            committed.keys.overlap(planned),
+            len(planned),
             len(committed.shards),
             len(removed),
         )
-        if planned is not None:
-            kept = len(committed.keys) - committed.keys.overlap(planned)
+        if spec.output.accumulate:
             logger.info(
                 "accumulating: %d committed images of rows no longer in the input are kept",
-                kept,
+                len(stale_keys(committed, planned)),
             )
-        if retry_failed:
-            retrying = retriable_failures(committed, planned)
-            committed = release_failed(storage, committed, run_id, retrying)
-    if retry_failed:
+        if not retry_failed:
+            changed = changed_failures(committed, planned)
+            if changed:
+                logger.info(
+                    "%d failed image(s) have changed input rows since they failed; "
+                    "`run --retry-failed` generates them again from the new rows",
+                    changed,
+                )
+            return Resumed(committed, {}, True)
+        retrying = retriable_failures(committed, planned)
         logger.info("retrying %d failed image(s) recorded as error rows", len(retrying))
+        return Resumed(release_failed(committed, retrying), retrying, True)
 
-    written: list[dict[str, Any]] = []
-    generators: dict[str, Any] = {}
-    if planned_images > len(committed.keys) - kept:
-        written, generators = generate_remaining(
-            spec, plan, committed, run_id, overrides, kept=kept
-        )
-    shards = {**committed.shards, **{shard["shard"]: shard for shard in written}}
-    retired = retire_late_duplicates(storage, set(shards))
-    if retired:
+    def uncommit_damaged(self, committed: CommittedState) -> None:
+        """Take the damaged shards out: their rows are generated again."""
+        if not committed.damaged:
+            return
+        uncommit(self.storage, sorted(committed.damaged))
         logger.warning(
-            "retired %d shard(s) committed late by a killed earlier run and "
-            "regenerated by this one: %s",
-            len(retired),
-            ", ".join(retired),
-        )
-    retried_ok = 0
-    if retrying:
-        # The retried keys' new rows are committed: their error rows go.
-        settled = settle_retries(storage, load_committed(storage), run_id)
-        # (The record leaves out the run's timing, which only `written` carries.)
-        shards = settled.shards
-        again = [key for key in retrying if key in settled.failed]
-        present = settled.keys.contains_many(list(retrying))
-        retried_ok = int(present.sum()) - len(again)
-        logger.info(
-            "retried %d failed image(s): %d now ok, %d failed again",
-            len(retrying),
-            retried_ok,
-            len(again),
+            "%d committed shard(s) were damaged and are generated again: %s",
+            len(committed.damaged),
+            "; ".join(
+                f"{self.storage.url(manifest_path(shard))}: {why}"
+                for shard, why in sorted(committed.damaged.items())
+            ),
         )
 
-    record = build_job_record(
-        spec,
-        started_at=started_at,
-        finished_at=datetime.now(UTC).isoformat(),
-        wall_time_s=time.time() - started,
-        resumed=resumed,
-        input_files=len(plan.files),
-        input_rows=plan.num_rows,
-        planned_images=plan.planned_images,
-        shards=shards,
-        written_this_run=sum(shard["rows"] for shard in written),
-        timeline=commit_timeline(started, written),
-        generators=generators,
-        retried=len(retrying),
-        retried_ok=retried_ok,
-        kept=kept,
-    )
-    cost = run_cost(
-        # A run with nothing left to generate started no actors: no GPU-hours.
-        generators.get("per_actor") if generators else [],
-        generators.get("gpus_per_actor"),
-        images=sum(shard["ok"] for shard in written),
-        gpu_hour_cost=spec.compute.gpu_hour_cost,
-    )
-    # Before the long shard list, where a reader of `_SUCCESS` finds the run's figures.
-    shard_list = record.pop("shards")
-    record.update(cost=cost, shards=shard_list)
-    counts = record["counts"]
-    of_input = counts["images_committed"] - kept
-    if of_input > planned_images:
-        raise stale_rows_error(storage, of_input, planned_images)
-    if of_input != planned_images:
-        raise JobFailedError(
-            f"{of_input} images of this input are committed but {planned_images} were "
-            "planned; rerun the job to resume, then run `koala-batch verify`"
+    def settle(self, committed: CommittedState, written: list[dict[str, Any]]) -> CommittedState:
+        """The output after the graph: late duplicates of a killed earlier run retired,
+        every error row that a retry replaced taken out, read back from the manifests."""
+        shards = set(committed.shards) | {shard["shard"] for shard in written}
+        retired = retire_late_duplicates(self.storage, shards)
+        if retired:
+            logger.warning(
+                "retired %d shard(s) committed late by a killed earlier run and "
+                "regenerated by this one: %s",
+                len(retired),
+                ", ".join(retired),
+            )
+        return settle_retries(self.storage, load_committed(self.storage), self.run_id)
+
+    def report_retries(self, retrying: dict[str, str], final: CommittedState) -> int:
+        """Log how the retried keys came out; how many are ok now."""
+        if not retrying:
+            return 0
+        again = [key for key in retrying if key in final.failed]
+        ok = int(final.keys.contains_many(list(retrying)).sum()) - len(again)
+        logger.info(
+            "retried %d failed image(s): %d now ok, %d failed again", len(retrying), ok, len(again)
         )
-    failed = counts["images_failed"]
-    total = counts["images_committed"]
-    if total and failed / total > spec.output.max_failed_fraction:
-        raise JobFailedError(
-            f"{failed} of {total} images failed ({failed / total:.1%}), more "
-            f"than output.max_failed_fraction={spec.output.max_failed_fraction}; see the "
-            f"manifests' error column under {storage.url(MANIFESTS_DIR)}"
-        )
-    write_card(storage, record, spec)
-    write_success(storage, record)
-    return record
+        return ok
+
+    def check_failures(self, counts: dict[str, Any]) -> None:
+        """Fail a run whose failed images exceed output.max_failed_fraction."""
+        failed, total = counts["images_failed"], counts["images_committed"]
+        if total and failed / total > self.spec.output.max_failed_fraction:
+            raise JobFailedError(
+                f"{failed} of {total} images failed ({failed / total:.1%}), more "
+                f"than output.max_failed_fraction={self.spec.output.max_failed_fraction}; see "
+                f"the manifests' error column under {self.storage.url(MANIFESTS_DIR)}"
+            )

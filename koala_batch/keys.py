@@ -7,6 +7,7 @@ so every run of a spec names and seeds every image the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
@@ -50,14 +51,43 @@ def image_seed(row_seed: int | None, job_seed: int, row_id: str, image_index: in
 SHARD_NAME_PATTERN = r"\d{12}-[0-9a-f]{8}"
 
 
-def shard_name(first_ordinal: int, keys: list[str]) -> str:
-    """Name of a shard: its smallest work ordinal (ordering) and a hash of its keys.
+def shard_name(first_ordinal: int, rows: list[tuple[str, str, str]]) -> str:
+    """Name of a shard: its smallest work ordinal (ordering) and a hash of its rows, each
+    (key, status, made_from).
 
     Disjoint shards never share a smallest ordinal, and a retried write of the same rows
-    gets the same name, so writes are idempotent.
+    gets the same name, so writes are idempotent. A retry of failed images that makes
+    the same keys again with another outcome (or from a changed input row) gets another
+    name, so it commits beside the error rows it replaces instead of being taken for them.
     """
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
+    lines = sorted("\x00".join(row) for row in rows)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
     return f"{first_ordinal:012d}-{digest}"
+
+
+def made_from_digest(
+    prompt: str | None,
+    negative_prompt: str | None,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    width: int,
+    height: int,
+) -> str:
+    """Hex digest of what one image is generated from: the row's values that reach the
+    pipeline call. A key names an id and an image index; this says whether the row under
+    that id still asks for the image that was committed. (The spec's settings are the
+    job fingerprint's.)"""
+    material = json.dumps(
+        [prompt, negative_prompt, seed, steps, float(guidance_scale), width, height],
+        ensure_ascii=False,
+    )
+    return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def made_from_bytes(digests) -> list[bytes]:
+    """`made_from_digest` values (hex) as the 16 bytes a KeySet keeps."""
+    return [bytes.fromhex(digest) for digest in digests]
 
 
 def key_digest(key: str) -> bytes:
@@ -66,18 +96,26 @@ def key_digest(key: str) -> bytes:
 
 
 class KeySet:
-    """A set of keys as a sorted array of 16-byte digests.
+    """A set of keys as a sorted array of 16-byte digests, each key optionally with the
+    16-byte digest of what its image is made from (`made_from`, aligned).
 
     Resume ships the committed keys to every read task; ten million keys are 160 MB here
     (shared zero-copy by Ray's object store) instead of a Python set several times larger.
     """
 
-    def __init__(self, digests: np.ndarray | None = None):
-        self.digests = np.unique(digests) if digests is not None else np.empty(0, "S16")
+    def __init__(self, digests: np.ndarray | None = None, made_from: np.ndarray | None = None):
+        if digests is None:
+            digests = np.empty(0, "S16")
+        self.digests, first = np.unique(digests, return_index=True)
+        self.made_from = made_from[first] if made_from is not None else None
 
     @classmethod
-    def from_keys(cls, keys) -> KeySet:
-        return cls(np.array([key_digest(key) for key in keys], dtype="S16"))
+    def from_keys(cls, keys, made_from=None) -> KeySet:
+        """From key strings (and, aligned, their `made_from` hex digests)."""
+        digests = np.array([key_digest(key) for key in keys], dtype="S16")
+        if made_from is None:
+            return cls(digests)
+        return cls(digests, np.array(made_from_bytes(made_from), dtype="S16"))
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -85,15 +123,37 @@ class KeySet:
     def __contains__(self, key: str) -> bool:
         return bool(self.contains_many([key])[0])
 
+    def _positions(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each wanted digest would sit, and whether it is there."""
+        if not len(self.digests) or not len(wanted):
+            return np.zeros(len(wanted), dtype=np.int64), np.zeros(len(wanted), dtype=bool)
+        positions = np.searchsorted(self.digests, wanted)
+        clipped = np.minimum(positions, len(self.digests) - 1)
+        return clipped, (positions < len(self.digests)) & (self.digests[clipped] == wanted)
+
     def contains_many(self, keys: list[str]) -> np.ndarray:
         """A boolean per key: whether it is in the set."""
-        if not len(self.digests) or not keys:
-            return np.zeros(len(keys), dtype=bool)
-        wanted = np.array([key_digest(key) for key in keys], dtype="S16")
-        positions = np.searchsorted(self.digests, wanted)
-        found = self.digests[np.minimum(positions, len(self.digests) - 1)]
-        return (positions < len(self.digests)) & (found == wanted)
+        return self._positions(np.array([key_digest(key) for key in keys], dtype="S16"))[1]
 
     def overlap(self, other: KeySet) -> int:
         """How many keys the two sets share."""
         return len(np.intersect1d(self.digests, other.digests, assume_unique=True))
+
+    def difference(self, other: KeySet) -> KeySet:
+        """The keys of this set that `other` lacks (with their `made_from`)."""
+        keep = ~other._positions(self.digests)[1]
+        made = self.made_from[keep] if self.made_from is not None else None
+        return KeySet(self.digests[keep], made)
+
+    def union(self, other: KeySet) -> KeySet:
+        """The keys of either set (`made_from` dropped)."""
+        return KeySet(np.concatenate([self.digests, other.digests]))
+
+    def changed(self, other: KeySet) -> KeySet:
+        """The keys of both sets whose `made_from` differs between them (this set's
+        `made_from` kept); none unless both sets carry it."""
+        if self.made_from is None or other.made_from is None:
+            return KeySet()
+        positions, present = other._positions(self.digests)
+        differs = present & (other.made_from[positions] != self.made_from)
+        return KeySet(self.digests[differs], self.made_from[differs])

@@ -53,6 +53,8 @@ class Col:
     GUIDANCE_SCALE = "guidance_scale"
     WIDTH = "width"
     HEIGHT = "height"
+    # digest of what the image is generated from (`keys.made_from_digest`)
+    MADE_FROM = "made_from"
     # write: constant per job, and where the image went
     MODEL = "model"
     IMAGE_FORMAT = "image_format"
@@ -77,6 +79,7 @@ WORK_FIELDS = (
     pa.field(Col.GUIDANCE_SCALE, pa.float64()),
     pa.field(Col.WIDTH, pa.int32()),
     pa.field(Col.HEIGHT, pa.int32()),
+    pa.field(Col.MADE_FROM, pa.string()),
     pa.field(Col.SOURCE, pa.string()),
     pa.field(Col.ROW_INDEX, pa.int64()),
     pa.field(Col.STATUS, pa.string()),
@@ -125,6 +128,9 @@ MANIFEST_FIELDS = (
     pa.field(Col.SOURCE, pa.string(), nullable=False),
     pa.field(Col.ROW_INDEX, pa.int64(), nullable=False),
     pa.field(Col.ORDINAL, pa.int64(), nullable=False),
+    # What the row asked for, as a digest: a resume tells a committed image of a row
+    # since changed under the same id from one still wanted.
+    pa.field(Col.MADE_FROM, pa.string(), nullable=False),
     # When the image left the pipeline (error rows: when they were seen), as readers
     # expect a moment: microseconds, UTC (GENERATED_FIELDS carry it as unix seconds).
     pa.field(Col.GENERATED_AT, pa.timestamp("us", tz="UTC")),
@@ -181,6 +187,8 @@ SUMMARY_SCHEMA = pa.schema(
         # this run's timing (null for shards committed by an earlier run): unix seconds
         pa.field("committed_at", pa.float64()),
         pa.field("generated_at", pa.list_(pa.float64())),
+        # the shard's keys, which the driver of the run that wrote it counts by
+        pa.field("keys", pa.list_(pa.string())),
         # the shard's stats (`layout.recorded_stats`; null for manifests written before)
         pa.field("failures", pa.map_(pa.string(), pa.int64())),  # reason -> error rows
         pa.field("generate_s", pa.float64()),
@@ -189,8 +197,9 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("last_generated_at", pa.float64()),
     ]
 )
-# Summary fields that describe one run, not the shard: left out of the job record.
-RUN_TIMING_FIELDS = ("committed_at", "generated_at")
+# Summary fields for the run that wrote the shard, not about the shard: left out of the
+# job record.
+RUN_TIMING_FIELDS = ("committed_at", "generated_at", "keys")
 
 # Every name koala-batch adds on the way to the manifest: a passthrough column may not
 # reuse one (it would overwrite it or be overwritten).
@@ -224,3 +233,15 @@ def require_columns(table: pa.Table, columns: Iterable[str], stage: str) -> None
             f"{stage} stage: input table lacks column(s) {', '.join(missing)} "
             f"(it has {', '.join(table.column_names) or 'none'})"
         )
+
+
+def name_rows(table: pa.Table) -> list[tuple[str, str, str]]:
+    """(key, status, made_from) of each row: what a shard's name hashes (`keys.shard_name`)."""
+    return list(
+        zip(
+            table.column(Col.KEY).to_pylist(),
+            table.column(Col.STATUS).to_pylist(),
+            table.column(Col.MADE_FROM).to_pylist(),
+            strict=True,
+        )
+    )

@@ -27,7 +27,16 @@ from koala_batch.config import (
     STEPS_RULE,
     JobSpec,
 )
-from koala_batch.keys import SEED_MODULUS, KeySet, derived_row_id, image_seed, sample_key
+from koala_batch.keys import (
+    SEED_MODULUS,
+    KeySet,
+    derived_row_id,
+    image_seed,
+    key_digest,
+    made_from_bytes,
+    made_from_digest,
+    sample_key,
+)
 from koala_batch.read import InputPlan, ReadRowGroups, bounded_map, images_of_row, text_values
 from koala_batch.schemas import (
     BUCKET_COLUMNS,
@@ -205,6 +214,19 @@ def _passthrough_column(
     return pa.chunked_array([pa.array(decoded, value_type).cast(values.type)])
 
 
+def made_from_of(prompt: Any, negative: Any, seed: int, settings: dict[str, Any]) -> str:
+    """`keys.made_from_digest` of one work row (`settings`: its generation parameters)."""
+    return made_from_digest(
+        prompt if isinstance(prompt, str) else None,
+        negative if isinstance(negative, str) else None,
+        seed,
+        settings[Col.STEPS],
+        settings[Col.GUIDANCE_SCALE],
+        settings[Col.WIDTH],
+        settings[Col.HEIGHT],
+    )
+
+
 class ExpandImages:
     """Validate stage: input rows in, one work row per (row, image index) out.
 
@@ -302,10 +324,12 @@ class ExpandImages:
             negative = negatives[row] if negatives[row] is not None else self.default_negative
             for image_index in range(images):
                 take.append(row)
+                seed = image_seed(row_seed, self.job_seed, row_id, image_index)
                 out[Col.ID].append(row_id)
                 out[Col.IMAGE_INDEX].append(image_index)
                 out[Col.KEY].append(sample_key(row_id, image_index))
-                out[Col.SEED].append(image_seed(row_seed, self.job_seed, row_id, image_index))
+                out[Col.SEED].append(seed)
+                out[Col.MADE_FROM].append(made_from_of(prompts[row], negative, seed, settings))
                 out[Col.ORDINAL].append(row_ordinals[row] * stride + image_index)
                 out[Col.PROMPT].append(prompts[row])
                 out[Col.NEGATIVE_PROMPT].append(negative)
@@ -363,9 +387,26 @@ def planned_images(
 def planned_keys(
     spec: JobSpec, plan: InputPlan, input_filesystem: Any | None = None, workers: int = 8
 ) -> KeySet:
-    """The keys of every image the input plans."""
-    digests = [
-        KeySet.from_keys(table.column(Col.KEY).to_pylist()).digests
-        for table in planned_images(spec, plan, [Col.KEY], input_filesystem, workers)
-    ]
-    return KeySet(np.concatenate(digests) if digests else None)
+    """The keys of every image the input plans, each with what it is made from."""
+    keys: list[np.ndarray] = []
+    made: list[np.ndarray] = []
+    columns = [Col.KEY, Col.MADE_FROM]
+    for table in planned_images(spec, plan, columns, input_filesystem, workers):
+        keys.append(np.array([key_digest(k) for k in table.column(Col.KEY).to_pylist()], "S16"))
+        made.append(np.array(made_from_bytes(table.column(Col.MADE_FROM).to_pylist()), "S16"))
+    if not keys:
+        return KeySet()
+    return KeySet(np.concatenate(keys), np.concatenate(made))
+
+
+def find_planned(
+    spec: JobSpec, plan: InputPlan, wanted: KeySet, input_filesystem: Any | None = None
+) -> dict[str, Any] | None:
+    """The first planned image whose key is in `wanted` (its id, image index, file and
+    row), to name an example in a message; None if the input plans none of them."""
+    columns = [Col.KEY, Col.ID, Col.IMAGE_INDEX, Col.SOURCE, Col.ROW_INDEX]
+    for table in planned_images(spec, plan, columns, input_filesystem):
+        hits = wanted.contains_many(table.column(Col.KEY).to_pylist())
+        if hits.any():
+            return table.filter(pa.array(hits)).slice(0, 1).to_pylist()[0]
+    return None

@@ -25,7 +25,9 @@ and the shard's data in its format: `shards/{shard}.tar`, `shards/{shard}.parque
   other.
 
 Uncommitted files (data without a manifest, half-written `*.partial` files) are listed as
-leftovers: readers ignore them and a resumed run deletes them, so they fail nothing.
+leftovers: readers ignore them and a resumed run deletes them, so they fail nothing. A
+file koala-batch did not write (`layout.classify`: foreign) is a problem: `run` refuses
+an output holding one.
 
 Shards are checked in a thread pool, each streamed through its own worker, so memory is
 a few shards' manifests and one image per worker, plus the set of keys.
@@ -104,6 +106,7 @@ _ROW_COLUMNS = [
     Col.STATUS,
     Col.ERROR,
     Col.ORDINAL,
+    Col.MADE_FROM,
     Col.WIDTH,
     Col.HEIGHT,
     *SPEC_CONSTANT_COLUMNS,
@@ -122,6 +125,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     missing_inputs: int = 0
+    # with a spec: ok images whose input row changed since (prompt, seed, parameters)
+    changed_inputs: int = 0
     problems_total: int = 0
     rows_ok: int = 0
     rows_failed: int = 0  # error rows (status != ok): recorded failures, not problems
@@ -146,7 +151,8 @@ class VerifyReport:
         )
         if self.expected_images is not None:
             lines.append(
-                f"  input: {self.expected_images} image(s) planned, {self.missing_inputs} missing"
+                f"  input: {self.expected_images} image(s) planned, {self.missing_inputs} missing, "
+                f"{self.changed_inputs} of changed rows"
                 + (
                     f"; {self.kept_images} image(s) of earlier inputs kept (output.accumulate)"
                     if self.kept_images is not None
@@ -209,7 +215,10 @@ class _ShardResult:
     # (key, id, image_index, derived key when it differs from key else None), per row
     identities: list[tuple[str | None, Any, Any, str | None]] = field(default_factory=list)
     error_keys: set[str] = field(default_factory=set)
-    retired: dict[str, int] = field(default_factory=dict)  # rows a retry took out: key -> ordinal
+    # key -> made_from of each ok row: with a spec, checked against what the input asks
+    made_from: dict[str, str] = field(default_factory=dict)
+    # rows a retry took out: key -> (ordinal, made_from)
+    retired: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -281,6 +290,8 @@ def _check_rows(
             statuses[key] = status
         if status == STATUS_OK:
             result.rows_ok += 1
+            if key is not None:
+                result.made_from[key] = row[Col.MADE_FROM]
             image_format = row[Col.IMAGE_FORMAT]
             if image_format not in EXTENSIONS:
                 problems.add(
@@ -559,8 +570,8 @@ def _scan_folder(
             continue
         decoded += _check_image(name, path, storage.read_bytes(path), row, problems)
     for member in sorted(present - set(images) - {FOLDER_METADATA}):
-        # Half-written files are leftovers and a user's own foreign files: both listed
-        # with the leftovers, neither the shard's.
+        # Half-written files are leftovers and a user's own files foreign: both reported
+        # from the listing, neither the shard's.
         if classify(folder_file_path(name, member))[0] is FileKind.FOLDER_FILE:
             problems.add(_unlisted(name, member, f"{folder}/", statuses))
     metadata_path = folder_file_path(name, FOLDER_METADATA)
@@ -622,10 +633,13 @@ def _check_shard(
     result.retired = retired_rows(manifest.schema)
     del manifest, data
     if rows:
-        keys = [row[Col.KEY] for row in rows] + list(result.retired)
-        ordinals = [row[Col.ORDINAL] for row in rows] + list(result.retired.values())
-        if None not in keys and None not in ordinals:
-            expected_name = shard_name(min(ordinals), keys)
+        named = [(row[Col.KEY], row[Col.STATUS], row[Col.MADE_FROM]) for row in rows]
+        # A retry retires error rows only.
+        named += [(key, STATUS_ERROR, made) for key, (_, made) in result.retired.items()]
+        ordinals = [row[Col.ORDINAL] for row in rows]
+        ordinals += [ordinal for ordinal, _ in result.retired.values()]
+        if all(None not in row for row in named) and None not in ordinals:
+            expected_name = shard_name(min(ordinals), named)
             if expected_name != name:
                 problems.add(
                     f"shard {name}: its rows would be shard {expected_name} (name from "
@@ -789,7 +803,8 @@ def _track_identity(
 
 
 def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int, output_uri: str):
-    """Yield (key, source, row_index, id, image_index) of every image the input plans.
+    """Yield (key, source, row_index, id, image_index, made_from) of every image the input
+    plans.
 
     An input that can reach the output being verified is refused, as `run` refuses it:
     its expected images would include the output's own manifests."""
@@ -799,7 +814,7 @@ def _expected_images(spec: JobSpec, input_filesystem: Any | None, workers: int, 
         output_uri,
         images_per_prompt=spec.generation.images_per_prompt,
     )
-    columns = (Col.KEY, Col.SOURCE, Col.ROW_INDEX, Col.ID, Col.IMAGE_INDEX)
+    columns = (Col.KEY, Col.SOURCE, Col.ROW_INDEX, Col.ID, Col.IMAGE_INDEX, Col.MADE_FROM)
     for table in planned_images(spec, plan, columns, input_filesystem, workers):
         yield from zip(*(table.column(c).to_pylist() for c in columns), strict=True)
 
@@ -830,25 +845,27 @@ def verify_output(
 
     listing = list_output(storage)
     names = list(listing.committed)
-    report.leftovers = sorted(
-        [f"{relative} ({why})" for relative, why in listing.leftovers]
-        + [f"{relative} (not written by koala-batch)" for relative in listing.foreign]
-    )
-    leftovers = report.leftovers
+    report.leftovers = sorted(f"{relative} ({why})" for relative, why in listing.leftovers)
     job_present = listing.has_job_file
     report.success_present = listing.has_success
     job_record = _read_json(storage, JOB_FILE, problems) if job_present else None
     success = _read_json(storage, SUCCESS_FILE, problems) if report.success_present else None
-    if not (names or job_present or report.success_present or leftovers):
+    if not (names or job_present or report.success_present or report.leftovers):
         if not storage.exists(""):
             problems.add(f"output {storage.url('')} does not exist")
         else:
             problems.add(
-                f"output {storage.url('')} holds no koala-batch output "
+                f"output {storage.url('')} is not a koala-batch output "
                 f"(no {JOB_FILE}, no {MANIFESTS_DIR}/)"
             )
     elif not job_present:
         report.notes.append(f"no {JOB_FILE}: a run cannot resume this output")
+    for relative in listing.foreign:
+        # Not a leftover: no run removes it, and `run` refuses the whole prefix for it.
+        problems.add(
+            f"{relative} is a file koala-batch did not write; `run` refuses an output "
+            "holding one: move it out of the output"
+        )
     if not report.success_present:
         report.notes.append(f"no {SUCCESS_FILE}: the job has not finished (or is running)")
     if listing.leases:
@@ -876,6 +893,7 @@ def verify_output(
     shard_rows: dict[str, tuple[int, int]] = {}
     failed_keys: set[str] = set()
     retired_by: dict[str, str] = {}  # key -> the shard whose manifest a retry rewrote
+    made_from: dict[str, str] = {}  # key -> what its ok image was made from
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = bounded_map(
             pool,
@@ -891,6 +909,7 @@ def verify_output(
             shard_rows[result.name] = (result.rows, result.rows_ok)
             problems.merge(result.problems)
             failed_keys |= result.error_keys
+            made_from.update(result.made_from)
             retired_by.update(dict.fromkeys(result.retired, result.name))
             for key, row_id, image_index, derived in result.identities:
                 _track_identity(
@@ -923,12 +942,19 @@ def verify_output(
     if spec is not None:
         matched: set[str] = set()
         expected_count = 0
-        for key, source, row_index, row_id, image_index in _expected_images(
+        for key, source, row_index, row_id, image_index, made in _expected_images(
             spec, input_filesystem, max(1, workers), uri
         ):
             expected_count += 1
             if key in owner:
                 matched.add(key)
+                if made_from.get(key, made) != made:
+                    report.changed_inputs += 1
+                    problems.add(
+                        f"input row {source} row {row_index} (id {_short(row_id)}) image "
+                        f"{image_index} has changed since its image was generated (key {key}): "
+                        "the committed image is of the row as it was"
+                    )
             else:
                 report.missing_inputs += 1
                 problems.add(

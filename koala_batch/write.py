@@ -55,6 +55,7 @@ from koala_batch.schemas import (
     STATUS_OK,
     SUMMARY_SCHEMA,
     Col,
+    name_rows,
     require_columns,
     utc_timestamps,
 )
@@ -334,17 +335,16 @@ class WriteShard:
             table, [*_ROW_COLUMNS, Col.IMAGE, Col.GENERATED_AT, *self.passthrough], "write"
         )
         table = table.sort_by(Col.ORDINAL)
-        keys = table.column(Col.KEY).to_pylist()
-        shard = shard_name(min(table.column(Col.ORDINAL).to_pylist()), keys)
+        shard = shard_name(min(table.column(Col.ORDINAL).to_pylist()), name_rows(table))
         storage = self.storage
         if storage.exists(manifest_path(shard)):
             # Committed already: by this run's earlier attempt (keep it), or by a run that
             # took the output over, in which case this run must stop, not count it as its own.
             self.check_still_owner()
             existing = pq.read_table(io.BytesIO(storage.read_bytes(manifest_path(shard))))
-            return pa.Table.from_pylist(
-                [summary_from_manifest(storage, shard, existing)], schema=SUMMARY_SCHEMA
-            )
+            summary = summary_from_manifest(storage, shard, existing)
+            summary["keys"] = existing.column(Col.KEY).to_pylist()
+            return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
         manifest = self.build_manifest(table, shard)
         images = table.column(Col.IMAGE).to_pylist()
         recorded = self.write_data(manifest, images, shard)
@@ -375,4 +375,5 @@ class WriteShard:
         summary = summary_from_manifest(storage, shard, manifest)
         summary["committed_at"] = time.time()
         summary["generated_at"] = table.column(Col.GENERATED_AT).to_pylist()
+        summary["keys"] = table.column(Col.KEY).to_pylist()
         return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)

@@ -149,26 +149,120 @@ def test_changed_fingerprint_is_refused_and_overwrite_starts_over(finished_job, 
     assert {row["steps"] for row in rows} == {3}
 
 
+def snapshot(output: Path) -> dict[Path, bytes]:
+    """Every file of an output, byte for byte."""
+    return {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+
+
+def with_input(spec: dict, path: Path) -> dict:
+    return {**spec, "input": {**spec["input"], "uri": str(path)}}
+
+
 def test_rerun_after_rows_left_the_input_is_refused_without_damage(finished_job, tmp_path):
     spec, output, ids = finished_job
     fewer = write_prompt_table(
         tmp_path / "fewer.parquet", [f"a teapot, style {i}" for i in ids[:15]], id=ids[:15]
     )
-    shrunk = {**spec, "input": {**spec["input"], "uri": str(fewer)}}
-    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    before = snapshot(output)
 
     with pytest.raises(OutputConflictError) as refused:
-        koala_batch.run(shrunk)
+        koala_batch.run(with_input(spec, fewer))
 
     message = str(refused.value)
-    assert "holds 20 committed images but this input plans 15" in message
-    assert "5 belong to rows no longer in the input" in message and "--overwrite" in message
-    # A complete output stays complete: _SUCCESS and every shard as they were. (_job.json
-    # is rewritten with the refused run's id; its fingerprint is the same.)
-    after = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
-    assert after.keys() == before.keys()
-    assert all(after[p] == before[p] for p in before if p.name != "_job.json")
+    assert f"output {output.as_uri()} holds 5 committed image(s) of rows not in this" in message
+    assert "output.accumulate: true" in message and "--overwrite" in message
+    # Refused before the lease or the claim: the output is byte for byte as it was.
+    assert snapshot(output) == before
     assert verify_output(str(output), spec=spec_from_dict(spec)).ok
+
+
+def test_a_day_of_other_ids_on_the_same_output_exits_2_untouched(finished_job, tmp_path):
+    """The nightly job without output.accumulate: day 2's input holds as many rows as day
+    1's, all of them new. A count said done; the keys say none of day 2 is."""
+    spec, output, _ = finished_job
+    day2 = [f"p2-{i:05d}" for i in range(20)]
+    table = write_prompt_table(tmp_path / "day2.parquet", [f"a kite {i}" for i in day2], id=day2)
+    spec_path = tmp_path / "day2.json"
+    spec_path.write_text(json.dumps(with_input(spec, table)))
+    before = snapshot(output)
+
+    refused = subprocess.run(
+        [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "holds 20 committed image(s) of rows not in this input" in last
+    assert snapshot(output) == before
+
+
+def test_rows_that_left_and_arrived_are_refused_before_any_generation(finished_job, tmp_path):
+    spec, output, ids = finished_job
+    mixed = ids[5:] + [f"new-{i}" for i in range(10)]  # 5 left, 10 arrived: 25 planned
+    table = write_prompt_table(
+        tmp_path / "mixed.parquet", [f"a teapot, style {i}" for i in mixed], id=mixed
+    )
+    before = snapshot(output)
+
+    with pytest.raises(OutputConflictError, match="holds 5 committed image"):
+        koala_batch.run(with_input(spec, table))
+    assert snapshot(output) == before
+
+
+def test_a_prompt_changed_under_the_same_id_is_refused_naming_it(finished_job, tmp_path):
+    spec, output, ids = finished_job
+    prompts = [f"a teapot, style {i}" for i in ids]
+    prompts[7] = "a teapot, repainted"
+    table = write_prompt_table(tmp_path / "edited.parquet", prompts, id=ids)
+    before = snapshot(output)
+
+    with pytest.raises(OutputConflictError) as refused:
+        koala_batch.run(with_input(spec, table))
+
+    message = str(refused.value)
+    assert "1 committed image(s) were generated from input rows that have changed" in message
+    assert f"e.g. id '{ids[7]}' image 0 (edited.parquet row 7)" in message
+    assert "new ids" in message and "--overwrite" in message
+    assert snapshot(output) == before
+    # verify --spec says the same of the output against the edited input.
+    report = verify_output(str(output), spec=spec_from_dict(with_input(spec, table)))
+    assert not report.ok
+    assert any(
+        f"row 7 (id {ids[7]!r}) image 0 has changed since its image was generated" in p
+        for p in report.problems
+    ), report.format()
+
+
+def test_a_failed_row_may_change_and_retry_failed_makes_it_from_the_new_row(
+    model_cache, tmp_path, caplog
+):
+    ids = ["a", "b", "c", "d"]
+    prompts = ["a red fox", "", "a blue jay", "a green frog"]  # b fails: empty prompt
+    table = write_prompt_table(tmp_path / "in.parquet", prompts, id=ids)
+    spec = tiny_spec(
+        str(table),
+        str(tmp_path / "out"),
+        input={"id_column": "id"},
+        output={"rows_per_shard": 2, "max_failed_fraction": 1.0},
+    )
+    assert koala_batch.run(spec)["counts"]["images_failed"] == 1
+    fixed = write_prompt_table(
+        tmp_path / "fixed.parquet", [*prompts[:1], "a grey owl", *prompts[2:]], id=ids
+    )
+    fixed_spec = with_input(spec, fixed)
+
+    with caplog.at_level("INFO", logger="koala_batch"):
+        plain = koala_batch.run(fixed_spec)
+    assert plain["counts"]["images_failed"] == 1  # a plain run leaves failures as they are
+    assert "1 failed image(s) have changed input rows since they failed" in caplog.text
+
+    retried = koala_batch.run(fixed_spec, retry_failed=True)
+
+    assert retried["counts"]["images_failed"] == 0
+    [row] = [r for r in manifest_rows(tmp_path / "out") if r["id"] == "b"]
+    assert row["status"] == "ok" and row["prompt"] == "a grey owl"
+    assert verify_output(str(tmp_path / "out"), spec=spec_from_dict(fixed_spec)).ok
 
 
 def test_two_runs_started_together_on_a_new_output_commit_each_image_once(tmp_path):

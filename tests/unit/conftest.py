@@ -15,6 +15,7 @@ from PIL import Image
 
 from koala_batch.config import JobSpec, spec_from_dict
 from koala_batch.keys import derived_seed, sample_key
+from koala_batch.validate import made_from_of
 from tests.conftest import tiny_spec
 
 
@@ -56,6 +57,7 @@ def encoded_table(
             "guidance_scale",
             "width",
             "height",
+            "made_from",
             "source",
             "row_index",
             "status",
@@ -79,6 +81,9 @@ def encoded_table(
         rows["negative_prompt"].append(None)
         for name, value in spec.row_defaults().items():
             rows[name].append(value)
+        rows["made_from"].append(
+            made_from_of(rows["prompt"][-1], None, rows["seed"][-1], spec.row_defaults())
+        )
         rows["source"].append("prompts.parquet")
         rows["row_index"].append(first_ordinal + position)
         rows["status"].append("error" if failed else "ok")

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from koala_batch.commit import (
+    JOB_FILE_FORMAT,
     OutputConflictError,
     claim_output,
     damage_beyond_input,
@@ -53,7 +54,7 @@ def test_claim_of_an_empty_prefix_writes_the_job_file(storage, out_dir):
     record = json.loads((out_dir / "_job.json").read_text())
     assert record["fingerprint"] == spec.fingerprint()
     assert record["determined_by"] == spec.fingerprint_fields()
-    assert record["format"] == 1
+    assert record["format"] == JOB_FILE_FORMAT == 2
     assert "koala_batch_version" in record
 
 
@@ -80,6 +81,19 @@ def test_resume_ignores_what_does_not_change_the_images(storage, out_dir):
     assert (
         claim_output(storage, make_spec(out_dir, compute={"batch_size": 16, "actors": 2})) is True
     )
+
+
+def test_a_png_output_resumes_under_another_quality_a_jpeg_one_does_not(tmp_path):
+    # Quality changes no byte of a (lossless) PNG; it does change a JPEG's.
+    png, jpeg = tmp_path / "png", tmp_path / "jpeg"
+    claim_output(Storage(str(png)), make_spec(png))
+    claim_output(Storage(str(jpeg)), make_spec(jpeg, output={"image_format": "jpeg"}))
+
+    assert claim_output(Storage(str(png)), make_spec(png, output={"quality": 50})) is True
+    with pytest.raises(OutputConflictError, match=r"changed: quality"):
+        claim_output(
+            Storage(str(jpeg)), make_spec(jpeg, output={"image_format": "jpeg", "quality": 50})
+        )
 
 
 def test_resume_leaves_the_success_record_to_the_run(storage, out_dir):

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from koala_batch.keys import (
     SEED_MODULUS,
+    KeySet,
     derived_row_id,
     derived_seed,
     image_seed,
+    made_from_digest,
     sample_key,
     shard_name,
 )
@@ -146,29 +148,71 @@ def test_seeds_do_not_depend_on_call_order():
 # shard_name
 
 
+def rows_of(keys: list[str], status: str = "ok") -> list[tuple[str, str, str]]:
+    return [(key, status, made_from_digest(key, None, 1, 2, 5.0, 64, 64)) for key in keys]
+
+
 def test_shard_name_is_ordinal_then_hash():
-    name = shard_name(42, ["b", "a"])
-    assert name == "000000000042-7e18f737"
+    name = shard_name(42, [("b", "ok", "00"), ("a", "error", "11")])
+    assert name == "000000000042-18135f1f"
     assert re.match(r"^\d{12}-[0-9a-f]{8}$", name)
 
 
-def test_shard_name_does_not_depend_on_key_order():
-    keys = [sample_key(f"row-{i}", 0) for i in range(50)]
-    shuffled = keys[:]
+def test_shard_name_does_not_depend_on_row_order():
+    rows = rows_of([sample_key(f"row-{i}", 0) for i in range(50)])
+    shuffled = rows[:]
     random.Random(1).shuffle(shuffled)
-    assert shard_name(0, keys) == shard_name(0, shuffled)
+    assert shard_name(0, rows) == shard_name(0, shuffled)
 
 
-def test_shard_name_depends_on_the_keys_and_the_ordinal():
-    keys = [sample_key(f"row-{i}", 0) for i in range(5)]
-    assert shard_name(0, keys) != shard_name(0, keys[:-1])
-    assert shard_name(0, keys) != shard_name(5, keys)
-    assert shard_name(0, keys).split("-")[1] == shard_name(5, keys).split("-")[1]
+def test_shard_name_depends_on_the_rows_and_the_ordinal():
+    rows = rows_of([sample_key(f"row-{i}", 0) for i in range(5)])
+    assert shard_name(0, rows) != shard_name(0, rows[:-1])
+    assert shard_name(0, rows) != shard_name(5, rows)
+    assert shard_name(0, rows).split("-")[1] == shard_name(5, rows).split("-")[1]
+
+
+def test_a_retry_with_another_outcome_or_row_gets_another_shard_name():
+    """What keeps a retry's new shard of the same keys from being taken for the old one."""
+    keys = [sample_key(f"row-{i}", 0) for i in range(3)]
+    failed = rows_of(keys, "error")
+    assert shard_name(0, rows_of(keys, "ok")) != shard_name(0, failed)
+    changed = [
+        (key, status, "ff" * 16) if key == keys[1] else (key, status, made)
+        for key, status, made in failed
+    ]
+    assert shard_name(0, changed) != shard_name(0, failed)
+    assert shard_name(0, rows_of(keys, "error")) == shard_name(0, failed)
 
 
 def test_shard_names_sort_by_first_ordinal():
-    names = [shard_name(ordinal, [str(ordinal)]) for ordinal in (5, 1000, 20, 3_000_000)]
-    assert sorted(names) == [shard_name(o, [str(o)]) for o in (5, 20, 1000, 3_000_000)]
+    names = [shard_name(ordinal, rows_of([str(ordinal)])) for ordinal in (5, 1000, 20, 3_000_000)]
+    assert sorted(names) == [shard_name(o, rows_of([str(o)])) for o in (5, 20, 1000, 3_000_000)]
+
+
+# ---------------------------------------------------------------------------------------
+# made_from_digest
+
+
+def test_made_from_changes_with_each_thing_the_image_is_made_from():
+    base = ("a fox", "blurry", 7, 4, 5.0, 64, 64)
+    digest = made_from_digest(*base)
+    assert re.fullmatch(r"[0-9a-f]{32}", digest) and made_from_digest(*base) == digest
+    for position, other in enumerate(["a dog", None, 8, 5, 5.5, 72, 72]):
+        changed = list(base)
+        changed[position] = other
+        assert made_from_digest(*changed) != digest, position
+    # An integral guidance scale read as an int is the same request as the float.
+    assert made_from_digest("a fox", "blurry", 7, 4, 5, 64, 64) == digest
+
+
+def test_made_from_fields_do_not_run_together():
+    assert made_from_digest("a", "b c", 1, 1, 1.0, 8, 8) != made_from_digest(
+        "a b", "c", 1, 1, 1.0, 8, 8
+    )
+    assert made_from_digest("", None, 1, 1, 1.0, 8, 8) != made_from_digest(
+        None, "", 1, 1, 1.0, 8, 8
+    )
 
 
 def test_key_set_membership_matches_a_python_set():
@@ -182,3 +226,36 @@ def test_key_set_membership_matches_a_python_set():
     assert not keys.contains_many(others).any()
     assert members[7] in keys and others[7] not in keys
     assert not KeySet().contains_many(members).any() and len(KeySet()) == 0
+
+
+def key_set(pairs: dict[str, str]) -> KeySet:
+    return KeySet.from_keys(
+        list(pairs), [made_from_digest(p, None, 1, 1, 1.0, 8, 8) for p in pairs.values()]
+    )
+
+
+def test_key_set_difference_union_and_overlap_match_python_sets():
+    rng = random.Random(3)
+    left = {sample_key(f"row-{i}", 0) for i in rng.sample(range(300), 150)}
+    right = {sample_key(f"row-{i}", 0) for i in rng.sample(range(300), 150)}
+    a, b = KeySet.from_keys(sorted(left)), KeySet.from_keys(sorted(right))
+    assert a.overlap(b) == len(left & right)
+    difference = a.difference(b)
+    assert len(difference) == len(left - right)
+    assert difference.contains_many(sorted(left - right)).all()
+    assert not difference.contains_many(sorted(left & right)).any()
+    assert len(a.union(b)) == len(left | right)
+    assert len(KeySet().difference(a)) == 0 and len(a.difference(KeySet())) == len(a)
+
+
+def test_key_set_changed_finds_the_keys_made_from_something_else():
+    committed = key_set({"k1": "a fox", "k2": "a dog", "k3": "a cat", "gone": "an owl"})
+    planned = key_set({"k1": "a fox", "k2": "a wolf", "k3": "a cat", "new": "a bee"})
+    changed = committed.changed(planned)
+    assert len(changed) == 1 and "k2" in changed
+    # It keeps the committed side's digest; the other order keeps the planned one.
+    dog = bytes.fromhex(made_from_digest("a dog", None, 1, 1, 1.0, 8, 8))
+    assert changed.made_from.tolist() == [dog]
+    assert "k2" in planned.changed(committed)
+    assert len(committed.changed(KeySet.from_keys(["k2"]))) == 0  # no digests: nothing known
+    assert len(committed.difference(planned)) == 1 and "gone" in committed.difference(planned)

@@ -23,7 +23,7 @@ LEVELS: list[set[str]] = [
     {"layout", "architectures", "config"},
     {"preflight", "lease"},
     {"read", "validate", "generate", "encode", "write"},
-    {"commit", "card"},
+    {"commit", "card", "coverage"},
     {"job", "verify", "report", "submit"},
     {"cli", "__init__"},
 ]

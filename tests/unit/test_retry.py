@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,6 +39,10 @@ def spec(out_dir, storage):
     spec = make_spec(out_dir)
     claim_output(storage, spec, run_id="run-1")
     return spec
+
+
+def all_files(root: Path) -> list[str]:
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
 
 
 def write_shard(spec, ids, *, first_ordinal=0, errors=frozenset(), later_by=0.0) -> str:
@@ -151,7 +156,8 @@ def test_superseded_rows_leave_their_manifest_and_nothing_else(spec, storage, ou
     assert (out_dir / tar_path(old)).read_bytes() == tar_before  # the data stay as they are
     metadata = after.schema.metadata
     assert metadata[TAR_BYTES_METADATA] == before.schema.metadata[TAR_BYTES_METADATA]
-    assert retired_rows(after.schema) == {key("b"): 1}
+    [made_from] = before.filter(pc.equal(before.column("key"), key("b")))["made_from"].to_pylist()
+    assert retired_rows(after.schema) == {key("b"): (1, made_from)}
     stats = recorded_stats(after.schema)
     if stats is not None:  # the counts follow the rows
         assert (stats["rows"], stats["ok"], stats["errors"]) == (3, 2, 1)
@@ -222,22 +228,41 @@ def test_a_run_that_lost_the_output_rewrites_nothing(spec, storage, out_dir):
 # release_failed
 
 
-def test_release_failed_uncommits_all_error_shards_and_forgets_failed_keys(spec, storage, out_dir):
+def test_release_failed_forgets_failed_keys_and_removes_nothing(spec, storage, out_dir):
     mixed = write_shard(spec, ["a", "b"], errors={1})
     all_errors = write_shard(spec, ["c", "d"], first_ordinal=2, errors={0, 1})
     state = load_committed(storage)
     assert state.failed == {key("b"): mixed, key("c"): all_errors, key("d"): all_errors}
+    files = all_files(out_dir)
 
-    released = release_failed(storage, state, "run-1")
+    released = release_failed(state)
 
     assert [row_id for row_id in "abcd" if key(row_id) in released.keys] == ["a"]
-    assert set(released.shards) == {mixed}
-    assert (out_dir / manifest_path(mixed)).exists()
-    assert not (out_dir / manifest_path(all_errors)).exists()
-    assert not (out_dir / tar_path(all_errors)).exists()
-    # A new shard of the same rows gets the same name: it must not find one committed.
-    assert write_shard(spec, ["c", "d"], first_ordinal=2, later_by=60) == all_errors
-    assert load_committed(storage).shards[all_errors]["ok"] == 2
+    assert set(released.shards) == {mixed, all_errors}
+    # Every error row stays committed until its replacement is: a retry killed now loses
+    # no failure record.
+    assert all_files(out_dir) == files
+    # A new shard of the same keys, now ok, commits beside the error shard (another name),
+    # and the error rows it replaces are retired once it is there.
+    replaced = write_shard(spec, ["c", "d"], first_ordinal=2, later_by=60)
+    assert replaced != all_errors
+    settled = load_committed(storage)
+    assert {shard: set(keys) for shard, keys in settled.superseded.items()} == {
+        all_errors: {key("c"), key("d")}
+    }
+    retire_superseded_rows(storage, settled.superseded, "run-1")
+    after = load_committed(storage)
+    assert set(after.shards) == {mixed, replaced} and after.failed == {key("b"): mixed}
+
+
+def test_a_retry_that_fails_again_alike_keeps_the_error_shard(spec, storage, out_dir):
+    all_errors = write_shard(spec, ["c", "d"], errors={0, 1})
+    release_failed(load_committed(storage))
+
+    # The same rows failing the same way from the same input make the same shard: the
+    # writer finds it committed and keeps it.
+    assert write_shard(spec, ["c", "d"], errors={0, 1}, later_by=60) == all_errors
+    assert set(load_committed(storage).failed) == {key("c"), key("d")}
 
 
 def test_an_accumulating_retry_keeps_the_error_rows_the_input_no_longer_plans(
@@ -249,7 +274,7 @@ def test_an_accumulating_retry_keeps_the_error_rows_the_input_no_longer_plans(
     planned = KeySet.from_keys([key("a"), key("b")])  # this input: a and b only
 
     retrying = retriable_failures(state, planned)
-    released = release_failed(storage, state, "run-1", retrying)
+    released = release_failed(state, retrying)
 
     assert retrying == {key("a"): mixed}
     # Nothing can generate old-* again: their error rows, and their shards, stay.
@@ -268,7 +293,7 @@ def test_release_failed_wants_superseded_rows_retired_first(spec, storage):
     write_shard(spec, ["a", "b"], errors={1})
     write_shard(spec, ["b"], first_ordinal=1, later_by=60)
     with pytest.raises(ValueError, match="retire the superseded rows first"):
-        release_failed(storage, load_committed(storage), "run-1")
+        release_failed(load_committed(storage))
 
 
 # ---------------------------------------------------------------------------------------

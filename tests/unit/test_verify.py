@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch.commit import claim_output, write_success
+from koala_batch import cli
+from koala_batch.commit import check_output, claim_output, write_success
 from koala_batch.config import JobSpec, spec_from_dict
 from koala_batch.encode import encode_image
-from koala_batch.errors import InputError, SpecError
+from koala_batch.errors import EXIT_INVALID, InputError, OutputConflictError, SpecError
 from koala_batch.keys import sample_key
 from koala_batch.layout import manifest_path, tar_path
 from koala_batch.read import ReadRowGroups, plan_input
@@ -441,6 +442,39 @@ def test_leftovers_are_reported_but_do_not_fail(built):
     ]
     assert report.shards_checked == len(built.shards)
     assert f"shards/{orphan}.tar" in report.format()
+
+
+def test_a_users_file_in_an_output_is_a_problem_as_run_refuses_it(built):
+    (built.output / "shards" / "notes.txt").write_text("mine")
+
+    report = verify_output(str(built.output))
+
+    assert not report.ok and report.leftovers == []
+    assert problems_with(report, "shards/notes.txt", "koala-batch did not write")
+    # The verdict `run` gives the same output.
+    with pytest.raises(OutputConflictError, match="notes.txt"):
+        check_output(Storage(str(built.output)), built.spec)
+
+
+def test_a_folder_of_other_files_is_not_an_output(tmp_path):
+    (tmp_path / "x.txt").write_text("not an output")
+
+    report = verify_output(str(tmp_path))
+
+    assert not report.ok, report.format()
+    assert problems_with(report, "is not a koala-batch output", "no _job.json, no manifests/")
+    assert problems_with(report, "x.txt", "koala-batch did not write")
+
+
+def test_set_without_spec_is_refused_in_one_line(built, capsys):
+    code = cli.main(["--log-format", "text", "verify", str(built.output), "--set", "a.b=1"])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_INVALID
+    assert err.strip().splitlines() == [
+        "koala-batch: error: --set needs --spec: give the job spec the overrides apply to, "
+        "or drop --set"
+    ]
 
 
 def test_success_listing_a_shard_that_does_not_exist(built):

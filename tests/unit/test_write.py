@@ -14,7 +14,7 @@ import pytest
 
 from koala_batch import write
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.schemas import MANIFEST_COLUMNS, MANIFEST_FIELDS, SUMMARY_SCHEMA
+from koala_batch.schemas import MANIFEST_COLUMNS, MANIFEST_FIELDS, SUMMARY_SCHEMA, name_rows
 from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec
 
@@ -59,7 +59,7 @@ def written(out_dir):
 def test_shard_lands_at_the_documented_paths(out_dir, written):
     spec, table, summary, shard = written
 
-    assert shard == shard_name(0, table.column("key").to_pylist())
+    assert shard == shard_name(0, name_rows(table))
     assert (out_dir / "shards" / f"{shard}.tar").is_file()
     assert (out_dir / "manifests" / f"{shard}.parquet").is_file()
     assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()) == [
