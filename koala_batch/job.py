@@ -1053,9 +1053,11 @@ def run(
         spec.output.uri,
         images_per_prompt=spec.generation.images_per_prompt,
     )
-    planned = planned_keys(spec, plan, overrides.input_filesystem)
     logger.info(
-        "input: %d files, %d rows, %d images planned", len(plan.files), plan.num_rows, len(planned)
+        "input: %d files, %d rows, %d images planned",
+        len(plan.files),
+        plan.num_rows,
+        plan.planned_images,
     )
     logger.info("model: %s, from %s", spec.model.name, check_model(spec.model))
 
@@ -1068,6 +1070,7 @@ def run(
     # writes anything there; both checks run again under the lease. A missing bucket or a
     # file in the way fails here too, naming the output, rather than at the lease.
     state = check_output(storage, spec, spec.output.overwrite)
+    planned = planned_keys(spec, plan, overrides.input_filesystem)
     if state.action == "resume":
         committed = load_committed(storage, state.listing)
         check_resume(storage, spec, plan, committed, planned, overrides.input_filesystem)

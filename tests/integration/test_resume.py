@@ -297,3 +297,25 @@ def test_two_runs_started_together_on_a_new_output_commit_each_image_once(tmp_pa
     rows = manifest_rows(output)
     assert sorted(row["id"] for row in rows) == ids  # each image once
     assert verify_output(str(output), spec=spec_from_dict(spec)).ok
+
+
+def test_an_accumulating_run_counts_progress_over_its_planned_keys(finished_job, tmp_path, caplog):
+    """r00-r19 committed, an input of r10-r29: done counts the planned keys committed (10
+    at the start), never the kept images of r00-r09."""
+    spec, output, ids = finished_job
+    window = [f"r{i:02d}" for i in range(10, 30)]
+    table = write_prompt_table(
+        tmp_path / "window.parquet", [f"a teapot, style {i}" for i in window], id=window
+    )
+    spec = with_input(spec, table)
+    spec["output"]["accumulate"] = True
+
+    with caplog.at_level("INFO", logger="koala_batch"):
+        record = koala_batch.run(spec)
+
+    commits = [r for r in caplog.records if getattr(r, "event", None) == "shard_committed"]
+    assert commits and all(r.total == 20 and 10 < r.done <= 20 for r in commits)
+    assert commits[-1].done == 20
+    assert commits[-1].getMessage().endswith("10 of 10 this run")
+    assert "resuming: 10 of the 20 planned images already committed" in caplog.text
+    assert record["counts"]["images_kept"] == 10
