@@ -385,9 +385,12 @@ def planned_images(
 
 
 def planned_keys(
-    spec: JobSpec, plan: InputPlan, input_filesystem: Any | None = None, workers: int = 8
+    spec: JobSpec, plan: InputPlan, input_filesystem: Any | None = None, workers: int = 3
 ) -> KeySet:
-    """The keys of every image the input plans, each with what it is made from."""
+    """The keys of every image the input plans, each with what it is made from.
+
+    Few workers: expanding rows is Python under the GIL, so more threads add no speed,
+    only row groups held at once (bench.planned_keys: the driver's peak memory)."""
     keys: list[np.ndarray] = []
     made: list[np.ndarray] = []
     columns = [Col.KEY, Col.MADE_FROM]
