@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import koala_batch
 from koala_batch.config import spec_from_dict
@@ -361,7 +362,11 @@ def test_a_model_that_cannot_load_stops_the_job_with_its_error(model_cache, tmp_
     model = tmp_path / "model"
     shutil.copytree(ensure_tiny_model(model_cache), model)
     (weights,) = (model / "unet").glob("*.safetensors")
-    weights.write_bytes(weights.read_bytes()[:100])  # passes the preflight, cannot load
+    # A whole, readable file (the preflight checks that much) whose tensor has the wrong
+    # shape: only loading it into the U-Net finds out.
+    tensors = load_file(str(weights))
+    tensors["add_embedding.linear_1.bias"] = tensors["add_embedding.linear_1.bias"][:3].copy()
+    save_file(tensors, str(weights))
     table = write_prompt_table(tmp_path / "in.parquet", ["a cat", "a dog"])
     spec = tiny_spec(str(table), str(tmp_path / "out"), model={"name": str(model)})
 
@@ -371,5 +376,6 @@ def test_a_model_that_cannot_load_stops_the_job_with_its_error(model_cache, tmp_
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith("a generator actor could not start on ")
-    assert f"OSError: Unable to load weights from checkpoint file for '{weights}'" in message
+    assert "ValueError: Cannot load" in message
+    assert "add_embedding.linear_1.bias expected shape torch.Size([128])" in message
     assert not list((tmp_path / "out").glob("manifests/*.parquet"))

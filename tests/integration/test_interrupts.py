@@ -153,7 +153,7 @@ def test_signals_stop_the_job_cleanly_and_a_rerun_resumes(model_cache, tmp_path,
     start_local_ray()
     with caplog.at_level("INFO", logger="koala_batch"):
         record = koala_batch.run(spec)
-    assert f"resuming: {committed} images" in caplog.text
+    assert f"resuming: {committed} of the 32 planned images already committed" in caplog.text
     assert record["counts"]["images_written_this_run"] == 32 - committed
     report = verify_output(str(output), spec=spec_from_dict(spec))
     assert report.ok, report.format()
