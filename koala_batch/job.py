@@ -418,6 +418,8 @@ class SignalStop:
         self.received: int | None = None
         self._raised = False
         self._holds = 0
+        # Within its `stop_on_signals` block: only then may an inner block reuse it.
+        self.active = False
 
     def handle(self, signum: int, frame: object) -> None:
         """The signal handler."""
@@ -454,7 +456,8 @@ def stop_on_signals() -> Iterator[SignalStop]:
     CLI's); outside the main thread, where Python cannot handle signals, it does nothing."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         owner = getattr(signal.getsignal(signum), "__self__", None)
-        if isinstance(owner, SignalStop):
+        # A handler whose block has ended (left behind, spent) is no enclosing stop.
+        if isinstance(owner, SignalStop) and owner.active:
             yield owner
             return
     stop = SignalStop()
@@ -464,9 +467,11 @@ def stop_on_signals() -> Iterator[SignalStop]:
         return
     previous = {signum: signal.getsignal(signum) for signum in stop.signals}
     stop.install()
+    stop.active = True
     try:
         yield stop
     finally:
+        stop.active = False
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
