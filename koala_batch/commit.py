@@ -53,7 +53,7 @@ from koala_batch.layout import (
     stats_metadata,
     summary_from_manifest,
 )
-from koala_batch.schemas import RUN_TIMING_FIELDS, STATUS_OK, Col
+from koala_batch.schemas import RUN_FIELDS, STATUS_OK, Col
 from koala_batch.stats import as_failures, job_totals, shard_stats
 from koala_batch.storage import Storage
 
@@ -748,7 +748,7 @@ def build_job_record(
             {
                 name: as_failures(value) if name == "failures" else value
                 for name, value in shard.items()
-                if name not in RUN_TIMING_FIELDS
+                if name not in RUN_FIELDS
             }
             for shard in sorted(shards.values(), key=lambda shard: shard["first_ordinal"])
         ],

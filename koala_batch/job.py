@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -78,6 +79,7 @@ from koala_batch.layout import (
     MANIFESTS_DIR,
     SUCCESS_FILE,
     FileKind,
+    OutputListing,
     classify,
     list_output,
     manifest_path,
@@ -855,8 +857,8 @@ def generate_remaining(
 
 
 def keys_written(written: list[dict[str, Any]]) -> KeySet:
-    """The keys of the shards this run committed (their summaries carry them)."""
-    return KeySet.from_keys([key for shard in written for key in shard["keys"] or ()])
+    """The keys of the shards this run committed (their summaries carry their digests)."""
+    return KeySet(np.concatenate([shard["keys"] for shard in written]) if written else None)
 
 
 def committed_keys_now(
@@ -953,6 +955,9 @@ def _run_graph(
         poller = poll_progress(progress, stats)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
+                # Kept for the run's end as 16-byte digests, not strings: the driver holds
+                # every shard's summary until then.
+                shard["keys"] = KeySet.from_keys(shard["keys"] or ()).digests
                 written.append(shard)
                 progress.add_commit(shard["rows"], shard["errors"])
                 done = progress.snapshot().done
@@ -1076,12 +1081,13 @@ def run(
     # file in the way fails here too, naming the output, rather than at the lease.
     state = check_output(storage, spec, spec.output.overwrite)
     planned = planned_keys(spec, plan, overrides.input_filesystem)
+    checked: tuple[OutputListing, CommittedState] | None = None
     if state.action == "resume":
-        committed = load_committed(storage, state.listing)
-        check_resume(storage, spec, plan, committed, planned, overrides.input_filesystem)
+        checked = state.listing, load_committed(storage, state.listing)
+        check_resume(storage, spec, plan, checked[1], planned, overrides.input_filesystem)
     storage.check_writable(JOB_FILE)
     run_id = uuid.uuid4().hex
-    output = OutputRun(spec, plan, planned, storage, run_id, overrides)
+    output = OutputRun(spec, plan, planned, storage, run_id, overrides, checked)
     with OutputLease(storage, run_id, spec.output.heartbeat_s):
         return output.run(retry_failed, started, started_at)
 
@@ -1108,6 +1114,8 @@ class OutputRun:
     storage: Storage
     run_id: str
     overrides: Overrides
+    # The listing and committed state read (and checked) before the lease, if any.
+    checked: tuple[OutputListing, CommittedState] | None = None
 
     def run(self, retry_failed: bool, started: float, started_at: str) -> dict[str, Any]:
         """Claim, resume, generate what is missing, check, record."""
@@ -1165,8 +1173,7 @@ class OutputRun:
             return Resumed(CommittedState(), {}, False)
         # One listing serves both: a large output on object storage lists slowly.
         listing = list_output(storage)
-        committed = load_committed(storage, listing)
-        check_resume(storage, spec, self.plan, committed, planned, self.overrides.input_filesystem)
+        committed = self.committed_under_lease(listing)
         if (
             len(planned.difference(committed.keys))
             or committed.superseded
@@ -1205,6 +1212,22 @@ class OutputRun:
         retrying = retriable_failures(committed, planned)
         logger.info("retrying %d failed image(s) recorded as error rows", len(retrying))
         return Resumed(release_failed(committed, retrying), retrying, True)
+
+    def committed_under_lease(self, listing: OutputListing) -> CommittedState:
+        """The committed state, checked against the input: the one read before the lease
+        when no shard file changed since (names and sizes), else read and checked again
+        (another run committed in between)."""
+        if self.checked is not None:
+            before, committed = self.checked
+            sizes = listing.shard_file_sizes()
+            if None not in sizes.values() and sizes == before.shard_file_sizes():
+                return committed
+        committed = load_committed(self.storage, listing)
+        check_resume(
+            self.storage, self.spec, self.plan, committed, self.planned,
+            self.overrides.input_filesystem,
+        )  # fmt: skip
+        return committed
 
     def uncommit_damaged(self, committed: CommittedState) -> None:
         """Take the damaged shards out: their rows are generated again."""

@@ -348,6 +348,11 @@ class OutputListing:
             return f"its tar has {tar_size} bytes, its manifest records {record.data_bytes}"
         return None
 
+    def shard_file_sizes(self) -> dict[str, int | None]:
+        """The size of every file of a shard (manifests and data), by path: all that the
+        committed state read from this listing depends on."""
+        return {f: self.sizes.get(f) for f in self.files if classify(f)[1] is not None}
+
     @property
     def own_files(self) -> list[str]:
         """The files koala-batch wrote (what an overwrite deletes), but the run lease's:

@@ -199,7 +199,7 @@ SUMMARY_SCHEMA = pa.schema(
 )
 # Summary fields for the run that wrote the shard, not about the shard: left out of the
 # job record.
-RUN_TIMING_FIELDS = ("committed_at", "generated_at", "keys")
+RUN_FIELDS = ("committed_at", "generated_at", "keys")
 
 # Every name koala-batch adds on the way to the manifest: a passthrough column may not
 # reuse one (it would overwrite it or be overwritten).

@@ -20,7 +20,7 @@ from koala_batch.commit import (
 )
 from koala_batch.keys import KeySet, sample_key
 from koala_batch.layout import recorded_tar_bytes
-from koala_batch.schemas import RUN_TIMING_FIELDS
+from koala_batch.schemas import RUN_FIELDS
 from koala_batch.storage import Storage
 from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec, race_for_claim
@@ -290,7 +290,7 @@ def test_load_committed_reads_keys_and_stats_from_manifests(storage, out_dir):
     assert set(state.shards) == {s["shard"] for s in summaries}
     for summary in summaries:
         # the same stats; the run's own timing is known only to the run that wrote it
-        stable = {k: v for k, v in summary.items() if k not in RUN_TIMING_FIELDS}
+        stable = {k: v for k, v in summary.items() if k not in RUN_FIELDS}
         assert state.shards[summary["shard"]] == {
             **stable,
             "committed_at": None,
