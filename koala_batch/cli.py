@@ -229,13 +229,31 @@ def command_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cut_short(signum: int) -> None:
+    """A stop's deadline passed (`job.STOP_DEADLINE_S` after the first signal) with the run
+    still stopping: kill the local Ray cluster, say so in one line and end the process
+    now. Nothing committed is lost: each commit is one atomic write."""
+    from koala_batch.internals import kill_local_ray
+    from koala_batch.job import STOP_DEADLINE_S
+    from koala_batch.progress import write_last_line
+
+    kill_local_ray()
+    write_last_line(
+        f"koala-batch: interrupted: stopped by {signal.Signals(signum).name}, cut short after "
+        f"{STOP_DEADLINE_S:g} s; every committed shard is kept: rerun the same command to "
+        "resume",
+        128 + signum,
+    )
+    os._exit(128 + signum)
+
+
 def command_run(args: argparse.Namespace) -> int:
     from koala_batch.errors import Interrupted
     from koala_batch.job import run, stop_on_signals
 
     # From the first line on, so that a signal before or after the Ray part (planning the
-    # input, writing _SUCCESS) also ends in one line and 130/143.
-    with stop_on_signals() as stop:
+    # input, writing _SUCCESS) also ends in one line and 130/143; and in time.
+    with stop_on_signals(cut_short) as stop:
         try:
             record = run(_load(args), retry_failed=args.retry_failed)
         except KeyboardInterrupt:
@@ -379,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+# What leaving a Ray cluster may take at the command's end before the process exits anyway.
+LEAVE_RAY_S = 10.0
+
+
 def entry() -> None:
     """The `koala-batch` command: `main`, then exit with its code at once.
 
@@ -392,8 +414,10 @@ def entry() -> None:
     if "ray" in sys.modules:
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        if ray.is_initialized():  # a cluster the command joined: leave it, in time
+            from koala_batch.job import shutdown_ray_within
+
+            shutdown_ray_within(LEAVE_RAY_S)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -452,8 +452,24 @@ def print_failure(message: str, exit_code: int, stream: TextIO | None = None) ->
     print(failure_line(message, exit_code, log_format), file=stream, flush=True)
 
 
+def write_last_line(message: str, exit_code: int) -> None:
+    """`print_failure` for a process about to end from another thread than the main one (a
+    stop's deadline): one os.write to the real stderr, past sys.stderr's lock (which a main
+    thread stuck in a write may hold) and past `drop_native_stderr_line`'s pipe (its thread
+    would not pass the line on in time)."""
+    current = _console
+    log_format = current.log_format if current is not None else "text"
+    clear = LiveLine.CLEAR if current is not None and current.live is not None else ""
+    line = clear + failure_line(message, exit_code, log_format) + "\n"
+    with suppress(OSError):  # no stderr left to say it on
+        _write_all(_real_stderr_fd if _real_stderr_fd is not None else 2, line.encode())
+
+
 # ---------------------------------------------------------------------------------------
 # Lines written straight to the process's stderr (fd 2) by native code.
+
+# The process's real stderr while `drop_native_stderr_line` pipes fd 2.
+_real_stderr_fd: int | None = None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -508,6 +524,7 @@ def drop_native_stderr_line(pattern: re.Pattern[bytes]) -> Iterator[None]:
     except OSError:  # no fd 2 (a daemon): nothing to filter
         yield
         return
+    global _real_stderr_fd
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2)
     os.close(write_fd)
@@ -515,12 +532,14 @@ def drop_native_stderr_line(pattern: re.Pattern[bytes]) -> Iterator[None]:
         target=_forward, args=(read_fd, saved, pattern), name="stderr-filter", daemon=True
     )
     thread.start()
+    _real_stderr_fd = saved
     try:
         yield
     finally:
         if sys.stderr is not None:
             sys.stderr.flush()
         os.dup2(saved, 2)  # closes the pipe's last write end: the thread drains it and ends
+        _real_stderr_fd = None
         thread.join(5.0)
         if not thread.is_alive():  # else a child process holds the pipe: leave it be
             os.close(read_fd)

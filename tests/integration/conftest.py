@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +23,17 @@ LOCAL_RAY = dict(
     include_dashboard=False,
     log_to_driver=False,
 )
+
+
+@contextmanager
+def ray_temp_dir() -> Iterator[str]:
+    """A Ray temp dir (RAY_TMPDIR) for one run, so that its processes can be told apart from
+    every other Ray on the machine; short, for Ray's socket paths must fit in 107 bytes."""
+    path = tempfile.mkdtemp(prefix="kb-ray-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_local_ray() -> None:

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,22 +19,11 @@ import koala_batch
 from koala_batch.config import spec_from_dict
 from koala_batch.verify import verify_output
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
-from tests.integration.conftest import start_local_ray
+from tests.integration.conftest import ray_temp_dir, start_local_ray
 
 pytestmark = pytest.mark.slow
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
-
-
-@contextmanager
-def ray_temp_dir() -> Iterator[str]:
-    """A Ray temp dir (RAY_TMPDIR) for one run, so that its processes can be told apart from
-    every other Ray on the machine; short, for Ray's socket paths must fit in 107 bytes."""
-    path = tempfile.mkdtemp(prefix="kb-ray-", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def ray_processes(temp_dir: str, within_s: float) -> list[str]:
@@ -83,11 +68,17 @@ def committed_rows(output: Path) -> int:
     return sum(pq.read_metadata(path).num_rows for path in output.glob("manifests/*.parquet"))
 
 
+# Kubernetes gives a pod 30 s (terminationGracePeriodSeconds) from SIGTERM to SIGKILL: a
+# stop must end well within that, on a busy node too (koala_batch.job.STOP_DEADLINE_S).
+STOP_LIMIT_S = 30.0
+
+
 def interrupt_after_first_commit(
     spec: dict, tmp_path: Path, signum: int, times: int
-) -> tuple[int, str, list[str]]:
+) -> tuple[int, str, list[str], float]:
     """Run the job, send it `signum` `times` times once it has committed a shard of its
-    own; its exit code, its stderr, and the Ray processes of that run still alive 10 s on."""
+    own; its exit code, its stderr, the Ray processes of that run still alive 10 s on, and
+    the seconds from the first signal to its exit."""
     output = Path(spec["output"]["uri"])
     before = committed_rows(output)
     with ray_temp_dir() as temp_dir:
@@ -107,11 +98,14 @@ def interrupt_after_first_commit(
                 break
             time.sleep(0.05)
         assert job.poll() is None, f"the job ended before the signal:\n{job.communicate()[1]}"
+        signalled = time.monotonic()
         for _ in range(times):  # a second Ctrl-C lands while the job is stopping
             job.send_signal(signum)
             time.sleep(0.5)
         _, stderr = job.communicate(timeout=90)
-        return job.returncode, stderr, ray_processes(temp_dir, within_s=10)
+        took = time.monotonic() - signalled
+        print(f"stop by {signal.Signals(signum).name} x{times}: {took:.2f} s to exit")
+        return job.returncode, stderr, ray_processes(temp_dir, within_s=10), took
 
 
 def test_signals_stop_the_job_cleanly_and_a_rerun_resumes(model_cache, tmp_path, caplog):
@@ -131,7 +125,8 @@ def test_signals_stop_the_job_cleanly_and_a_rerun_resumes(model_cache, tmp_path,
     # A double Ctrl-C, then (on the resumed run) a SIGTERM as from a scheduler.
     committed = 0
     for signum, times in ((signal.SIGINT, 2), (signal.SIGTERM, 1)):
-        code, stderr, leftover = interrupt_after_first_commit(spec, tmp_path, signum, times)
+        code, stderr, leftover, took = interrupt_after_first_commit(spec, tmp_path, signum, times)
+        assert took < STOP_LIMIT_S, f"the stop took {took:.1f} s:\n{stderr[-3000:]}"
 
         assert code == 128 + signum, stderr[-3000:]
         assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]

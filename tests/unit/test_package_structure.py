@@ -18,7 +18,7 @@ PACKAGE_DIR = REPO_ROOT / "koala_batch"
 
 # Bottom to top; a module may import from its own level (without a cycle) and below.
 LEVELS: list[set[str]] = [
-    {"errors"},
+    {"errors", "internals"},
     {"schemas", "storage", "keys", "model", "accelerations", "progress", "stats", "weights"},
     {"layout", "architectures", "config"},
     {"preflight", "lease"},

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from koala_batch import cli, errors
+from koala_batch import cli, errors, job
 from koala_batch.job import SignalStop, StopRequested, stop_on_signals
 
 
@@ -85,3 +90,94 @@ def test_cli_reports_a_ctrl_c_outside_a_run_in_one_line(monkeypatch, capsys):
     code = cli.main(["--log-format", "text", "verify", "out/"])
     assert code == 130
     assert capsys.readouterr().err == "koala-batch: interrupted: verify stopped by SIGINT\n"
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_deadline_comes_that_long_after_the_first_signal():
+    expired: list[int] = []
+    stop = SignalStop(expired.append, deadline_s=0.3)
+    stop.install()
+    time.sleep(0.5)
+    assert not expired  # no signal, no deadline
+    with pytest.raises(StopRequested):
+        signal.raise_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    signal.raise_signal(signal.SIGINT)  # a repeat does not move it
+    assert wait_for(lambda: expired)
+    assert expired == [signal.SIGTERM] and time.monotonic() - signalled >= 0.29
+    assert 8.0 < stop.seconds_left(10.0) <= 9.71
+
+
+def test_a_stop_whose_block_ends_has_no_deadline(monkeypatch):
+    monkeypatch.setattr(job, "STOP_DEADLINE_S", 0.2)
+    expired: list[int] = []
+    with stop_on_signals(expired.append) as stop, pytest.raises(StopRequested):
+        signal.raise_signal(signal.SIGINT)
+    assert stop.received == signal.SIGINT
+    time.sleep(0.5)
+    assert not expired
+    with stop_on_signals(expired.append) as stop:
+        with pytest.raises(StopRequested):
+            signal.raise_signal(signal.SIGINT)
+        assert wait_for(lambda: expired)  # the same, still in its block
+
+
+def test_run_within_says_whether_the_call_ended_in_time():
+    release = threading.Event()
+    started = time.monotonic()
+    assert job.run_within(release.wait, 0.3) is False
+    assert 0.29 <= time.monotonic() - started < 2.0
+    release.set()
+    assert job.run_within(lambda: time.sleep(0.05), 5.0) is True
+    assert job.run_within(lambda: 1 / 0, 5.0) is True  # raised: ended all the same
+
+
+# `koala-batch run` whose job never finishes stopping: after the signal it waits where no
+# signal reaches it, as a Ray shutdown waiting on its cluster in native code does.
+HUNG_RUN = """
+import sys, threading
+from koala_batch import cli, job
+
+job.STOP_DEADLINE_S = 1.0
+
+def hung_run(spec, retry_failed=False):
+    try:
+        print("running", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        threading.Event().wait()
+
+job.run = hung_run
+cli._load = lambda args: None
+sys.argv = ["koala-batch", "--log-format", "text", "run", "job.yaml"]
+cli.entry()
+"""
+
+
+def test_a_stop_that_hangs_ends_at_its_deadline_with_its_code_and_line():
+    process = subprocess.Popen(
+        [sys.executable, "-c", HUNG_RUN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "running\n"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert time.monotonic() - signalled < 10.0
+    assert process.returncode == 143, stderr
+    assert stderr == (
+        "koala-batch: interrupted: stopped by SIGTERM, cut short after 1 s; every committed "
+        "shard is kept: rerun the same command to resume\n"
+    )

@@ -1,0 +1,54 @@
+"""Each private insides of a dependency that `koala_batch.internals` touches, against the
+installed version: a change there fails here, naming the touch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.integration.conftest import ray_temp_dir
+
+pytestmark = pytest.mark.slow
+
+# In a process of its own: it ends with its cluster killed, which this test process's
+# shared cluster must not be.
+KILL_LOCAL_RAY = """
+import json, os, ray
+from koala_batch.internals import kill_local_ray, local_ray_processes
+from tests.integration.conftest import LOCAL_RAY
+
+ray.init(**{**LOCAL_RAY, "num_cpus": 1})
+processes = local_ray_processes()
+names = sorted({os.path.basename(p.args[0] if isinstance(p.args, list) else p.args)
+                for p in processes})
+killed = kill_local_ray()
+codes = [p.wait(timeout=10) for p in processes]
+print(json.dumps({"names": names, "killed": killed, "codes": codes}), flush=True)
+os._exit(0)
+"""
+
+
+def test_kill_local_ray_finds_and_kills_the_local_clusters_processes():
+    with ray_temp_dir() as temp_dir:
+        result = subprocess.run(
+            [sys.executable, "-c", KILL_LOCAL_RAY],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+            env={**os.environ, "RAY_TMPDIR": temp_dir},
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = json.loads(result.stdout.splitlines()[-1])
+    # ray._private.worker._global_node.all_processes: what a stop kills when Ray's shutdown
+    # hangs (koala_batch.internals.local_ray_processes).
+    assert any("gcs_server" in name for name in said["names"]), (
+        f"ray._private.worker._global_node.all_processes no longer lists the GCS: {said}"
+    )
+    assert any("raylet" in name for name in said["names"]), said
+    assert said["killed"] == len(said["codes"]) and all(code == -9 for code in said["codes"])
