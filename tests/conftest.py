@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,3 +50,10 @@ def tiny_spec(input_uri, output_uri, **sections) -> dict:
     for section, values in sections.items():
         spec.setdefault(section, {}).update(values)
     return spec
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a subprocess that a test interrupts as from a terminal: a shell
+    without job control (CI's, `nohup ... &`) starts background jobs with SIGINT ignored,
+    and the subprocess would keep ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

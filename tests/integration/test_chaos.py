@@ -75,7 +75,10 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
         while time.time() < deadline and job.poll() is None and committed(output) < target:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 0.5))
-        assert job.poll() is None, f"attempt {attempt}: the job ended before it could be killed"
+        assert job.poll() is None, (
+            f"attempt {attempt}: the job ended (exit {job.returncode}) before it could be "
+            f"killed:\n{log.read_text(errors='replace')[-3000:]}"
+        )
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
         kills.append((before, committed(output)))

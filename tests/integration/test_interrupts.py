@@ -18,7 +18,7 @@ import yaml
 import koala_batch
 from koala_batch.config import spec_from_dict
 from koala_batch.verify import verify_output
-from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
+from tests.conftest import REPO_ROOT, default_sigint, tiny_spec, write_prompt_table
 from tests.integration.conftest import ray_temp_dir, start_local_ray
 
 pytestmark = pytest.mark.slow
@@ -43,12 +43,6 @@ def ray_processes(temp_dir: str, within_s: float) -> list[str]:
         time.sleep(0.2)
 
 
-def _default_sigint() -> None:
-    # As from a terminal: a shell without job control starts background jobs with SIGINT
-    # ignored, and the job would keep ignoring it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def koala_batch_run(spec: dict, tmp_path: Path, temp_dir: str, *args: str) -> subprocess.Popen:
     """`koala-batch run` on `spec` in a subprocess of its own, its Ray under `temp_dir`."""
     spec_path = tmp_path / "job.yaml"
@@ -60,7 +54,7 @@ def koala_batch_run(spec: dict, tmp_path: Path, temp_dir: str, *args: str) -> su
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "RAY_TMPDIR": temp_dir},
-        preexec_fn=_default_sigint,
+        preexec_fn=default_sigint,
     )
 
 

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
+from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS, default_sigint
 from tests.integration.conftest import _free_port
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "koala-batch")
-HEAD_START_TIMEOUT_S = 120
+HEAD_START_TIMEOUT_S = 240
 
 
 def dashboard_answers(address: str) -> bool:
@@ -246,6 +246,7 @@ def test_ctrl_c_stops_following_and_leaves_the_job_running(ray_head, workdir):
         env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
     ) as job:
         shown = read_until(job, "Running entrypoint for job ")
         job_id = shown.split()[1]

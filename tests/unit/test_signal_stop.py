@@ -18,6 +18,11 @@ from koala_batch.job import SignalStop, StopRequested, stop_on_signals
 @pytest.fixture(autouse=True)
 def keep_handlers():
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # As under a terminal, whatever this process inherited: started in the background by a
+    # shell without job control (`nohup make check &`), it has SIGINT ignored, and a stop
+    # rightly leaves an ignored signal ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield
     for signum, handler in before.items():
         signal.signal(signum, handler)
