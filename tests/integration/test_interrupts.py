@@ -92,6 +92,10 @@ def interrupt_after_first_commit(
                 break
             time.sleep(0.05)
         assert job.poll() is None, f"the job ended before the signal:\n{job.communicate()[1]}"
+        if committed_rows(output) <= before:
+            job.terminate()  # stops it cleanly, its cluster too
+            job.communicate(timeout=90)
+            pytest.fail("the job committed no shard within 180 s")
         signalled = time.monotonic()
         for _ in range(times):  # a second Ctrl-C lands while the job is stopping
             job.send_signal(signum)

@@ -239,7 +239,11 @@ def read_until(job: subprocess.Popen, text: str, timeout: float = 120) -> str:
 
 
 def test_ctrl_c_stops_following_and_leaves_the_job_running(ray_head, workdir):
+    # Long enough to be still running when the signal comes: the smoke-sized job can end
+    # before its first log line reaches the follower on a loaded machine (its logs then
+    # arrive all at once, and the follow ends with exit 0 as the signal lands).
     args = ["submit", "job.yaml", "--set", "output.uri=out/interrupted", "--follow"]
+    args += ["--set", "generation.images_per_prompt=64"]
     with subprocess.Popen(
         [CLI, *args, "--address", ray_head, "--log-format", "text"],
         cwd=workdir,
