@@ -550,15 +550,16 @@ def run_within(call: Callable[[], object], timeout_s: float) -> bool:
 
 def shutdown_ray_within(timeout_s: float) -> None:
     """`ray.shutdown()`, given at most `timeout_s`; past it the processes of the local
-    cluster this process started are killed, which ends the job's part in it."""
+    cluster this process started, if any, are killed, and the shutdown left behind."""
     import ray
 
     if not run_within(ray.shutdown, timeout_s):
+        killed = kill_local_ray()
         logger.warning(
-            "the local Ray cluster did not shut down within %g s: its processes were killed",
+            "Ray did not shut down within %g s: %s",
             timeout_s,
+            f"killed the {killed} processes of the local cluster" if killed else "left it",
         )
-        kill_local_ray()
 
 
 # CPUs reserved by each task of the light stages: reading, the two rebundlings, writing.
