@@ -1,7 +1,7 @@
 """Accelerations benchmark: speed and pixel drift of the guidance cut-off and DeepCache.
 
-Loads the pipeline once (koala_batch.model.load_pipeline) and makes the same prompts with
-the same per-image seeds (one torch.Generator per image, as koala_batch.generate does)
+Loads the pipeline once (koala_batch.models.loading.load_pipeline) and makes the same prompts with
+the same per-image seeds (one torch.Generator per image, as koala_batch.stages.generate does)
 under each variant: exact, guidance cut-off at a fraction of the steps, DeepCache at an
 interval, or both. Each variant gets one untimed warm-up call, then `--images` images in
 calls of `--batch`. Reports s/image, the speed-up over exact, the U-Net work done, and how
@@ -145,7 +145,7 @@ def run_variant(
     """Seconds for all images after one warm-up call, the uint8 images, the U-Net work."""
     import torch
 
-    from koala_batch.accelerations import DeepCache, guidance_cutoff_kwargs
+    from koala_batch.models.accelerations import DeepCache, guidance_cutoff_kwargs
 
     extra = guidance_cutoff_kwargs(variant.guidance_cutoff) if variant.guidance_cutoff else {}
     deep_cache = (
@@ -175,7 +175,7 @@ def run_variant(
                 output_type="np",
                 **extra,
             )
-        # As koala_batch.generate turns the pipeline's floats into pixels.
+        # As koala_batch.stages.generate turns the pipeline's floats into pixels.
         return (np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8)
 
     try:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from koala_batch.keys import derived_seed
-    from koala_batch.model import load_pipeline
+    from koala_batch.models.loading import load_pipeline
 
     variants: list[Variant] = [Variant("exact")] + [
         v for v in args.variants if (v.guidance_cutoff, v.deep_cache_interval) != (None, None)

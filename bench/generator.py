@@ -2,7 +2,7 @@
 
 Both run in this process on the same prompts, sampler settings and image size:
 (a) loads StableDiffusionXLPipeline as the model card does (fp16 on CUDA, fp32 on CPU)
-and calls it once per prompt; (b) builds koala_batch.generate.GenerateImages once and
+and calls it once per prompt; (b) builds koala_batch.stages.generate.GenerateImages once and
 calls it on work-row tables of `--batch` rows, `--concurrency` calls at once as a job's
 actor does. The stage encodes its images (--format); (a) does too with --card-encode.
 Model load is timed apart from the loop.
@@ -115,7 +115,7 @@ def card_call(
         height=sampler.height,
     ).images[0]
     if encode_format:
-        from koala_batch.encode import encode_image
+        from koala_batch.stages.encode import encode_image
 
         # The card's usage, then what the product does with an image: koala-batch's encoder.
         encode_image(np.asarray(image), encode_format, quality)
@@ -178,7 +178,7 @@ def card_loop(
 def counting_stage_class():
     """GenerateImages counting its pipeline calls: more calls than batches means batches
     were split or images retried alone (errors, NaN pixels), which distorts the timing."""
-    from koala_batch.generate import GenerateImages
+    from koala_batch.stages.generate import GenerateImages
 
     class CountingGenerateImages(GenerateImages):
         pipeline_calls = 0
@@ -214,7 +214,7 @@ def stage_loops(
         results.append(
             {
                 "variant": "b",
-                "description": "koala_batch.generate.GenerateImages in-process "
+                "description": "koala_batch.stages.generate.GenerateImages in-process "
                 f"(generate and encode, {concurrency} calls at once)",
                 "dtype": dtype,
                 "batch": batch_size,
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     common.quiet_libraries()
     import torch
 
-    from koala_batch.config import spec_from_dict
+    from koala_batch.spec import spec_from_dict
 
     variants = {part.strip() for part in args.variants.split(",") if part.strip()}
     if not variants or not variants <= {"a", "b"}:

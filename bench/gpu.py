@@ -193,7 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="compute.fuse_qkv of (b); auto = koala-batch's (default: auto)",
     )
-    # Not common.add_stage_arguments: it imports koala_batch.generate, hence pydantic,
+    # Not common.add_stage_arguments: it imports koala_batch.stages.generate, hence pydantic,
     # which on a GPU machine exists only after bootstrap() has installed the wheels.
     parser.add_argument(
         "--format",
@@ -641,7 +641,7 @@ def _size(sampler: common.Sampler) -> tuple[int, int]:
 def case_list(args: argparse.Namespace) -> list[Case]:
     """Each case with its preset's steps and guidance (unless --steps), on its own model
     (unless --arch)."""
-    from koala_batch.model import preset_for
+    from koala_batch.models.loading import preset_for
 
     cases = []
     for name in args.cases:
@@ -675,7 +675,7 @@ def stage_spec(
     compile_mode: str | None,
 ):
     """The job spec of (b): the stage reads only the model, sampler, compute and output."""
-    from koala_batch.config import spec_from_dict
+    from koala_batch.spec import spec_from_dict
 
     storage = common.JobStorage("prompts.parquet", "unused-output", {})
     compute = {
@@ -697,7 +697,7 @@ def encode_cost(args: argparse.Namespace) -> dict[str, Any]:
     of (b)'s calls spends beside the GPU per image."""
     import numpy as np
 
-    from koala_batch.encode import encode_image
+    from koala_batch.stages.encode import encode_image
 
     pixels = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     times = []
@@ -880,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from koala_batch.generate import CALLS_PER_ACTOR
+    from koala_batch.stages.generate import CALLS_PER_ACTOR
 
     args.concurrency = CALLS_PER_ACTOR
     torch.set_num_threads(args.threads)

@@ -75,7 +75,7 @@ def import_libraries() -> float:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import koala_batch.generate  # noqa: F401
+    import koala_batch.stages.generate  # noqa: F401
 
     return time.perf_counter() - started
 
@@ -93,7 +93,7 @@ def in_process_loop(
     """(b) Model load plus the generation stage called on work-row tables, timed together."""
     import torch
 
-    from koala_batch.generate import GenerateImages
+    from koala_batch.stages.generate import GenerateImages
 
     tables = common.batches(work, batch_size)
     started = time.perf_counter()
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = common.prepare_model(args.arch, args.cache_dir)
     import_s = import_libraries()
     prewarm_s = common.warm_page_cache(model_dir)
-    from koala_batch.config import spec_from_dict
+    from koala_batch.spec import spec_from_dict
 
     threads_per_actor = args.threads_per_actor or max(1, int(args.cpus_per_actor))
     loop_threads = args.loop_threads or args.actors * threads_per_actor

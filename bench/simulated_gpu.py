@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from koala_batch.generate import GenerateImages
+from koala_batch.stages.generate import GenerateImages
 
 NAME = "simulated_gpu"
 FORMATS = ("png", "jpeg", "webp")
@@ -86,7 +86,7 @@ def simulated_generator(
 
             import numpy as np
 
-            from koala_batch.generate import GeneratedImages, to_uint8
+            from koala_batch.stages.generate import GeneratedImages, to_uint8
 
             started = time.time()
             time.sleep(seconds_per_batch)

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from koala_batch.architectures import build_random_pipeline
-from koala_batch.config import spec_from_dict
-from koala_batch.generate import GenerateImages
+from bench.architectures import build_random_pipeline
+from koala_batch.spec import spec_from_dict
+from koala_batch.stages.generate import GenerateImages
 from tests.conftest import tiny_spec
 
 

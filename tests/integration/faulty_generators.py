@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from koala_batch.generate import GenerateImages
+from koala_batch.stages.generate import GenerateImages
 
 OOM_PROMPT = "oom-when-batched"
 FAILING_PROMPT = "always-fails"

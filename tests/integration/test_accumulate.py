@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch.config import spec_from_dict
 from koala_batch.errors import OutputBusyError, OutputConflictError
-from koala_batch.verify import verify_output
+from koala_batch.output.verify import verify_output
+from koala_batch.spec import spec_from_dict
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.usefixtures("ray_local")

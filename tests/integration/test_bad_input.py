@@ -18,10 +18,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import koala_batch
-from koala_batch.config import spec_from_dict
 from koala_batch.errors import GeneratorStartError, InputError, OutputConflictError, SpecError
 from koala_batch.keys import derived_seed
-from koala_batch.verify import verify_output
+from koala_batch.output.verify import verify_output
+from koala_batch.spec import spec_from_dict
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
@@ -357,7 +357,7 @@ def test_a_wrong_model_name_fails_at_once_in_one_line(tmp_path):
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_model_that_cannot_load_stops_the_job_with_its_error(model_cache, tmp_path):
-    from koala_batch.model import ensure_tiny_model
+    from koala_batch.models.loading import ensure_tiny_model
 
     model = tmp_path / "model"
     shutil.copytree(ensure_tiny_model(model_cache), model)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from koala_batch import cli
+from koala_batch.cli import main as cli
 from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
@@ -346,7 +346,7 @@ def test_run_joins_the_cluster_named_by_ray_address(ray_local, tmp_path):
     assert json.loads(stdout)["images_ok"] == 64
 
     # On a terminal: the human lines, and the live progress line redrawn in place.
-    assert re.search(r"INFO koala_batch.job: committed shard \S+: 16 images", shown), shown
+    assert re.search(r"INFO koala_batch.runtime.job: committed shard \S+: 16 images", shown), shown
     assert "\r\x1b[K0/64 images (0%)" in shown or "\r\x1b[K16/64 images (25%)" in shown
     # The last one stays on the terminal as an ordinary line.
     assert re.search(

@@ -30,10 +30,10 @@ import yaml
 from PIL import Image
 
 import koala_batch
-from koala_batch.commit import claim_output, load_committed, uncommit
-from koala_batch.config import spec_from_dict
+from koala_batch.cli.inspect import CONTACT_SHEET, THROUGHPUT, sheet_size
 from koala_batch.keys import sample_key
-from koala_batch.layout import (
+from koala_batch.output.commit import claim_output, load_committed, uncommit
+from koala_batch.output.layout import (
     CARD_FILE,
     SUCCESS_FILE,
     folder_file_path,
@@ -43,11 +43,11 @@ from koala_batch.layout import (
     recorded_stats,
     tar_path,
 )
-from koala_batch.report import CONTACT_SHEET, THROUGHPUT, sheet_size
+from koala_batch.output.verify import verify_output
 from koala_batch.schemas import MANIFEST_COLUMNS
+from koala_batch.spec import spec_from_dict
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
-from koala_batch.verify import verify_output
-from koala_batch.write import WriteShard
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 from tests.unit.conftest import encoded_table, make_spec

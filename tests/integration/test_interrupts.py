@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 import koala_batch
-from koala_batch.config import spec_from_dict
-from koala_batch.verify import verify_output
+from koala_batch.output.verify import verify_output
+from koala_batch.spec import spec_from_dict
 from tests.conftest import REPO_ROOT, default_sigint, tiny_spec, write_prompt_table
 from tests.integration.conftest import ray_temp_dir, start_local_ray
 
@@ -63,7 +63,7 @@ def committed_rows(output: Path) -> int:
 
 
 # Kubernetes gives a pod 30 s (terminationGracePeriodSeconds) from SIGTERM to SIGKILL: a
-# stop must end well within that, on a busy node too (koala_batch.job.STOP_DEADLINE_S).
+# stop must end well within that, on a busy node too (koala_batch.runtime.job.STOP_DEADLINE_S).
 STOP_LIMIT_S = 30.0
 
 

@@ -30,9 +30,9 @@ import pytest
 import yaml
 
 import koala_batch
-from koala_batch.config import spec_from_dict
 from koala_batch.errors import KoalaBatchError
-from koala_batch.verify import verify_output
+from koala_batch.output.verify import verify_output
+from koala_batch.spec import spec_from_dict
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 

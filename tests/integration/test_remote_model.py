@@ -9,9 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch import weights
-from koala_batch.model import ensure_tiny_model
-from koala_batch.weights import CACHE_FOLDER, MANIFEST_NAME, fetch_model, read_weights_manifest
+from koala_batch.models import weights
+from koala_batch.models.loading import ensure_tiny_model
+from koala_batch.models.weights import (
+    CACHE_FOLDER,
+    MANIFEST_NAME,
+    fetch_model,
+    read_weights_manifest,
+)
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import S3Server, start_gpu_cluster, stop_cluster
 

@@ -16,9 +16,9 @@ import pytest
 
 import koala_batch
 from koala_batch import Overrides
-from koala_batch.commit import retired_rows
-from koala_batch.config import spec_from_dict
-from koala_batch.verify import verify_output
+from koala_batch.output.commit import retired_rows
+from koala_batch.output.verify import verify_output
+from koala_batch.spec import spec_from_dict
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 from tests.integration.faulty_generators import FAILING_PROMPT, fault_injecting_generator

@@ -3,10 +3,10 @@ and committed shards checked against a listing's sizes. No Ray."""
 
 from __future__ import annotations
 
-from koala_batch.commit import load_committed
-from koala_batch.layout import list_output, tar_path
+from koala_batch.output.commit import load_committed
+from koala_batch.output.layout import list_output, tar_path
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
-from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec, race, race_for_claim
 
 

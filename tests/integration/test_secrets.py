@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 import koala_batch
-from koala_batch.config import load_spec
 from koala_batch.errors import OutputConflictError
+from koala_batch.spec import load_spec
 from tests.conftest import REPO_ROOT, tiny_spec
 
 CLI = str(Path(sys.executable).parent / "koala-batch")

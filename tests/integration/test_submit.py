@@ -173,7 +173,7 @@ def test_submit_follow_runs_the_job_with_paths_relative_to_here(ray_head, workdi
         == f"submitted {submission_id} to {ray_head}; following its logs (Ctrl-C leaves it running)"
     )
     # The driver's own lines, streamed: its log and the summary `run` prints.
-    assert "INFO koala_batch.job: committed shard" in result.stdout, result.stdout[-3000:]
+    assert "INFO koala_batch.runtime.job: committed shard" in result.stdout, result.stdout[-3000:]
     assert '"images_ok": 4' in result.stdout
     output = workdir / "out" / "smoke"
     assert (output / "_SUCCESS").exists()

@@ -124,10 +124,10 @@ def test_a_lost_statistics_collector_does_not_fail_a_batch(tmp_path, sample_prom
     import ray
 
     from bench import common
-    from koala_batch.config import spec_from_dict
-    from koala_batch.generate import GenerateImages
-    from koala_batch.job import start_stats_collector
+    from koala_batch.runtime.job import start_stats_collector
     from koala_batch.schemas import STATUS_OK, Col
+    from koala_batch.spec import spec_from_dict
+    from koala_batch.stages.generate import GenerateImages
 
     spec = spec_from_dict(tiny_spec("in.parquet", str(tmp_path / "out")))
     collector = start_stats_collector()

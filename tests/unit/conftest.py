@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from koala_batch.config import JobSpec, spec_from_dict
 from koala_batch.keys import derived_seed, sample_key
-from koala_batch.validate import made_from_of
+from koala_batch.spec import JobSpec, spec_from_dict
+from koala_batch.stages.expand import made_from_of
 from tests.conftest import tiny_spec
 
 
@@ -149,8 +149,8 @@ def race_for_claim(storage, spec: JobSpec, racers: int) -> list[str]:
     """Claims of one output by `racers` runs at once: each "created" (it made the output
     its own), "resumed" (it saw another's claim and took over) or "refused" (it lost the
     create-only write of _job.json)."""
-    from koala_batch.commit import claim_output
     from koala_batch.errors import OutputConflictError
+    from koala_batch.output.commit import claim_output
 
     def claim(racer: int) -> str:
         try:

@@ -15,13 +15,13 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from koala_batch.accelerations import (
+from koala_batch.models.accelerations import (
     DeepCache,
     guidance_cutoff_callback,
     guidance_cutoff_kwargs,
     guided_steps,
 )
-from koala_batch.model import load_pipeline
+from koala_batch.models.loading import load_pipeline
 
 SIZE = 64
 STEPS = 6
@@ -51,7 +51,7 @@ def deep_cache(pipeline) -> Iterator:
 
 
 def generate(pipeline, prompts=PROMPTS, seeds=SEEDS, guidance=5.0, **kwargs) -> np.ndarray:
-    """Images as koala_batch.generate calls the pipeline: one torch.Generator per image."""
+    """Images as koala_batch.stages.generate calls the pipeline: one torch.Generator per image."""
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]

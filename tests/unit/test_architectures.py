@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koala_batch.architectures import UNET_PARAMETERS, build_unet
+from bench.architectures import UNET_PARAMETERS, build_unet
 
 
 @pytest.mark.parametrize("name", ["sdxl", "koala-1b", "koala-700m", "koala-lightning-700m"])
@@ -28,7 +28,7 @@ def test_unknown_architecture_is_named():
 
 
 def test_full_random_pipeline_has_sdxl_text_encoders_and_vae():
-    from koala_batch.architectures import build_random_pipeline
+    from bench.architectures import build_random_pipeline
 
     pipeline = build_random_pipeline("koala-lightning-700m", device="meta")
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from koala_batch.card import build_card, size_category, write_card
-from koala_batch.config import JobSpec
-from koala_batch.layout import CARD_FILE, FileKind, classify, manifest_path, scan_output
-from koala_batch.model import PRESETS
+from koala_batch.models.loading import PRESETS
+from koala_batch.output.card import build_card, size_category, write_card
+from koala_batch.output.layout import CARD_FILE, FileKind, classify, manifest_path, scan_output
 from koala_batch.schemas import MANIFEST_FIELDS
+from koala_batch.spec import JobSpec
 from koala_batch.storage import Storage
 
 
@@ -172,7 +172,7 @@ def test_the_card_is_koala_batchs_own_file():
 
 
 def test_the_last_runs_gpu_hours_and_cost_are_on_the_card():
-    from koala_batch.stats import run_cost
+    from koala_batch.output.stats import run_cost
 
     per_actor = [{"life_s": 1800.0}, {"life_s": 1800.0}]
     record = {**RECORD, "cost": run_cost(per_actor, 1.0, images=8, gpu_hour_cost=2.5)}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch.commit import (
+from koala_batch.keys import KeySet, sample_key
+from koala_batch.output.commit import (
     JOB_FILE_FORMAT,
     OutputConflictError,
     claim_output,
@@ -18,11 +19,10 @@ from koala_batch.commit import (
     uncommit,
     write_success,
 )
-from koala_batch.keys import KeySet, sample_key
-from koala_batch.layout import recorded_tar_bytes
+from koala_batch.output.layout import recorded_tar_bytes
 from koala_batch.schemas import RUN_FIELDS
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
-from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec, race_for_claim
 
 
@@ -143,7 +143,7 @@ def test_resume_under_other_library_versions_says_so(storage, out_dir, caplog):
     claim_output(storage, spec)
     _rewrite_job_versions(out_dir, torch="1.0.0", diffusers="0.1.0")
 
-    with caplog.at_level("WARNING", logger="koala_batch.commit"):
+    with caplog.at_level("WARNING", logger="koala_batch.output.commit"):
         assert claim_output(storage, spec) is True  # allowed: the spec is the same
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert f"torch 1.0.0 -> {torch.__version__}" in warning
@@ -156,7 +156,7 @@ def test_resume_under_other_library_versions_says_so(storage, out_dir, caplog):
 def test_resume_under_the_same_versions_is_quiet(storage, out_dir, caplog):
     spec = make_spec(out_dir)
     claim_output(storage, spec)
-    with caplog.at_level("WARNING", logger="koala_batch.commit"):
+    with caplog.at_level("WARNING", logger="koala_batch.output.commit"):
         assert claim_output(storage, spec) is True
     assert [r for r in caplog.records if r.levelname == "WARNING"] == []
 
@@ -489,7 +489,7 @@ def test_writer_of_a_superseded_run_commits_nothing(storage, out_dir):
 
 
 def test_late_duplicate_shard_is_retired_and_a_late_stranger_refused(storage, out_dir):
-    from koala_batch.commit import retire_late_duplicates
+    from koala_batch.output.commit import retire_late_duplicates
 
     spec = make_spec(out_dir)
     claim_output(storage, spec)
@@ -513,7 +513,7 @@ def test_late_duplicate_shard_is_retired_and_a_late_stranger_refused(storage, ou
 
 
 def test_commit_timeline_counts_the_most_images_waiting_for_a_commit():
-    from koala_batch.commit import commit_timeline
+    from koala_batch.output.commit import commit_timeline
 
     written = [
         {"rows": 2, "committed_at": 103.0, "generated_at": [101.0, 102.0]},
@@ -535,7 +535,7 @@ def test_commit_timeline_counts_the_most_images_waiting_for_a_commit():
 
 
 def test_commit_timeline_of_a_final_burst_counts_every_image():
-    from koala_batch.commit import commit_timeline
+    from koala_batch.output.commit import commit_timeline
 
     written = [
         {"rows": 2, "committed_at": 50.0 + i, "generated_at": [10.0 * i, 10.0 * i + 1]}
@@ -545,7 +545,7 @@ def test_commit_timeline_of_a_final_burst_counts_every_image():
 
 
 def test_commit_timeline_skips_shards_committed_by_an_earlier_run():
-    from koala_batch.commit import commit_timeline
+    from koala_batch.output.commit import commit_timeline
 
     earlier = {"rows": 5, "committed_at": None, "generated_at": None}
     assert commit_timeline(0.0, [earlier]) == {"shards_committed": 0}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from koala_batch.encode import ImageEncoder, encode_image
-from koala_batch.layout import EXTENSIONS
+from koala_batch.output.layout import EXTENSIONS
+from koala_batch.stages.encode import ImageEncoder, encode_image
 
 WIDTH, HEIGHT = 64, 48  # not square: a swapped width/height shows
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from koala_batch import cli, errors
+from koala_batch import errors
+from koala_batch.cli import main as cli
 from tests.conftest import SAMPLE_PROMPTS
 
 

@@ -19,12 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from koala_batch import write
-from koala_batch.commit import claim_output, load_committed, remove_leftovers, uncommit
-from koala_batch.config import OutputSpec, spec_from_dict
+from koala_batch.cli.inspect import read_images
 from koala_batch.errors import RunSupersededError
 from koala_batch.keys import sample_key
-from koala_batch.layout import (
+from koala_batch.output.commit import claim_output, load_committed, remove_leftovers, uncommit
+from koala_batch.output.layout import (
     FOLDER_METADATA,
     HUGGINGFACE_METADATA,
     IMAGE_TYPE,
@@ -40,11 +39,12 @@ from koala_batch.layout import (
     shard_record,
     tar_path,
 )
-from koala_batch.report import read_images
+from koala_batch.output.verify import verify_output
 from koala_batch.schemas import MANIFEST_COLUMNS
+from koala_batch.spec import OutputSpec, spec_from_dict
+from koala_batch.stages import write
+from koala_batch.stages.write import WriteShard, row_group_bounds
 from koala_batch.storage import Storage
-from koala_batch.verify import verify_output
-from koala_batch.write import WriteShard, row_group_bounds
 from tests.conftest import tiny_spec
 from tests.unit.conftest import encoded_table, make_spec, png_bytes
 

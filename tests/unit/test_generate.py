@@ -12,15 +12,15 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from koala_batch.generate import (
+from koala_batch.schemas import GENERATED_FIELDS, STATUS_ERROR, STATUS_OK, Col
+from koala_batch.stages.expand import ExpandImages
+from koala_batch.stages.generate import (
     GeneratedImages,
     GenerateImages,
     busy_summary,
     decode_latents,
     to_uint8,
 )
-from koala_batch.schemas import GENERATED_FIELDS, STATUS_ERROR, STATUS_OK, Col
-from koala_batch.validate import ExpandImages
 from tests.unit.conftest import make_spec
 
 
@@ -253,7 +253,7 @@ def test_busy_statistics_count_pipeline_time_and_images(spec):
 
 
 def test_compile_warms_up_at_the_job_batch_shape_before_the_first_batch(model_cache, monkeypatch):
-    from koala_batch import generate as generate_module
+    from koala_batch.stages import generate as generate_module
 
     applied, calls = [], []
     monkeypatch.setattr(generate_module, "optimize_pipeline", lambda p, s: applied.append(s))

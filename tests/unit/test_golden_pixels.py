@@ -24,7 +24,7 @@ When this fails:
 - after a deliberate upgrade (or a change to build_tiny_pipeline), regenerate the
   values with `.venv/bin/python -m tests.unit.test_golden_pixels` and paste them in,
   with GOLDEN_VERSIONS; if the tiny model's weights changed, also bump
-  koala_batch.model.TINY_MODEL_VERSION (so caches holding the old weights are not
+  koala_batch.models.loading.TINY_MODEL_VERSION (so caches holding the old weights are not
   reused) and GOLDEN_TINY_MODEL_VERSION here.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from koala_batch.model import TINY_MODEL_VERSION, build_tiny_pipeline, load_pipeline
+from koala_batch.models.loading import TINY_MODEL_VERSION, build_tiny_pipeline, load_pipeline
 
 # What produced the expected values below; shown next to the running versions on failure.
 GOLDEN_VERSIONS = "torch 2.13.0+cpu, diffusers 0.42.1, transformers 5.24.0"
@@ -190,7 +190,7 @@ def mismatch_message(case: GoldenCase, corner: np.ndarray, centre: np.ndarray) -
         "A library upgrade or model change moved the pixels every job makes. If it was not "
         "deliberate, find the cause. If it was, regenerate the values "
         "(python -m tests.unit.test_golden_pixels), update GOLDEN_VERSIONS, and if the tiny "
-        "model's weights changed bump koala_batch.model.TINY_MODEL_VERSION and "
+        "model's weights changed bump koala_batch.models.loading.TINY_MODEL_VERSION and "
         "GOLDEN_TINY_MODEL_VERSION."
     )
 

@@ -181,9 +181,9 @@ NO_RAY = textwrap.dedent(
     from pathlib import Path
 
     from bench import gpu
-    import koala_batch.architectures, koala_batch.config, koala_batch.encode
-    import koala_batch.generate, koala_batch.model
-    from koala_batch.generate import GenerateImages
+    import bench.architectures, koala_batch.spec, koala_batch.stages.encode
+    import koala_batch.stages.generate, koala_batch.models.loading
+    from koala_batch.stages.generate import GenerateImages
 
     args = gpu.parse_args(["--out", "unused", "--dry-run"])
     assert gpu.bootstrap(args.wheels)["needed"] is False
@@ -239,7 +239,7 @@ def test_measure_chooses_what_runs(tmp_path):
 
 def test_breakdown_parts_add_up_to_the_call(model_cache, tmp_path, one_thread):
     from bench import generator
-    from koala_batch.config import spec_from_dict
+    from koala_batch.spec import spec_from_dict
     from tests.conftest import tiny_spec
 
     spec = spec_from_dict(tiny_spec("in.parquet", str(tmp_path / "out")))

@@ -22,9 +22,9 @@ import jsonschema
 import pytest
 import yaml
 
-from koala_batch.cli import build_parser
-from koala_batch.config import SECRET_OPTION_NAMES, JobSpec, apply_overrides, spec_from_dict
-from koala_batch.job import LIGHT_STAGES_CPUS
+from koala_batch.cli.main import build_parser
+from koala_batch.runtime.job import LIGHT_STAGES_CPUS
+from koala_batch.spec import SECRET_OPTION_NAMES, JobSpec, apply_overrides, spec_from_dict
 from tests.conftest import REPO_ROOT
 
 INFRA_DIR = REPO_ROOT / "infra"
@@ -209,7 +209,7 @@ def resolved_job_spec(path: Path, doc: dict[str, Any]) -> tuple[JobSpec, Any]:
         f"{args.spec} is not provided to the head pod by a ConfigMap in {path.name}"
     )
     overrides = list(args.overrides)
-    if args.overwrite:  # as koala_batch.cli._load does
+    if args.overwrite:  # as koala_batch.cli.main._load does
         overrides.append("output.overwrite=true")
     raw = yaml.safe_load(text)
     return spec_from_dict(apply_overrides(raw, overrides), source=args.spec), args
@@ -451,7 +451,7 @@ def test_entrypoint_runs_the_configmap_spec_with_its_overrides(path, doc):
     sets = dict(override.split("=", 1) for override in args.overrides)
     assert args.command == "run"
     assert sets.keys() >= {"input.uri", "output.uri"}
-    # An override's value is YAML (koala_batch.config.apply_overrides): a list of partitions.
+    # An override's value is YAML (koala_batch.spec.apply_overrides): a list of partitions.
     assert spec.input.uri == yaml.safe_load(sets["input.uri"])
     assert spec.output.uri == sets["output.uri"]
     # Retries (backoffLimit) and cron runs rerun the same command: it must resume.

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from koala_batch.errors import OutputBusyError
-from koala_batch.layout import FileKind, classify, scan_output
-from koala_batch.lease import (
+from koala_batch.output.layout import FileKind, classify, scan_output
+from koala_batch.output.lease import (
     OutputLease,
     current_holder,
     lease_epochs,
@@ -71,7 +71,7 @@ def test_a_second_run_on_a_live_output_exits_busy_and_writes_nothing(storage):
 
 def test_a_lease_whose_heartbeat_stopped_is_taken_over(storage, caplog):
     write_lease(storage, 1, host="another-machine", pid=1, heartbeat_s=0.1)
-    caplog.set_level(logging.INFO, logger="koala_batch.lease")
+    caplog.set_level(logging.INFO, logger="koala_batch.output.lease")
     with OutputLease(storage, "run-b", heartbeat_s=0.1) as lease:
         assert lease.epoch == 2
         assert lease_epochs(storage) == [2]  # the dead run's file is gone
@@ -128,7 +128,7 @@ def test_of_two_runs_taking_over_one_dead_lease_exactly_one_gets_it(storage):
 
 
 def test_a_run_whose_lease_was_taken_stops_beating_and_leaves_the_new_one(storage, caplog):
-    caplog.set_level(logging.WARNING, logger="koala_batch.lease")
+    caplog.set_level(logging.WARNING, logger="koala_batch.output.lease")
     lease = OutputLease(storage, "run-a", heartbeat_s=0.05)
     lease.acquire()
     write_lease(storage, 2, host="another-machine", pid=1, heartbeat_s=0.05)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from koala_batch import model
-from koala_batch.model import (
+from koala_batch.models import loading as model
+from koala_batch.models.loading import (
     PRESETS,
     UnsafeWeightsError,
     build_clip_tokenizer,

@@ -9,12 +9,12 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from koala_batch.config import spec_from_dict
 from koala_batch.errors import StorageError
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.layout import manifest_path, tar_path
+from koala_batch.output.layout import manifest_path, tar_path
+from koala_batch.spec import spec_from_dict
+from koala_batch.stages.expand import ExpandImages
 from koala_batch.storage import Storage
-from koala_batch.validate import ExpandImages
 from tests.conftest import tiny_spec
 
 KEY = re.compile(r"^[0-9a-f]{32}-[0-9]+$")

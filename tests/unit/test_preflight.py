@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from koala_batch.config import ModelSpec
 from koala_batch.errors import ModelUnavailableError, SpecError, UnsafeWeightsError, UsageError
-from koala_batch.model import PRESETS
-from koala_batch.preflight import check_model
+from koala_batch.models.loading import PRESETS
+from koala_batch.models.preflight import check_model
+from koala_batch.spec import ModelSpec
 
 REPO = "example-org/tiny-sdxl"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -22,7 +22,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def model_dir(model_cache, tmp_path) -> Path:
     """A copy of the tiny model's diffusers directory, free to damage."""
-    from koala_batch.model import ensure_tiny_model
+    from koala_batch.models.loading import ensure_tiny_model
 
     copy = tmp_path / "tiny-copy"
     shutil.copytree(ensure_tiny_model(model_cache), copy)
@@ -119,7 +119,7 @@ def test_a_damaged_weights_file_is_named(model_dir, damage, why):
 
 
 def test_a_fetched_copy_with_a_corrupt_file_of_the_right_size_is_caught(model_dir, tmp_path):
-    from koala_batch.weights import fetch_model
+    from koala_batch.models.weights import fetch_model
 
     copy = tmp_path / "fetched"
     fetch_model(str(model_dir), str(copy))
@@ -189,7 +189,7 @@ LIGHTNING = "koala-lightning-700m"
 def lightning_copy(hub, model_dir, tmp_path) -> Path:
     """What `fetch-model koala-lightning-700m DEST` writes (the tiny weights under the
     preset's Hub id in the cache)."""
-    from koala_batch.weights import fetch_model
+    from koala_batch.models.weights import fetch_model
 
     cache_snapshot(hub, model_dir, repo=PRESETS[LIGHTNING].source)
     dest = tmp_path / "lightning-copy"
@@ -218,7 +218,7 @@ def test_a_copy_of_a_preset_without_model_preset_is_refused(lightning_copy, wher
 
 
 def test_model_preset_sets_the_scheduler_a_copy_is_loaded_with(lightning_copy):
-    from koala_batch.model import load_pipeline
+    from koala_batch.models.loading import load_pipeline
 
     generic = load_pipeline(str(lightning_copy), device=torch.device("cpu"))
     preset = load_pipeline(str(lightning_copy), device=torch.device("cpu"), preset=LIGHTNING)

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from koala_batch.config import InputSpec
 from koala_batch.errors import InputError, SpecError
-from koala_batch.read import ReadRowGroups, check_schema, plan_input, text_values
 from koala_batch.schemas import RESERVED_COLUMNS
+from koala_batch.spec import InputSpec
+from koala_batch.stages.read import ReadRowGroups, check_schema, plan_input, text_values
 from tests.unit.conftest import make_spec
 
 FILE = "s3://bucket/prompts/part-0.parquet"

@@ -7,9 +7,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch.config import InputSpec
 from koala_batch.errors import InputError
-from koala_batch.read import ReadRowGroups, plan_input
+from koala_batch.spec import InputSpec
+from koala_batch.stages.read import ReadRowGroups, plan_input
 
 # (path below the root, prompts): string and int keys, a URL escape, Hive's null.
 TREE = {

@@ -10,7 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch.commit import (
+from koala_batch.errors import OutputConflictError, RunSupersededError
+from koala_batch.keys import KeySet, sample_key
+from koala_batch.output.commit import (
     RowVersion,
     claim_output,
     load_committed,
@@ -20,12 +22,10 @@ from koala_batch.commit import (
     retired_rows,
     retriable_failures,
 )
-from koala_batch.errors import OutputConflictError, RunSupersededError
-from koala_batch.keys import KeySet, sample_key
-from koala_batch.layout import TAR_BYTES_METADATA, manifest_path, recorded_stats, tar_path
+from koala_batch.output.layout import TAR_BYTES_METADATA, manifest_path, recorded_stats, tar_path
+from koala_batch.output.verify import verify_output
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
-from koala_batch.verify import verify_output
-from koala_batch.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec
 
 
@@ -338,7 +338,7 @@ def test_verify_refuses_a_rewritten_manifest_that_lost_rows_silently(spec, stora
 
 
 def test_run_takes_retry_failed_from_the_command_line():
-    from koala_batch.cli import build_parser
+    from koala_batch.cli.main import build_parser
 
     assert build_parser().parse_args(["run", "job.yaml", "--retry-failed"]).retry_failed
     assert not build_parser().parse_args(["run", "job.yaml"]).retry_failed

@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from koala_batch import cli, errors, job
-from koala_batch.job import SignalStop, StopRequested, stop_on_signals
+from koala_batch import errors
+from koala_batch.cli import main as cli
+from koala_batch.runtime import job
+from koala_batch.runtime.job import SignalStop, StopRequested, stop_on_signals
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +149,8 @@ def test_run_within_says_whether_the_call_ended_in_time():
 # signal reaches it, as a Ray shutdown waiting on its cluster in native code does.
 HUNG_RUN = """
 import sys, threading
-from koala_batch import cli, job
+from koala_batch.cli import main as cli
+from koala_batch.runtime import job
 
 job.STOP_DEADLINE_S = 1.0
 

@@ -8,9 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch.commit import build_job_record
-from koala_batch.config import JobSpec
-from koala_batch.layout import (
+from koala_batch.output.commit import build_job_record
+from koala_batch.output.layout import (
     STATS_METADATA,
     TAR_BYTES_METADATA,
     recorded_stats,
@@ -19,8 +18,7 @@ from koala_batch.layout import (
     summary_from_manifest,
     tar_bytes_metadata,
 )
-from koala_batch.schemas import SUMMARY_SCHEMA, Col
-from koala_batch.stats import (
+from koala_batch.output.stats import (
     MAX_REASON_CHARS,
     UNKNOWN_REASON,
     as_failures,
@@ -32,6 +30,8 @@ from koala_batch.stats import (
     run_cost,
     shard_stats,
 )
+from koala_batch.schemas import SUMMARY_SCHEMA, Col
+from koala_batch.spec import JobSpec
 from koala_batch.storage import Storage
 
 
@@ -224,7 +224,7 @@ def test_the_job_record_totals_the_stats_and_lists_failures_as_dicts():
 def test_the_encoder_times_each_image():
     import numpy as np
 
-    from koala_batch.encode import ImageEncoder
+    from koala_batch.stages.encode import ImageEncoder
 
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     encoded = ImageEncoder("png", 95, threads=2).encode_all([pixels, pixels])

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from koala_batch.commit import check_output, claim_output, remove_leftovers
 from koala_batch.errors import OutputUnwritableError, StorageError
-from koala_batch.layout import FileKind, classify
+from koala_batch.output.commit import check_output, claim_output, remove_leftovers
+from koala_batch.output.layout import FileKind, classify
 from koala_batch.storage import Storage, is_transient, with_retries
 from tests.unit.conftest import make_spec, race
 

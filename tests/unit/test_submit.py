@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from koala_batch import cli
-from koala_batch.config import spec_from_dict
-from koala_batch.errors import SpecError
-from koala_batch.submit import (
+from koala_batch.cli import main as cli
+from koala_batch.cli.submit import (
     SPEC_ENV,
     build_submission,
     resolve_local_paths,
@@ -19,6 +17,8 @@ from koala_batch.submit import (
     spec_from_env,
     submission_spec,
 )
+from koala_batch.errors import SpecError
+from koala_batch.spec import spec_from_dict
 from tests.conftest import tiny_spec
 
 

@@ -20,19 +20,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch import cli
-from koala_batch.commit import check_output, claim_output, write_success
-from koala_batch.config import JobSpec, spec_from_dict
-from koala_batch.encode import encode_image
+from koala_batch.cli import main as cli
 from koala_batch.errors import EXIT_INVALID, InputError, OutputConflictError, SpecError
 from koala_batch.keys import sample_key
-from koala_batch.layout import manifest_path, tar_path
-from koala_batch.read import ReadRowGroups, plan_input
+from koala_batch.output.commit import check_output, claim_output, write_success
+from koala_batch.output.layout import manifest_path, tar_path
+from koala_batch.output.verify import VerifyReport, verify_output
 from koala_batch.schemas import STATUS_OK, SUMMARY_SCHEMA
+from koala_batch.spec import JobSpec, spec_from_dict
+from koala_batch.stages.encode import encode_image
+from koala_batch.stages.expand import ExpandImages
+from koala_batch.stages.read import ReadRowGroups, plan_input
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
-from koala_batch.validate import ExpandImages
-from koala_batch.verify import VerifyReport, verify_output
-from koala_batch.write import WriteShard
 from tests.conftest import tiny_spec, write_prompt_table
 
 PROMPTS_A = [f"a photo of koala number {i}" for i in range(7)] + [""]  # last row: error row
@@ -582,7 +582,7 @@ def test_damaged_input_row_group_is_one_input_error(built, tmp_path):
 
 
 def test_the_report_gives_the_recorded_cost(built):
-    from koala_batch.stats import run_cost
+    from koala_batch.output.stats import run_cost
 
     record = dict(built.record)
     record["cost"] = run_cost([{"life_s": 3600.0}], 0.5, images=24, gpu_hour_cost=2.0)

@@ -1,4 +1,4 @@
-"""Fetched copies of a model (koala_batch.weights): what fetch-model copies, its manifest,
+"""Fetched copies of a model (koala_batch.models.weights): what fetch-model copies, its manifest,
 and the per-node cache that downloads a copy once and checks every byte."""
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from koala_batch import cli
+from koala_batch.cli import main as cli
 from koala_batch.errors import EXIT_INVALID, ModelUnavailableError, UnsafeWeightsError
-from koala_batch.model import ensure_tiny_model
-from koala_batch.storage import Storage
-from koala_batch.weights import (
+from koala_batch.models.loading import ensure_tiny_model
+from koala_batch.models.weights import (
     CACHE_FOLDER,
     MANIFEST_NAME,
     WeightsManifest,
@@ -33,6 +32,7 @@ from koala_batch.weights import (
     is_selected_weight,
     local_copy,
 )
+from koala_batch.storage import Storage
 from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
 
 MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
@@ -197,8 +197,8 @@ def test_fetch_of_a_typo_of_a_preset_suggests_it_without_asking_the_hub(
 
 
 def test_the_model_name_fetch_model_prints_passes_preflight(tiny_dir, tmp_path, capsys):
-    from koala_batch.config import ModelSpec
-    from koala_batch.preflight import check_model
+    from koala_batch.models.preflight import check_model
+    from koala_batch.spec import ModelSpec
 
     dest = tmp_path / "copy"
     assert cli.main(["--log-format", "text", "fetch-model", "tiny", str(dest)]) == 0
@@ -265,7 +265,7 @@ def test_fetch_a_hub_id_offline_from_the_hugging_face_cache(tiny_dir, tmp_path):
         "KOALA_BATCH_CACHE": str(tmp_path / "empty-cache"),
     }
     env.pop("HF_HUB_CACHE", None)
-    command = [sys.executable, "-m", "koala_batch.cli", "--log-format", "text", "fetch-model"]
+    command = [sys.executable, "-m", "koala_batch.cli.main", "--log-format", "text", "fetch-model"]
 
     dest = tmp_path / "copy"
     done = subprocess.run(
@@ -352,7 +352,7 @@ def test_check_remote_weights_names_the_url_and_the_fix(tiny_dir):
 def test_local_copy_loads_as_the_pipeline_fetched(tiny_dir, tmp_path):
     import torch
 
-    from koala_batch.model import load_pipeline
+    from koala_batch.models.loading import load_pipeline
 
     url = memory_url()
     fetch_model("tiny", url)
@@ -427,7 +427,7 @@ def test_a_generator_loads_model_name_url_with_its_secret_storage_options(
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from koala_batch.generate import GenerateImages
+    from koala_batch.stages.generate import GenerateImages
     from tests.unit.conftest import make_spec
 
     url = memory_url()

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch import write
 from koala_batch.keys import sample_key, shard_name
 from koala_batch.schemas import MANIFEST_COLUMNS, MANIFEST_FIELDS, SUMMARY_SCHEMA, name_rows
-from koala_batch.write import WriteShard
+from koala_batch.stages import write
+from koala_batch.stages.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec
 
 IDS = [f"row-{i}" for i in range(6)]

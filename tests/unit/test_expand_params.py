@@ -12,14 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from koala_batch.commit import claim_output
-from koala_batch.config import InputSpec
 from koala_batch.errors import InputError, OutputConflictError, SpecError
 from koala_batch.keys import derived_seed, sample_key
-from koala_batch.read import check_schema, count_images, plan_input
+from koala_batch.output.commit import claim_output
 from koala_batch.schemas import MANIFEST_FIELDS, WORK_FIELDS, Col
-from koala_batch.storage import Storage
-from koala_batch.validate import (
+from koala_batch.spec import InputSpec
+from koala_batch.stages.expand import (
     ORDINAL_STRIDE,
     ExpandImages,
     parse_row_guidance_scale,
@@ -28,6 +26,8 @@ from koala_batch.validate import (
     parse_row_side,
     parse_row_steps,
 )
+from koala_batch.stages.read import check_schema, count_images, plan_input
+from koala_batch.storage import Storage
 from tests.unit.conftest import make_spec
 
 FILE = "s3://bucket/prompts/part-0.parquet"

@@ -12,9 +12,9 @@ from datetime import datetime
 
 import pytest
 
-from koala_batch import cli, progress
-from koala_batch.job import RAY_DATA_ACTOR_ARGS_NOTE
-from koala_batch.progress import (
+from koala_batch.cli import main as cli
+from koala_batch.runtime import console as progress
+from koala_batch.runtime.console import (
     ConsoleHandler,
     JobProgress,
     JsonFormatter,
@@ -24,6 +24,7 @@ from koala_batch.progress import (
     progress_snapshot,
     resolve_log_format,
 )
+from koala_batch.runtime.job import RAY_DATA_ACTOR_ARGS_NOTE
 
 # As Ray 2.60's core worker prints it (its ID shortened).
 RAY_NOTE = (
@@ -122,8 +123,8 @@ def test_job_progress_reports_at_most_every_interval_and_always_at_the_end(caplo
 
 
 def test_json_formatter_writes_one_object_with_the_extra_fields():
-    record = logging.getLogger("koala_batch.job").makeRecord(
-        "koala_batch.job",
+    record = logging.getLogger("koala_batch.runtime.job").makeRecord(
+        "koala_batch.runtime.job",
         logging.WARNING,
         __file__,
         1,
@@ -136,7 +137,7 @@ def test_json_formatter_writes_one_object_with_the_extra_fields():
     assert "\n" not in line
     entry = json.loads(line)
     assert datetime.fromisoformat(entry["ts"]).utcoffset() is not None
-    assert entry["level"] == "warning" and entry["logger"] == "koala_batch.job"
+    assert entry["level"] == "warning" and entry["logger"] == "koala_batch.runtime.job"
     assert entry["message"] == "committed shard 000-abc: 16 images"
     assert (entry["event"], entry["shard"], entry["images"]) == ("shard_committed", "000-abc", 16)
     assert "_private" not in entry and "args" not in entry and "msg" not in entry

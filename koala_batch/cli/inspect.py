@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from koala_batch.errors import UsageError
-from koala_batch.layout import (
+from koala_batch.output.layout import (
     FILES,
     IMAGE_COLUMN,
     PARQUET,
@@ -53,8 +53,8 @@ from koala_batch.layout import (
     recorded_stats,
     tar_path,
 )
+from koala_batch.output.stats import add_failures, cost_lines, shard_stats
 from koala_batch.schemas import STATUS_OK, Col
-from koala_batch.stats import add_failures, cost_lines, shard_stats
 from koala_batch.storage import Storage
 
 CONTACT_SHEET = "contact_sheet.png"

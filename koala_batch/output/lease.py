@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from koala_batch.errors import OutputBusyError
-from koala_batch.layout import LEASE_DIR
+from koala_batch.output.layout import LEASE_DIR
 from koala_batch.storage import Storage
 
 logger = logging.getLogger(__name__)

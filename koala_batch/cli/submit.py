@@ -23,7 +23,6 @@ from typing import Any, TextIO
 import yaml
 from pydantic import SecretStr
 
-from koala_batch.config import JobSpec, apply_overrides, load_spec, spec_from_dict
 from koala_batch.errors import (
     EXIT_INVALID,
     EXIT_OK,
@@ -34,6 +33,7 @@ from koala_batch.errors import (
     SpecError,
     UsageError,
 )
+from koala_batch.spec import JobSpec, apply_overrides, load_spec, spec_from_dict
 
 SPEC_ENV = "KOALA_BATCH_SPEC"
 # The sections whose storage_options reach a filesystem (and so may hold credentials).
@@ -118,7 +118,7 @@ def resolve_local_paths(raw: dict[str, Any], cwd: Path) -> dict[str, Any]:
     """A copy of a valid raw spec whose relative local paths are absolute under `cwd`:
     input.uri, output.uri, and model.name where it names a local directory (a preset or a
     Hugging Face id is not a path). The driver on the cluster runs elsewhere."""
-    from koala_batch.model import PRESETS, TINY_MODEL_NAME
+    from koala_batch.models.loading import PRESETS, TINY_MODEL_NAME
 
     resolved = {section: dict(value) for section, value in raw.items()}
     uri = resolved["input"]["uri"]

@@ -31,8 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from koala_batch.card import write_card
-from koala_batch.commit import (
+from koala_batch.compat import kill_local_ray
+from koala_batch.errors import (
+    ClusterResourcesError,
+    GeneratorStartError,
+    InputError,
+    Interrupted,
+    JobFailedError,
+    RunSupersededError,
+    SpecError,
+    UsageError,
+)
+from koala_batch.keys import KeySet
+from koala_batch.models.preflight import check_model
+from koala_batch.output.card import write_card
+from koala_batch.output.commit import (
     CommittedState,
     build_job_record,
     check_output,
@@ -47,34 +60,13 @@ from koala_batch.commit import (
     uncommit,
     write_success,
 )
-from koala_batch.config import (
-    ComputeSpec,
-    JobSpec,
-    apply_overrides,
-    load_spec,
-    reveal_storage_options,
-    spec_from_dict,
-)
-from koala_batch.coverage import (
+from koala_batch.output.coverage import (
     changed_failures,
     check_complete,
     check_resume,
     stale_keys,
 )
-from koala_batch.errors import (
-    ClusterResourcesError,
-    GeneratorStartError,
-    InputError,
-    Interrupted,
-    JobFailedError,
-    RunSupersededError,
-    SpecError,
-    UsageError,
-)
-from koala_batch.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
-from koala_batch.internals import kill_local_ray
-from koala_batch.keys import KeySet
-from koala_batch.layout import (
+from koala_batch.output.layout import (
     CARD_FILE,
     JOB_FILE,
     MANIFESTS_DIR,
@@ -85,21 +77,14 @@ from koala_batch.layout import (
     list_output,
     manifest_path,
 )
-from koala_batch.lease import OutputLease
-from koala_batch.preflight import check_model
-from koala_batch.progress import (
+from koala_batch.output.lease import OutputLease
+from koala_batch.output.stats import run_cost
+from koala_batch.runtime.console import (
     JobProgress,
     Poller,
     adopt_library_console,
     drop_native_stderr_line,
     style_library_console,
-)
-from koala_batch.read import (
-    DatasetRows,
-    InputPlan,
-    ReadRowGroups,
-    check_dataset_schema,
-    plan_input,
 )
 from koala_batch.schemas import (
     IMAGE_ROW_FIELDS,
@@ -109,10 +94,25 @@ from koala_batch.schemas import (
     Col,
     require_columns,
 )
-from koala_batch.stats import run_cost
+from koala_batch.spec import (
+    ComputeSpec,
+    JobSpec,
+    apply_overrides,
+    load_spec,
+    reveal_storage_options,
+    spec_from_dict,
+)
+from koala_batch.stages.expand import ExpandImages, planned_keys
+from koala_batch.stages.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
+from koala_batch.stages.read import (
+    DatasetRows,
+    InputPlan,
+    ReadRowGroups,
+    check_dataset_schema,
+    plan_input,
+)
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
-from koala_batch.validate import ExpandImages, planned_keys
-from koala_batch.write import WriteShard
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from koala_batch.config import JobSpec, reveal_storage_options
 from koala_batch.errors import RunSupersededError, StageInputError
 from koala_batch.keys import shard_name
-from koala_batch.layout import (
+from koala_batch.output.layout import (
     FILE_NAME_COLUMN,
     FILES,
     FOLDER_METADATA,
@@ -47,6 +46,7 @@ from koala_batch.layout import (
     summary_from_manifest,
     tar_path,
 )
+from koala_batch.output.stats import shard_stats
 from koala_batch.schemas import (
     MANIFEST_COLUMNS,
     MANIFEST_FIELDS,
@@ -59,7 +59,7 @@ from koala_batch.schemas import (
     require_columns,
     utc_timestamps,
 )
-from koala_batch.stats import shard_stats
+from koala_batch.spec import JobSpec, reveal_storage_options
 from koala_batch.storage import Storage
 
 # The manifest columns copied from the rows (the others come from the spec and the shard).

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from koala_batch.config import JobSpec
-from koala_batch.layout import CARD_FILE, MANIFESTS_DIR, SHARDS_DIR, manifest_path
+from koala_batch.output.layout import CARD_FILE, MANIFESTS_DIR, SHARDS_DIR, manifest_path
+from koala_batch.output.stats import describe_cost
 from koala_batch.schemas import MANIFEST_FIELDS
-from koala_batch.stats import describe_cost
+from koala_batch.spec import JobSpec
 from koala_batch.storage import Storage
 
 # The Hub's size buckets (the `size_categories` metadata), by upper bound.

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from koala_batch.keys import SEED_MODULUS, derived_row_id, derived_seed, sample_key
-from koala_batch.read import check_schema
-from koala_batch.validate import ExpandImages, parse_row_seed
+from koala_batch.stages.expand import ExpandImages, parse_row_seed
+from koala_batch.stages.read import check_schema
 from tests.unit.conftest import make_spec
 
 FILE = "s3://bucket/prompts/part-0.parquet"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from koala_batch.config import (
+from koala_batch.spec import (
     JobSpec,
     ModelSpec,
     SpecError,
@@ -591,7 +591,7 @@ def test_lightning_preset_defaults():
 
 
 def test_koala_700m_preset_defaults():
-    from koala_batch.model import PRESETS
+    from koala_batch.models.loading import PRESETS
 
     spec = with_model("koala-700m")
     assert spec.resolved_steps == 25

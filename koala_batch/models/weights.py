@@ -32,7 +32,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from koala_batch.errors import ModelUnavailableError
-from koala_batch.model import (
+from koala_batch.models.loading import (
     PRESETS,
     TINY_MODEL_NAME,
     TINY_MODEL_VERSION,

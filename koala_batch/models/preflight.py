@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from koala_batch import weights
-from koala_batch.config import ModelSpec, reveal_storage_options
 from koala_batch.errors import ModelUnavailableError, SpecError
-from koala_batch.model import (
+from koala_batch.models import weights
+from koala_batch.models.loading import (
     PRESETS,
     TINY_MODEL_NAME,
     check_local_weights_are_safetensors,
@@ -24,7 +23,8 @@ from koala_batch.model import (
     did_you_mean,
     resolve_model_source,
 )
-from koala_batch.weights import MODEL_INDEX
+from koala_batch.models.weights import MODEL_INDEX
+from koala_batch.spec import ModelSpec, reveal_storage_options
 
 # How long the Hub may take to answer whether a repository exists.
 HUB_TIMEOUT_S = 10.0

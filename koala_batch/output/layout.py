@@ -53,8 +53,8 @@ from typing import Any
 import pyarrow as pa
 
 from koala_batch.keys import SHARD_NAME_PATTERN
+from koala_batch.output.stats import failures_by_reason
 from koala_batch.schemas import STATUS_OK, Col
-from koala_batch.stats import failures_by_reason
 from koala_batch.storage import PARTIAL_SUFFIX, Storage, with_retries
 
 SHARDS_DIR = "shards"
@@ -72,7 +72,7 @@ MANIFEST_SUFFIX = ".parquet"
 TAR_BYTES_METADATA = b"koala_batch.tar_bytes"
 # Manifest metadata: the shard's stats (`stats.shard_stats`) as JSON, so that a reader of
 # a committed output finds them without the job record.
-STATS_METADATA = b"koala_batch.stats"
+STATS_METADATA = b"koala_batch.output.stats"
 # File extension of an image member, by output.image_format.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 

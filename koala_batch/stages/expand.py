@@ -20,13 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from koala_batch.config import (
-    GUIDANCE_SCALE_RULE,
-    IMAGES_PER_PROMPT_RULE,
-    SIDE_RULE,
-    STEPS_RULE,
-    JobSpec,
-)
 from koala_batch.keys import (
     SEED_MODULUS,
     KeySet,
@@ -37,7 +30,6 @@ from koala_batch.keys import (
     made_from_digest,
     sample_key,
 )
-from koala_batch.read import InputPlan, ReadRowGroups, bounded_map, images_of_row, text_values
 from koala_batch.schemas import (
     BUCKET_COLUMNS,
     READ_COLUMNS,
@@ -46,6 +38,20 @@ from koala_batch.schemas import (
     WORK_FIELDS,
     Col,
     require_columns,
+)
+from koala_batch.spec import (
+    GUIDANCE_SCALE_RULE,
+    IMAGES_PER_PROMPT_RULE,
+    SIDE_RULE,
+    STEPS_RULE,
+    JobSpec,
+)
+from koala_batch.stages.read import (
+    InputPlan,
+    ReadRowGroups,
+    bounded_map,
+    images_of_row,
+    text_values,
 )
 
 

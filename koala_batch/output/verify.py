@@ -48,10 +48,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from koala_batch.commit import retired_rows
-from koala_batch.config import JobSpec, reveal_storage_options
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.layout import (
+from koala_batch.output.commit import retired_rows
+from koala_batch.output.layout import (
     EXTENSIONS,
     FILE_NAME_COLUMN,
     FILES,
@@ -78,7 +77,7 @@ from koala_batch.layout import (
     sidecar_member,
     tar_path,
 )
-from koala_batch.read import bounded_map, plan_input
+from koala_batch.output.stats import describe_cost
 from koala_batch.schemas import (
     MANIFEST_COLUMNS,
     MANIFEST_FIELDS,
@@ -87,9 +86,10 @@ from koala_batch.schemas import (
     STATUS_OK,
     Col,
 )
-from koala_batch.stats import describe_cost
+from koala_batch.spec import JobSpec, reveal_storage_options
+from koala_batch.stages.expand import planned_images
+from koala_batch.stages.read import bounded_map, plan_input
 from koala_batch.storage import Storage, with_retries
-from koala_batch.validate import planned_images
 
 # What Pillow calls each output format.
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

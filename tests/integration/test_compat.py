@@ -1,4 +1,4 @@
-"""Each private insides of a dependency that `koala_batch.internals` touches, against the
+"""Each private insides of a dependency that `koala_batch.compat` touches, against the
 installed version: a change there fails here, naming the touch."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # shared cluster must not be.
 KILL_LOCAL_RAY = """
 import json, os, ray
-from koala_batch.internals import kill_local_ray, local_ray_processes
+from koala_batch.compat import kill_local_ray, local_ray_processes
 from tests.integration.conftest import LOCAL_RAY
 
 ray.init(**{**LOCAL_RAY, "num_cpus": 1})
@@ -46,7 +46,7 @@ def test_kill_local_ray_finds_and_kills_the_local_clusters_processes():
     assert result.returncode == 0, result.stderr[-3000:]
     said = json.loads(result.stdout.splitlines()[-1])
     # ray._private.worker._global_node.all_processes: what a stop kills when Ray's shutdown
-    # hangs (koala_batch.internals.local_ray_processes).
+    # hangs (koala_batch.compat.local_ray_processes).
     assert any("gcs_server" in name for name in said["names"]), (
         f"ray._private.worker._global_node.all_processes no longer lists the GCS: {said}"
     )

@@ -40,7 +40,7 @@ def _add_spec_arguments(parser: argparse.ArgumentParser, spec_env: bool = False)
 
 
 def _add_log_format_argument(parser: argparse.ArgumentParser, default: str) -> None:
-    from koala_batch.progress import LOG_FORMATS
+    from koala_batch.runtime.console import LOG_FORMATS
 
     parser.add_argument(
         "--log-format",
@@ -167,22 +167,22 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace):
-    from koala_batch.config import load_spec
+    from koala_batch.spec import load_spec
 
     if getattr(args, "spec_env", None):
-        from koala_batch.submit import spec_from_env
+        from koala_batch.cli.submit import spec_from_env
 
         return spec_from_env(args.spec_env, _overrides(args))
     return load_spec(args.spec, _overrides(args))
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    from koala_batch.commit import check_output
-    from koala_batch.config import reveal_storage_options
-    from koala_batch.layout import JOB_FILE
-    from koala_batch.lease import current_holder
-    from koala_batch.preflight import check_model
-    from koala_batch.read import plan_input
+    from koala_batch.models.preflight import check_model
+    from koala_batch.output.commit import check_output
+    from koala_batch.output.layout import JOB_FILE
+    from koala_batch.output.lease import current_holder
+    from koala_batch.spec import reveal_storage_options
+    from koala_batch.stages.read import plan_input
     from koala_batch.storage import Storage
 
     spec = _load(args)
@@ -233,9 +233,9 @@ def cut_short(signum: int) -> None:
     """A stop's deadline passed (`job.STOP_DEADLINE_S` after the first signal) with the run
     still stopping: kill the local Ray cluster, say so in one line and end the process
     now. Nothing committed is lost: each commit is one atomic write."""
-    from koala_batch.internals import kill_local_ray
-    from koala_batch.job import STOP_DEADLINE_S
-    from koala_batch.progress import write_last_line
+    from koala_batch.compat import kill_local_ray
+    from koala_batch.runtime.console import write_last_line
+    from koala_batch.runtime.job import STOP_DEADLINE_S
 
     kill_local_ray()
     write_last_line(
@@ -249,7 +249,7 @@ def cut_short(signum: int) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     from koala_batch.errors import Interrupted
-    from koala_batch.job import run, stop_on_signals
+    from koala_batch.runtime.job import run, stop_on_signals
 
     # From the first line on, so that a signal before or after the Ray part (planning the
     # input, writing _SUCCESS) also ends in one line and 130/143; and in time.
@@ -279,7 +279,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_submit(args: argparse.Namespace) -> int:
-    from koala_batch.submit import submit
+    from koala_batch.cli.submit import submit
 
     return submit(
         args.spec,
@@ -292,9 +292,9 @@ def command_submit(args: argparse.Namespace) -> int:
 
 
 def command_verify(args: argparse.Namespace) -> int:
-    from koala_batch.config import load_spec, reveal_storage_options
     from koala_batch.errors import UsageError
-    from koala_batch.verify import verify_output
+    from koala_batch.output.verify import verify_output
+    from koala_batch.spec import load_spec, reveal_storage_options
 
     if args.overrides and not args.spec:
         # Without a spec there is nothing to override: ignoring them would verify less
@@ -312,7 +312,7 @@ def command_verify(args: argparse.Namespace) -> int:
 def command_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from koala_batch.report import inspect_output
+    from koala_batch.cli.inspect import inspect_output
 
     result = inspect_output(
         args.output,
@@ -328,8 +328,8 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_fetch_model(args: argparse.Namespace) -> int:
-    from koala_batch.model import PRESETS, TINY_MODEL_NAME
-    from koala_batch.weights import fetch_model
+    from koala_batch.models.loading import PRESETS, TINY_MODEL_NAME
+    from koala_batch.models.weights import fetch_model
 
     result = fetch_model(args.name, args.dest, revision=args.revision, variant=args.variant)
     use = f"model.name: {result.url}"
@@ -349,8 +349,8 @@ CHATTY_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "bot
 
 def configure_logging(verbose: bool, log_format: str = "text") -> None:
     """INFO for everything; DEBUG for koala-batch alone with -v; storage clients quiet.
-    Records go to stderr as text or JSON lines (see koala_batch.progress)."""
-    from koala_batch.progress import configure_console
+    Records go to stderr as text or JSON lines (see koala_batch.runtime.console)."""
+    from koala_batch.runtime.console import configure_console
 
     configure_console(log_format)
     logging.getLogger("koala_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -360,7 +360,7 @@ def configure_logging(verbose: bool, log_format: str = "text") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 failed, 2 invalid)."""
-    from koala_batch.progress import print_failure
+    from koala_batch.runtime.console import print_failure
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -415,7 +415,7 @@ def entry() -> None:
         import ray
 
         if ray.is_initialized():  # a cluster the command joined: leave it, in time
-            from koala_batch.job import shutdown_ray_within
+            from koala_batch.runtime.job import shutdown_ray_within
 
             shutdown_ray_within(LEAVE_RAY_S)
     logging.shutdown()

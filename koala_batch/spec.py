@@ -23,9 +23,9 @@ from pydantic import (
 )
 
 from koala_batch.errors import SpecError
-from koala_batch.model import PRESETS, ModelPreset, preset_for
+from koala_batch.models.loading import PRESETS, ModelPreset, preset_for
+from koala_batch.models.weights import local_model_path
 from koala_batch.schemas import READ_COLUMNS, RESERVED_COLUMNS, Col
-from koala_batch.weights import local_model_path
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict"]
 

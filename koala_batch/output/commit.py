@@ -35,10 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from koala_batch.config import JobSpec
 from koala_batch.errors import OutputConflictError, OutputUnwritableError, RunSupersededError
 from koala_batch.keys import KeySet, key_digest, made_from_bytes
-from koala_batch.layout import (
+from koala_batch.output.layout import (
     JOB_FILE,
     MANIFESTS_DIR,
     SHARDS_DIR,
@@ -53,8 +52,9 @@ from koala_batch.layout import (
     stats_metadata,
     summary_from_manifest,
 )
+from koala_batch.output.stats import as_failures, job_totals, shard_stats
 from koala_batch.schemas import RUN_FIELDS, STATUS_OK, Col
-from koala_batch.stats import as_failures, job_totals, shard_stats
+from koala_batch.spec import JobSpec
 from koala_batch.storage import Storage
 
 logger = logging.getLogger(__name__)

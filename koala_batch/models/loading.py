@@ -362,7 +362,7 @@ def load_pipeline(
     """Load a StableDiffusionXLPipeline from safetensors on an explicit device and dtype.
 
     With float16 weights the VAE is kept in `decode_dtype` (bfloat16 or float32): decode
-    latents with `koala_batch.generate.decode_latents`, which casts them to it. `preset`
+    latents with `koala_batch.stages.generate.decode_latents`, which casts them to it. `preset`
     (model.preset) names the preset whose scheduler applies to a directory or a copy.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline

@@ -27,12 +27,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from koala_batch.accelerations import DeepCache, guidance_cutoff_kwargs
-from koala_batch.config import JobSpec, reveal_storage_options
-from koala_batch.encode import ImageEncoder
-from koala_batch.model import SpeedSettings, load_pipeline, optimize_pipeline, pick_device
+from koala_batch.models.accelerations import DeepCache, guidance_cutoff_kwargs
+from koala_batch.models.loading import SpeedSettings, load_pipeline, optimize_pipeline, pick_device
+from koala_batch.models.weights import is_remote_model, local_copy
 from koala_batch.schemas import BUCKET_COLUMNS, STATUS_ERROR, STATUS_OK, Col, require_columns
-from koala_batch.weights import is_remote_model, local_copy
+from koala_batch.spec import JobSpec, reveal_storage_options
+from koala_batch.stages.encode import ImageEncoder
 
 logger = logging.getLogger(__name__)
 

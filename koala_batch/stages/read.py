@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 from fsspec.registry import get_filesystem_class
 from fsspec.utils import get_protocol
 
-from koala_batch.config import IMAGES_PER_PROMPT_RULE, InputSpec, reveal_storage_options
 from koala_batch.errors import InputError, SpecError
 from koala_batch.schemas import READ_COLUMNS, Col, require_columns
+from koala_batch.spec import IMAGES_PER_PROMPT_RULE, InputSpec, reveal_storage_options
 from koala_batch.storage import filesystem_for, with_retries
 
 T = TypeVar("T")

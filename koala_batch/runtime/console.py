@@ -432,7 +432,7 @@ def failure_line(message: str, exit_code: int, log_format: str) -> str:
         {
             "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "level": "error",
-            "logger": "koala_batch.cli",
+            "logger": "koala_batch.cli.main",
             "message": message,
             "event": "failed",
             "exit_code": exit_code,

@@ -14,9 +14,23 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from koala_batch.cli.inspect import (
+    CONTACT_SHEET,
+    THROUGHPUT,
+    contact_sheet,
+    default_out_dir,
+    format_summary,
+    inspect_output,
+    load_output,
+    read_images,
+    sample_images,
+    sheet_size,
+    summarize,
+    throughput_plot,
+)
 from koala_batch.errors import UsageError
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.layout import (
+from koala_batch.output.layout import (
     FILES,
     IMAGE_COLUMN,
     IMAGE_TYPE,
@@ -31,22 +45,8 @@ from koala_batch.layout import (
     stats_metadata,
     tar_path,
 )
-from koala_batch.report import (
-    CONTACT_SHEET,
-    THROUGHPUT,
-    contact_sheet,
-    default_out_dir,
-    format_summary,
-    inspect_output,
-    load_output,
-    read_images,
-    sample_images,
-    sheet_size,
-    summarize,
-    throughput_plot,
-)
+from koala_batch.output.stats import run_cost, shard_stats
 from koala_batch.schemas import Col
-from koala_batch.stats import run_cost, shard_stats
 from koala_batch.storage import Storage
 
 ROWS_PER_SHARD = 4
@@ -247,7 +247,7 @@ def test_inspect_writes_both_pictures_and_never_overwrites(tmp_path):
 
 @pytest.mark.parametrize("below", ["", "deeper"])
 def test_inspect_out_that_is_a_file_exits_2_naming_it(tmp_path, capsys, below):
-    from koala_batch import cli
+    from koala_batch.cli import main as cli
 
     write_output(tmp_path / "out", PARQUET)
     in_the_way = tmp_path / "report.txt"

@@ -1,0 +1,1 @@
+"""The koala-batch command line."""

@@ -1,0 +1,1 @@
+"""Models: presets' weights, loading, the tiny model, fetched copies, preflight, accelerations."""

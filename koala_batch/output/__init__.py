@@ -1,0 +1,1 @@
+"""The output: its layout, formats, commit protocol, lease, card and verification."""

@@ -1,0 +1,1 @@
+"""Running a job: Ray session, signals, the graph, orchestration, the console."""

@@ -1,0 +1,1 @@
+"""The stages of the Ray Data graph: read, expand, generate, encode, write."""
