@@ -103,7 +103,7 @@ def build_random_pipeline(
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from koala_batch.models.loading import build_clip_tokenizer
+    from koala_batch.models.tiny import build_clip_tokenizer
 
     timestep_spacing = "trailing" if "lightning" in name else "leading"
     tokenizer = build_clip_tokenizer()

@@ -212,7 +212,7 @@ def build_cpu_pipeline(seed: int = 0):
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from koala_batch.models.loading import build_tiny_pipeline
+    from koala_batch.models.tiny import build_tiny_pipeline
 
     tiny = build_tiny_pipeline(seed)
     config = {**tiny.unet.config, "block_out_channels": [64, 128], "norm_num_groups": 32}
@@ -240,7 +240,7 @@ def build_pipeline(arch: str):
 
 def prepare_model(arch: str, cache_dir: Path | None = None) -> Path:
     """A saved diffusers directory (safetensors) for the architecture, built once and reused."""
-    from koala_batch.models.loading import default_cache_dir, ensure_tiny_model, save_pipeline_once
+    from koala_batch.models.tiny import default_cache_dir, ensure_tiny_model, save_pipeline_once
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
@@ -286,7 +286,7 @@ def resolve_sampler(
     A local model directory gets koala-batch's generic defaults (25 steps), never the
     preset of the architecture it was built as, so the job spec always passes both.
     """
-    from koala_batch.models.loading import preset_for
+    from koala_batch.presets import preset_for
 
     # The CPU-sized models are for speed, not pictures: 4 steps like the tiny preset.
     preset = preset_for("tiny" if arch in SMALL_ARCHITECTURES else arch)

@@ -641,7 +641,7 @@ def _size(sampler: common.Sampler) -> tuple[int, int]:
 def case_list(args: argparse.Namespace) -> list[Case]:
     """Each case with its preset's steps and guidance (unless --steps), on its own model
     (unless --arch)."""
-    from koala_batch.models.loading import preset_for
+    from koala_batch.presets import preset_for
 
     cases = []
     for name in args.cases:

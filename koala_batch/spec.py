@@ -23,8 +23,7 @@ from pydantic import (
 )
 
 from koala_batch.errors import SpecError
-from koala_batch.models.loading import PRESETS, ModelPreset, preset_for
-from koala_batch.models.weights import local_model_path
+from koala_batch.presets import PRESETS, ModelPreset, local_model_path, preset_for
 from koala_batch.schemas import READ_COLUMNS, RESERVED_COLUMNS, Col
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict"]

@@ -17,7 +17,7 @@ SAMPLE_PROMPTS = REPO_ROOT / "jobs" / "data" / "parti-sample.parquet"
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """A model cache holding the tiny model; Ray workers find it through the environment."""
-    from koala_batch.models.loading import ensure_tiny_model
+    from koala_batch.models.tiny import ensure_tiny_model
 
     cache = tmp_path_factory.mktemp("model-cache")
     os.environ["KOALA_BATCH_CACHE"] = str(cache)  # set before Ray starts: workers inherit it

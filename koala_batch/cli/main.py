@@ -328,8 +328,8 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_fetch_model(args: argparse.Namespace) -> int:
-    from koala_batch.models.loading import PRESETS, TINY_MODEL_NAME
     from koala_batch.models.weights import fetch_model
+    from koala_batch.presets import PRESETS, TINY_MODEL_NAME
 
     result = fetch_model(args.name, args.dest, revision=args.revision, variant=args.variant)
     use = f"model.name: {result.url}"

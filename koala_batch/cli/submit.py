@@ -118,7 +118,7 @@ def resolve_local_paths(raw: dict[str, Any], cwd: Path) -> dict[str, Any]:
     """A copy of a valid raw spec whose relative local paths are absolute under `cwd`:
     input.uri, output.uri, and model.name where it names a local directory (a preset or a
     Hugging Face id is not a path). The driver on the cluster runs elsewhere."""
-    from koala_batch.models.loading import PRESETS, TINY_MODEL_NAME
+    from koala_batch.presets import PRESETS, TINY_MODEL_NAME
 
     resolved = {section: dict(value) for section, value in raw.items()}
     uri = resolved["input"]["uri"]

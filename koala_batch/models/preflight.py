@@ -15,15 +15,9 @@ from typing import Any
 
 from koala_batch.errors import ModelUnavailableError, SpecError
 from koala_batch.models import weights
-from koala_batch.models.loading import (
-    PRESETS,
-    TINY_MODEL_NAME,
-    check_local_weights_are_safetensors,
-    check_model_name,
-    did_you_mean,
-    resolve_model_source,
-)
+from koala_batch.models.loading import check_local_weights_are_safetensors, resolve_model_source
 from koala_batch.models.weights import MODEL_INDEX
+from koala_batch.presets import PRESETS, TINY_MODEL_NAME, check_model_name, did_you_mean
 from koala_batch.spec import ModelSpec, reveal_storage_options
 
 # How long the Hub may take to answer whether a repository exists.

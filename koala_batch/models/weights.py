@@ -29,17 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from koala_batch.errors import ModelUnavailableError
-from koala_batch.models.loading import (
+from koala_batch.models.loading import check_local_weights_are_safetensors
+from koala_batch.models.tiny import TINY_MODEL_VERSION, default_cache_dir, ensure_tiny_model
+from koala_batch.presets import (
+    LOCAL_PROTOCOLS,
     PRESETS,
     TINY_MODEL_NAME,
-    TINY_MODEL_VERSION,
-    check_local_weights_are_safetensors,
     check_model_name,
-    default_cache_dir,
-    ensure_tiny_model,
+    local_model_path,
     unknown_model_error,
 )
 from koala_batch.storage import Storage, WriteTarget
@@ -54,7 +53,6 @@ WEIGHT_SUFFIX = ".safetensors"
 CONFIG_SUFFIXES = (".json", ".txt")
 # The folder of the koala-batch cache that holds downloaded copies, one per manifest.
 CACHE_FOLDER = "models"
-_LOCAL_PROTOCOLS = {"file", "local"}
 _HASH_CHUNK = 8 * 2**20
 # A safetensors file: an 8-byte little-endian header length, the JSON header, then the
 # tensors' bytes, each at the header's `data_offsets` (from the end of the header).
@@ -138,16 +136,7 @@ class FetchResult:
 def is_remote_model(name: str) -> bool:
     """Whether model.name is an fsspec URL of a fetched copy (s3://, gs://, memory://, ...)."""
     protocol, _ = fsspec.core.split_protocol(name)
-    return protocol is not None and protocol not in _LOCAL_PROTOCOLS
-
-
-def local_model_path(name: str) -> str:
-    """model.name with a local URL (file:///models/tiny, what fetch-model prints for a local
-    copy) made the path it names; any other name unchanged."""
-    protocol, _ = fsspec.core.split_protocol(name)
-    if protocol in _LOCAL_PROTOCOLS:
-        return LocalFileSystem._strip_protocol(name)
-    return name
+    return protocol is not None and protocol not in LOCAL_PROTOCOLS
 
 
 def safetensors_damage(path: Path) -> str | None:

@@ -357,7 +357,7 @@ def test_a_wrong_model_name_fails_at_once_in_one_line(tmp_path):
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_model_that_cannot_load_stops_the_job_with_its_error(model_cache, tmp_path):
-    from koala_batch.models.loading import ensure_tiny_model
+    from koala_batch.models.tiny import ensure_tiny_model
 
     model = tmp_path / "model"
     shutil.copytree(ensure_tiny_model(model_cache), model)

@@ -10,7 +10,7 @@ import pytest
 
 import koala_batch
 from koala_batch.models import weights
-from koala_batch.models.loading import ensure_tiny_model
+from koala_batch.models.tiny import ensure_tiny_model
 from koala_batch.models.weights import (
     CACHE_FOLDER,
     MANIFEST_NAME,

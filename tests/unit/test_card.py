@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from koala_batch.models.loading import PRESETS
 from koala_batch.output.card import build_card, size_category, write_card
 from koala_batch.output.layout import CARD_FILE, FileKind, classify, manifest_path, scan_output
+from koala_batch.presets import PRESETS
 from koala_batch.schemas import MANIFEST_FIELDS
 from koala_batch.spec import JobSpec
 from koala_batch.storage import Storage

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from koala_batch.models.loading import TINY_MODEL_VERSION, build_tiny_pipeline, load_pipeline
+from koala_batch.models.loading import load_pipeline
+from koala_batch.models.tiny import TINY_MODEL_VERSION, build_tiny_pipeline
 
 # What produced the expected values below; shown next to the running versions on failure.
 GOLDEN_VERSIONS = "torch 2.13.0+cpu, diffusers 0.42.1, transformers 5.24.0"

@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from koala_batch.errors import UnsafeWeightsError
 from koala_batch.models import loading as model
-from koala_batch.models.loading import (
-    PRESETS,
-    UnsafeWeightsError,
-    build_clip_tokenizer,
-    ensure_tiny_model,
-    load_pipeline,
-    preset_for,
-)
+from koala_batch.models import tiny
+from koala_batch.models.loading import load_pipeline
+from koala_batch.models.tiny import build_clip_tokenizer, ensure_tiny_model
+from koala_batch.presets import PRESETS, preset_for
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -123,7 +120,7 @@ def test_second_call_reuses_the_built_model(tiny_cache, monkeypatch):
         raise AssertionError("the tiny model was built again")
 
     # A sentinel for the builder (not the function under test): reuse must not call it.
-    monkeypatch.setattr(model, "build_tiny_pipeline", must_not_build)
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", must_not_build)
     assert ensure_tiny_model(tiny_cache) == target
     assert {p: p.stat().st_mtime_ns for p in target.rglob("*") if p.is_file()} == before
 

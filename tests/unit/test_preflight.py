@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from koala_batch.errors import ModelUnavailableError, SpecError, UnsafeWeightsError, UsageError
-from koala_batch.models.loading import PRESETS
 from koala_batch.models.preflight import check_model
+from koala_batch.presets import PRESETS
 from koala_batch.spec import ModelSpec
 
 REPO = "example-org/tiny-sdxl"
@@ -22,7 +22,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def model_dir(model_cache, tmp_path) -> Path:
     """A copy of the tiny model's diffusers directory, free to damage."""
-    from koala_batch.models.loading import ensure_tiny_model
+    from koala_batch.models.tiny import ensure_tiny_model
 
     copy = tmp_path / "tiny-copy"
     shutil.copytree(ensure_tiny_model(model_cache), copy)

@@ -591,7 +591,7 @@ def test_lightning_preset_defaults():
 
 
 def test_koala_700m_preset_defaults():
-    from koala_batch.models.loading import PRESETS
+    from koala_batch.presets import PRESETS
 
     spec = with_model("koala-700m")
     assert spec.resolved_steps == 25

@@ -20,7 +20,7 @@ import pytest
 
 from koala_batch.cli import main as cli
 from koala_batch.errors import EXIT_INVALID, ModelUnavailableError, UnsafeWeightsError
-from koala_batch.models.loading import ensure_tiny_model
+from koala_batch.models.tiny import ensure_tiny_model
 from koala_batch.models.weights import (
     CACHE_FOLDER,
     MANIFEST_NAME,
