@@ -1,8 +1,8 @@
 """The private insides of koala-batch's dependencies that it reaches into.
 
-Each touch here has a test in `tests/integration/test_internals.py` that fails naming
-it when a dependency changes it. (Older touches still sit where they are used, in
-`job.py` and `storage.py`; they move here with the package's rebuild.)
+Each touch here has a test in `tests/integration/test_compat.py` that fails naming it
+when a dependency changes it. (Older touches still sit where they are used, in
+`runtime/job.py` and `storage.py`; they move here with the package's rebuild.)
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ import logging
 import subprocess
 
 logger = logging.getLogger(__name__)
+
+# What Ray's job head answers (HTTP 500) when no dashboard agent has registered with it
+# yet, as right after `ray start --head` on a busy node: "please try again later". Its
+# text is the only way to tell it from a refusal.
+RAY_NO_JOB_AGENT = "No available agent to submit job"
 
 
 def local_ray_processes() -> list[subprocess.Popen[bytes]]:

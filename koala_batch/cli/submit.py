@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import yaml
 from pydantic import SecretStr
 
+from koala_batch.compat import RAY_NO_JOB_AGENT
 from koala_batch.errors import (
     EXIT_INVALID,
     EXIT_OK,
@@ -41,6 +42,12 @@ STORAGE_SECTIONS = ("input", "model", "output")
 # Ray's client takes these over the address it is given: --address must win.
 RAY_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 PROBE_TIMEOUT_S = 10.0
+# How long a submission waits for a cluster whose job agent is not ready yet, and between
+# tries: a head just started on a busy node takes tens of seconds to get one.
+AGENT_WAIT_S = 120.0
+AGENT_RETRY_S = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,6 +327,28 @@ def follow(client: Any, job_id: str, address: str, stream: TextIO | None = None)
     )
 
 
+def when_agent_ready(
+    call: Callable[[], str],
+    wait_s: float = AGENT_WAIT_S,
+    retry_s: float = AGENT_RETRY_S,
+) -> str:
+    """`call()`, tried again while the cluster answers that no job agent is ready, for up
+    to `wait_s`; then, or on any other refusal, its RuntimeError. No job exists after such
+    an answer (the head had no agent to hand it to), so trying again cannot make two."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return call()
+        except RuntimeError as exc:
+            if RAY_NO_JOB_AGENT not in str(exc) or time.monotonic() + retry_s > deadline:
+                raise
+            if not said:
+                logger.info("the cluster's job agent is not ready yet; trying again")
+                said = True
+            time.sleep(retry_s)
+
+
 def submit(
     spec_path: str,
     overrides: list[str],
@@ -336,10 +365,12 @@ def submit(
     client = connect(address)
     _quiet_ray_client()
     try:
-        job_id = client.submit_job(
-            entrypoint=submission.entrypoint,
-            runtime_env=submission.runtime_env,
-            submission_id=submission_id,
+        job_id = when_agent_ready(
+            lambda: client.submit_job(
+                entrypoint=submission.entrypoint,
+                runtime_env=submission.runtime_env,
+                submission_id=submission_id,
+            )
         )
     except RuntimeError as exc:  # Ray's client: the dashboard's answer, e.g. an id in use
         raise DashboardError(

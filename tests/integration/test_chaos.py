@@ -37,6 +37,9 @@ def start_job(spec_path: Path, log: Path) -> subprocess.Popen:
     )
 
 
+# A hang guard, not a speed check: four cold job starts (each importing torch and starting
+# Ray) outgrow the suite's 300 s on a loaded machine.
+@pytest.mark.timeout(900)
 def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_path):
     seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 2**32))
     rng = random.Random(seed)
@@ -87,7 +90,7 @@ def test_three_sigkills_then_resume_gives_exactly_once_output(model_cache, tmp_p
     assert kills[-1][1] < shards, "every shard was committed before the last kill"
 
     final = subprocess.run(
-        [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [CLI, "run", str(spec_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
     )
     assert final.returncode == 0, final.stderr[-3000:]
 

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from koala_batch.compat import RAY_NO_JOB_AGENT
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import ray_temp_dir
 
@@ -52,3 +54,15 @@ def test_kill_local_ray_finds_and_kills_the_local_clusters_processes():
     )
     assert any("raylet" in name for name in said["names"]), said
     assert said["killed"] == len(said["codes"]) and all(code == -9 for code in said["codes"])
+
+
+def test_rays_job_head_still_answers_no_agent_as_submit_expects():
+    # koala_batch.compat.RAY_NO_JOB_AGENT: the answer `submit` waits out. If Ray words it
+    # otherwise, a submission to a cluster still starting fails at once instead.
+    from ray.dashboard.modules.job import job_head
+
+    source = Path(job_head.__file__).read_text()
+    assert RAY_NO_JOB_AGENT in source, (
+        "ray.dashboard.modules.job.job_head no longer answers "
+        f"{RAY_NO_JOB_AGENT!r} when no job agent is ready"
+    )

@@ -16,7 +16,9 @@ from koala_batch.cli.submit import (
     secret_fields,
     spec_from_env,
     submission_spec,
+    when_agent_ready,
 )
+from koala_batch.compat import RAY_NO_JOB_AGENT
 from koala_batch.errors import SpecError
 from koala_batch.spec import spec_from_dict
 from tests.conftest import tiny_spec
@@ -246,3 +248,40 @@ def test_an_address_that_is_not_a_url_exits_2(tmp_path, capsys):
 
     assert code == 2
     assert "--address 10.0.0.1:6379: the URL of the Ray dashboard" in capsys.readouterr().err
+
+
+class Answers:
+    """The dashboard's answers to successive submissions, as Ray's client raises them."""
+
+    def __init__(self, *answers: str):
+        self.answers = list(answers)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if answer.startswith("raysubmit"):
+            return answer
+        raise RuntimeError(f"Request failed with status code 500: {answer}")
+
+
+def test_a_submission_is_sent_again_while_no_job_agent_is_ready():
+    no_agent = f"{RAY_NO_JOB_AGENT}, please try again later."
+    answers = Answers(no_agent, no_agent, "raysubmit_123")
+    assert when_agent_ready(answers, wait_s=5, retry_s=0.01) == "raysubmit_123"
+    assert answers.calls == 3
+
+
+def test_any_other_refusal_is_not_sent_again():
+    answers = Answers("Job with submission_id nightly already exists.", "raysubmit_123")
+    with pytest.raises(RuntimeError, match="already exists"):
+        when_agent_ready(answers, wait_s=5, retry_s=0.01)
+    assert answers.calls == 1
+
+
+def test_waiting_for_a_job_agent_ends_with_the_clusters_answer():
+    no_agent = f"{RAY_NO_JOB_AGENT}, please try again later."
+    answers = Answers(*[no_agent] * 100)
+    with pytest.raises(RuntimeError, match=RAY_NO_JOB_AGENT):
+        when_agent_ready(answers, wait_s=0.05, retry_s=0.02)
+    assert 1 < answers.calls < 100
