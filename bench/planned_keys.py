@@ -46,11 +46,11 @@ def measure(rows: int) -> dict[str, Any]:
     """Plan `rows` rows and compare them with themselves as committed; seconds and RSS."""
     import pyarrow.parquet as pq
 
+    from koala_batch.inputs.files import plan_input
+    from koala_batch.inputs.rows import planned_keys
     from koala_batch.output.commit import CommittedState
     from koala_batch.output.coverage import changed_images, stale_keys
     from koala_batch.spec import spec_from_dict
-    from koala_batch.stages.expand import planned_keys
-    from koala_batch.stages.read import plan_input
 
     with tempfile.TemporaryDirectory(prefix="kb-planned-") as scratch:
         path = Path(scratch, "prompts.parquet")

@@ -13,7 +13,9 @@ import os
 import posixpath
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -369,3 +371,20 @@ def unwritable_output(
     else:
         hint = f"fix {names.uri_setting} or {options}"
     return OutputUnwritableError(f"{where} cannot be written ({cause}); {hint}")
+
+
+R = TypeVar("R")
+
+
+def bounded_map(
+    pool: ThreadPoolExecutor, function: Callable[[T], R], items: list[T], in_flight: int
+) -> Iterator[R]:
+    """`pool.map` in order, with at most `in_flight` items started and not yet consumed,
+    so memory stays a few shards (or row groups) however large the output."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -177,12 +177,12 @@ def _load(args: argparse.Namespace):
 
 
 def command_validate(args: argparse.Namespace) -> int:
+    from koala_batch.inputs.files import plan_input
     from koala_batch.models.preflight import check_model
     from koala_batch.output.commit import check_output
     from koala_batch.output.layout import JOB_FILE
     from koala_batch.output.lease import current_holder
     from koala_batch.spec import reveal_storage_options
-    from koala_batch.stages.read import plan_input
     from koala_batch.storage import Storage
 
     spec = _load(args)

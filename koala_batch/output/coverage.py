@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 from koala_batch.errors import JobFailedError, OutputConflictError
+from koala_batch.inputs.files import InputPlan
+from koala_batch.inputs.rows import find_planned
 from koala_batch.keys import KeySet
 from koala_batch.output.commit import CommittedState, damage_beyond_input
 from koala_batch.output.layout import manifest_path
 from koala_batch.spec import JobSpec
-from koala_batch.stages.expand import find_planned
-from koala_batch.stages.read import InputPlan
 from koala_batch.storage import Storage
 
 # What every refusal of an output that does not match the input offers.

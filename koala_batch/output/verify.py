@@ -48,6 +48,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from koala_batch.inputs.files import plan_input
+from koala_batch.inputs.rows import planned_images
 from koala_batch.keys import sample_key, shard_name
 from koala_batch.output.commit import retired_rows
 from koala_batch.output.layout import (
@@ -87,9 +89,7 @@ from koala_batch.schemas import (
     Col,
 )
 from koala_batch.spec import JobSpec, reveal_storage_options
-from koala_batch.stages.expand import planned_images
-from koala_batch.stages.read import bounded_map, plan_input
-from koala_batch.storage import Storage, with_retries
+from koala_batch.storage import Storage, bounded_map, with_retries
 
 # What Pillow calls each output format.
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

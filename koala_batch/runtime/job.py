@@ -42,6 +42,8 @@ from koala_batch.errors import (
     SpecError,
     UsageError,
 )
+from koala_batch.inputs.files import InputPlan, plan_input
+from koala_batch.inputs.rows import planned_keys
 from koala_batch.keys import KeySet
 from koala_batch.models.preflight import check_model
 from koala_batch.output.card import write_card
@@ -102,15 +104,9 @@ from koala_batch.spec import (
     reveal_storage_options,
     spec_from_dict,
 )
-from koala_batch.stages.expand import ExpandImages, planned_keys
+from koala_batch.stages.expand import ExpandImages
 from koala_batch.stages.generate import CALLS_PER_ACTOR, GenerateImages, busy_summary
-from koala_batch.stages.read import (
-    DatasetRows,
-    InputPlan,
-    ReadRowGroups,
-    check_dataset_schema,
-    plan_input,
-)
+from koala_batch.stages.read import DatasetRows, ReadRowGroups, check_dataset_schema
 from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
 

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 import koala_batch
+from koala_batch.inputs.files import HIVE_NULL, plan_input
 from koala_batch.keys import derived_seed
 from koala_batch.output.verify import verify_output
 from koala_batch.spec import spec_from_dict
-from koala_batch.stages.read import HIVE_NULL, plan_input
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from koala_batch.inputs.rows import made_from_of
 from koala_batch.keys import derived_seed, sample_key
 from koala_batch.spec import JobSpec, spec_from_dict
-from koala_batch.stages.expand import made_from_of
 from tests.conftest import tiny_spec
 
 

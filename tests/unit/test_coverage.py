@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from koala_batch.errors import JobFailedError, OutputConflictError
+from koala_batch.inputs.files import plan_input
+from koala_batch.inputs.rows import planned_keys
 from koala_batch.output.commit import claim_output, load_committed
 from koala_batch.output.coverage import changed_failures, check_complete, check_resume
-from koala_batch.stages.expand import planned_keys
-from koala_batch.stages.read import plan_input
 from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
 from tests.conftest import write_prompt_table

@@ -7,9 +7,10 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
+from koala_batch.inputs.files import check_schema
+from koala_batch.inputs.rows import parse_row_seed
 from koala_batch.keys import SEED_MODULUS, derived_row_id, derived_seed, sample_key
-from koala_batch.stages.expand import ExpandImages, parse_row_seed
-from koala_batch.stages.read import check_schema
+from koala_batch.stages.expand import ExpandImages
 from tests.unit.conftest import make_spec
 
 FILE = "s3://bucket/prompts/part-0.parquet"

@@ -13,20 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from koala_batch.errors import InputError, OutputConflictError, SpecError
-from koala_batch.keys import derived_seed, sample_key
-from koala_batch.output.commit import claim_output
-from koala_batch.schemas import MANIFEST_FIELDS, WORK_FIELDS, Col
-from koala_batch.spec import InputSpec
-from koala_batch.stages.expand import (
+from koala_batch.inputs.files import check_schema, count_images, plan_input
+from koala_batch.inputs.rows import (
     ORDINAL_STRIDE,
-    ExpandImages,
     parse_row_guidance_scale,
     parse_row_images_per_prompt,
     parse_row_seed,
     parse_row_side,
     parse_row_steps,
 )
-from koala_batch.stages.read import check_schema, count_images, plan_input
+from koala_batch.keys import derived_seed, sample_key
+from koala_batch.output.commit import claim_output
+from koala_batch.schemas import MANIFEST_FIELDS, WORK_FIELDS, Col
+from koala_batch.spec import InputSpec
+from koala_batch.stages.expand import ExpandImages
 from koala_batch.storage import Storage
 from tests.unit.conftest import make_spec
 

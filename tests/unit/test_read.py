@@ -8,9 +8,10 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from koala_batch.errors import InputError, SpecError
+from koala_batch.inputs.files import check_schema, plan_input, text_values
 from koala_batch.schemas import RESERVED_COLUMNS
 from koala_batch.spec import InputSpec
-from koala_batch.stages.read import ReadRowGroups, check_schema, plan_input, text_values
+from koala_batch.stages.read import ReadRowGroups
 from tests.unit.conftest import make_spec
 
 FILE = "s3://bucket/prompts/part-0.parquet"

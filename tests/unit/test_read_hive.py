@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from koala_batch.errors import InputError
+from koala_batch.inputs.files import plan_input
 from koala_batch.spec import InputSpec
-from koala_batch.stages.read import ReadRowGroups, plan_input
+from koala_batch.stages.read import ReadRowGroups
 
 # (path below the root, prompts): string and int keys, a URL escape, Hive's null.
 TREE = {

@@ -22,6 +22,7 @@ import pytest
 
 from koala_batch.cli import main as cli
 from koala_batch.errors import EXIT_INVALID, InputError, OutputConflictError, SpecError
+from koala_batch.inputs.files import plan_input
 from koala_batch.keys import sample_key
 from koala_batch.output.commit import check_output, claim_output, write_success
 from koala_batch.output.layout import manifest_path, tar_path
@@ -30,7 +31,7 @@ from koala_batch.schemas import STATUS_OK, SUMMARY_SCHEMA
 from koala_batch.spec import JobSpec, spec_from_dict
 from koala_batch.stages.encode import encode_image
 from koala_batch.stages.expand import ExpandImages
-from koala_batch.stages.read import ReadRowGroups, plan_input
+from koala_batch.stages.read import ReadRowGroups
 from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
 from tests.conftest import tiny_spec, write_prompt_table
