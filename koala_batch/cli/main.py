@@ -235,7 +235,7 @@ def cut_short(signum: int) -> None:
     now. Nothing committed is lost: each commit is one atomic write."""
     from koala_batch.compat import kill_local_ray
     from koala_batch.runtime.console import write_last_line
-    from koala_batch.runtime.job import STOP_DEADLINE_S
+    from koala_batch.runtime.signals import STOP_DEADLINE_S
 
     kill_local_ray()
     write_last_line(
@@ -249,7 +249,8 @@ def cut_short(signum: int) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     from koala_batch.errors import Interrupted
-    from koala_batch.runtime.job import run, stop_on_signals
+    from koala_batch.runtime.job import run
+    from koala_batch.runtime.signals import stop_on_signals
 
     # From the first line on, so that a signal before or after the Ray part (planning the
     # input, writing _SUCCESS) also ends in one line and 130/143; and in time.
@@ -415,7 +416,7 @@ def entry() -> None:
         import ray
 
         if ray.is_initialized():  # a cluster the command joined: leave it, in time
-            from koala_batch.runtime.job import shutdown_ray_within
+            from koala_batch.runtime.session import shutdown_ray_within
 
             shutdown_ray_within(LEAVE_RAY_S)
     logging.shutdown()

@@ -21,18 +21,29 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from koala_batch.errors import GeneratorStartError
 from koala_batch.models.accelerations import DeepCache, guidance_cutoff_kwargs
 from koala_batch.models.loading import SpeedSettings, load_pipeline, optimize_pipeline, pick_device
 from koala_batch.models.weights import is_remote_model, local_copy
-from koala_batch.schemas import BUCKET_COLUMNS, STATUS_ERROR, STATUS_OK, Col, require_columns
+from koala_batch.schemas import (
+    BUCKET_COLUMNS,
+    IMAGE_ROW_FIELDS,
+    IMAGE_ROW_SCHEMA,
+    STATUS_ERROR,
+    STATUS_OK,
+    Col,
+    require_columns,
+)
 from koala_batch.spec import JobSpec, reveal_storage_options
 from koala_batch.stages.encode import ImageEncoder
+from koala_batch.stages.statistics import GeneratorStats
 
 logger = logging.getLogger(__name__)
 
@@ -141,31 +152,6 @@ def decode_latents(pipeline: Any, latents: Any) -> GeneratedImages:
         done.synchronize()
         return GeneratedImages(pixels=host.numpy(), finite=finite_host.numpy())
     return GeneratedImages(pixels=pixels.numpy(), finite=finite.numpy())
-
-
-@dataclass
-class GeneratorStats:
-    """Where one generator actor's time went: the busy fraction's numerator and span."""
-
-    worker: str
-    started_at: float
-    ready_at: float | None = None
-    first_call_at: float | None = None
-    last_call_end: float | None = None
-    pipeline_s: float = 0.0
-    calls: int = 0
-    images: int = 0
-
-    def record_call(self, started: float, ended: float, images: int) -> None:
-        if self.first_call_at is None:
-            self.first_call_at = started
-        self.last_call_end = ended
-        self.pipeline_s += ended - started
-        self.calls += 1
-        self.images += images
-
-    def snapshot(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class GenerateImages:
@@ -517,42 +503,57 @@ class GenerateImages:
         return table
 
 
-def busy_summary(snapshots: Sequence[dict[str, Any]], ended_at: float) -> dict[str, Any]:
-    """The generators' busy fractions for the job record, from their GeneratorStats.
-
-    Per actor, `busy_fraction` is pipeline seconds over the actor's life until the end of
-    execution (model load and waiting for work count as idle): the share of the
-    accelerator time paid for that made images. `steady_busy_fraction` leaves out
-    start-up and the tail: pipeline seconds from the first call's start to the last
-    call's end.
-    """
-    actors = []
-    pipeline_s = life_s = 0.0
-    for snapshot in sorted(snapshots, key=lambda snapshot: snapshot["started_at"]):
-        life = max(ended_at - snapshot["started_at"], 1e-9)
-        pipeline_s += snapshot["pipeline_s"]
-        life_s += life
-        first, last = snapshot["first_call_at"], snapshot["last_call_end"]
-        steady = (last - first) if first is not None and last is not None else 0.0
-        ready = snapshot["ready_at"]
-        actors.append(
-            {
-                "worker": snapshot["worker"],
-                "load_s": round(ready - snapshot["started_at"], 3) if ready else None,
-                "calls": snapshot["calls"],
-                "images": snapshot["images"],
-                "pipeline_s": round(snapshot["pipeline_s"], 3),
-                "life_s": round(life, 3),
-                "busy_fraction": round(snapshot["pipeline_s"] / life, 4),
-                "steady_busy_fraction": (
-                    round(snapshot["pipeline_s"] / steady, 4) if steady > 0 else None
-                ),
-            }
+def image_rows(table: pa.Table, constants: dict[str, Any], passthrough: list[str]) -> pa.Table:
+    """Generated rows as `generate_images` yields them: `IMAGE_ROW_SCHEMA`'s columns (the
+    spec's `constants` filled in; a Dataset row's ordinal, which numbers nothing, null),
+    then the passthrough columns."""
+    needed = [field.name for field in IMAGE_ROW_FIELDS if field.name not in constants]
+    require_columns(table, [*needed, *passthrough], "image rows")
+    count = table.num_rows
+    columns: dict[str, Any] = {}
+    for field in IMAGE_ROW_FIELDS:
+        if field.name in table.column_names:
+            columns[field.name] = table.column(field.name).cast(field.type)
+        else:
+            columns[field.name] = pa.array([constants[field.name]] * count, field.type)
+    if table.column(Col.SOURCE).null_count:
+        # Rows without a source are a Dataset's (the read stage names every file's rows).
+        columns[Col.ORDINAL] = pc.if_else(
+            pc.is_null(columns[Col.SOURCE]), pa.scalar(None, pa.int64()), columns[Col.ORDINAL]
         )
-    return {
-        "actors": len(actors),
-        "images": sum(actor["images"] for actor in actors),
-        "pipeline_s": round(pipeline_s, 3),
-        "busy_fraction": round(pipeline_s / life_s, 4) if life_s else None,
-        "per_actor": actors,
-    }
+    schema = IMAGE_ROW_SCHEMA
+    for name in passthrough:
+        columns[name] = table.column(name)
+        schema = schema.append(table.schema.field(name))
+    return pa.table(columns, schema=schema)
+
+
+class ImageRows:
+    """Actor stage of `generate_images`: the generator (`generator_cls`, built with the
+    other arguments), its rows shaped by `image_rows`."""
+
+    def __init__(self, generator_cls: type[GenerateImages], spec: JobSpec, **generator_args: Any):
+        self.constants = spec.spec_constants()
+        self.passthrough = list(spec.input.passthrough_columns)
+        # An actor whose constructor raises dies, and Ray Data ends the job with the
+        # death's remote traceback and the raylet's retry notes on the console. Failing
+        # the actor's first batch instead ends it (Ray Data retries no actor task that
+        # raises) with one line: what the constructor raised. Ray Data would end the job
+        # on that first death too (DataContext.max_consecutive_actor_init_deaths = 0).
+        self.start_error: str | None = None
+        try:
+            self.generator: GenerateImages | None = generator_cls(spec=spec, **generator_args)
+        except Exception as exc:
+            logger.exception("the generator could not start")  # the traceback: worker log
+            self.generator = None
+            where = f"{socket.gethostname()}:{os.getpid()}"
+            message = " ".join(str(exc).split()).rstrip(".")
+            self.start_error = f"{where}: {type(exc).__name__}: {message}"
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if self.generator is None:
+            raise GeneratorStartError(
+                f"a generator actor could not start on {self.start_error}; fix what it "
+                "names (`koala-batch validate SPEC` checks the model), then rerun the same spec"
+            )
+        return image_rows(self.generator(table), self.constants, self.passthrough)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch.runtime.job import start_stats_collector
+from koala_batch.runtime.collector import start_stats_collector
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_gpu_cluster, stop_cluster
 

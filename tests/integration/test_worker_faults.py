@@ -124,7 +124,7 @@ def test_a_lost_statistics_collector_does_not_fail_a_batch(tmp_path, sample_prom
     import ray
 
     from bench import common
-    from koala_batch.runtime.job import start_stats_collector
+    from koala_batch.runtime.collector import start_stats_collector
     from koala_batch.schemas import STATUS_OK, Col
     from koala_batch.spec import spec_from_dict
     from koala_batch.stages.generate import GenerateImages

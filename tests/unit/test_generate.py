@@ -14,13 +14,8 @@ from PIL import Image
 
 from koala_batch.schemas import GENERATED_FIELDS, STATUS_ERROR, STATUS_OK, Col
 from koala_batch.stages.expand import ExpandImages
-from koala_batch.stages.generate import (
-    GeneratedImages,
-    GenerateImages,
-    busy_summary,
-    decode_latents,
-    to_uint8,
-)
+from koala_batch.stages.generate import GeneratedImages, GenerateImages, decode_latents, to_uint8
+from koala_batch.stages.statistics import busy_summary
 from tests.unit.conftest import make_spec
 
 

@@ -8,10 +8,11 @@ import yaml
 
 from koala_batch.errors import InputError, SpecError
 from koala_batch.keys import image_seed, sample_key
-from koala_batch.runtime.job import UNUSED_URIS, generation_spec, image_rows
+from koala_batch.runtime.graph import UNUSED_URIS, generation_spec
 from koala_batch.schemas import IMAGE_ROW_SCHEMA, MANIFEST_COLUMNS, STATUS_OK, Col
 from koala_batch.spec import JobSpec
 from koala_batch.stages.expand import ExpandImages
+from koala_batch.stages.generate import image_rows
 from koala_batch.stages.read import DatasetRows
 from tests.unit.conftest import make_spec
 

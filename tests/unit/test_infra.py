@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from koala_batch.cli.main import build_parser
-from koala_batch.runtime.job import LIGHT_STAGES_CPUS
+from koala_batch.runtime.session import CPUS_BESIDE_ACTORS
 from koala_batch.spec import SECRET_OPTION_NAMES, JobSpec, apply_overrides, spec_from_dict
 from tests.conftest import REPO_ROOT
 
@@ -47,9 +47,6 @@ SECRET_ENV_NAME = re.compile(
 )
 AWS_KEY_ID_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# With no CPUs on the head, a GPU worker must keep this much beside its generator actors,
-# or commits wait for generation to end (job.LIGHT_STAGES_CPUS).
-LIGHT_STAGE_CPUS = LIGHT_STAGES_CPUS
 # Allowance per RayCronJob attempt for cluster start-up (image pull, scheduling, model load).
 ATTEMPT_STARTUP_S = 30 * 60
 
@@ -511,7 +508,7 @@ def check_actors_fit(where: str, spec: JobSpec, cluster: dict[str, Any]) -> None
         if per_pod == 0:
             continue
         # The actors' CPUs plus room for the read/rebundle/write tasks (the head has none).
-        assert per_pod * cpus_per_actor + LIGHT_STAGE_CPUS <= cpus, (
+        assert per_pod * cpus_per_actor + CPUS_BESIDE_ACTORS <= cpus, (
             f"{where}: {group['groupName']}: {per_pod} actor(s) x {cpus_per_actor} CPU leave "
             f"no room for the light stages on {cpus} CPUs"
         )

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from koala_batch.runtime.job import LIGHT_TASK_CPUS, ClusterView, actors_on_node, placement_problem
+from koala_batch.runtime.session import (
+    LIGHT_TASK_CPUS,
+    ClusterView,
+    actors_on_node,
+    placement_problem,
+)
 
 LOCAL_4_CPUS = ClusterView(({"CPU": 4.0, "memory": 8e9},), complete=True, local=True)
 # KubeRay as in infra/: a head that runs nothing, GPU workers scaled from zero (autoscaler v2).

@@ -13,8 +13,8 @@ import pytest
 
 from koala_batch import errors
 from koala_batch.cli import main as cli
-from koala_batch.runtime import job
-from koala_batch.runtime.job import SignalStop, StopRequested, stop_on_signals
+from koala_batch.runtime import signals
+from koala_batch.runtime.signals import SignalStop, StopRequested, stop_on_signals
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,7 @@ def test_the_deadline_comes_that_long_after_the_first_signal():
 
 
 def test_a_stop_whose_block_ends_has_no_deadline(monkeypatch):
-    monkeypatch.setattr(job, "STOP_DEADLINE_S", 0.2)
+    monkeypatch.setattr(signals, "STOP_DEADLINE_S", 0.2)
     expired: list[int] = []
     with stop_on_signals(expired.append) as stop, pytest.raises(StopRequested):
         signal.raise_signal(signal.SIGINT)
@@ -138,11 +138,11 @@ def test_a_stop_whose_block_ends_has_no_deadline(monkeypatch):
 def test_run_within_says_whether_the_call_ended_in_time():
     release = threading.Event()
     started = time.monotonic()
-    assert job.run_within(release.wait, 0.3) is False
+    assert signals.run_within(release.wait, 0.3) is False
     assert 0.29 <= time.monotonic() - started < 2.0
     release.set()
-    assert job.run_within(lambda: time.sleep(0.05), 5.0) is True
-    assert job.run_within(lambda: 1 / 0, 5.0) is True  # raised: ended all the same
+    assert signals.run_within(lambda: time.sleep(0.05), 5.0) is True
+    assert signals.run_within(lambda: 1 / 0, 5.0) is True  # raised: ended all the same
 
 
 # `koala-batch run` whose job never finishes stopping: after the signal it waits where no
@@ -150,9 +150,9 @@ def test_run_within_says_whether_the_call_ended_in_time():
 HUNG_RUN = """
 import sys, threading
 from koala_batch.cli import main as cli
-from koala_batch.runtime import job
+from koala_batch.runtime import job, signals
 
-job.STOP_DEADLINE_S = 1.0
+signals.STOP_DEADLINE_S = 1.0
 
 def hung_run(spec, retry_failed=False):
     try:
