@@ -16,6 +16,14 @@ logger = logging.getLogger(__name__)
 # yet, as right after `ray start --head` on a busy node: "please try again later". Its
 # text is the only way to tell it from a refusal.
 RAY_NO_JOB_AGENT = "No available agent to submit job"
+# What ray.init raises when a new local node has not registered with its GCS within the
+# 30 s Ray allows (hard-coded in ray._private.node), as on a machine busy with other work.
+RAY_SLOW_NODE_START = "The current node timed out during startup"
+
+
+def is_slow_node_start(exc: BaseException) -> bool:
+    """Whether ray.init failed only because the new local node was slow to register."""
+    return RAY_SLOW_NODE_START in str(exc)
 
 
 def local_ray_processes() -> list[subprocess.Popen[bytes]]:
@@ -51,3 +59,18 @@ def kill_local_ray() -> int:
             except OSError:  # gone meanwhile
                 pass
     return killed
+
+
+def ray_data_console_handlers() -> list[logging.Handler]:
+    """The handlers through which Ray Data prints to the console (not its log file).
+
+    Touches `ray._private.log.PlainRayHandler`, the class of those handlers: nothing
+    public tells them from the file handler beside them. Without it, none are found and
+    Ray Data keeps its console lines."""
+    import ray.data  # noqa: F401 - sets up Ray Data's loggers on import
+
+    try:
+        from ray._private.log import PlainRayHandler
+    except ImportError:
+        return []
+    return [h for h in logging.getLogger("ray.data").handlers if isinstance(h, PlainRayHandler)]

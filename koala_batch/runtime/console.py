@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from koala_batch.compat import ray_data_console_handlers
+
 LOG_FORMATS = ("auto", "text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PROGRESS_EVENT = "progress"
@@ -544,3 +546,41 @@ def drop_native_stderr_line(pattern: re.Pattern[bytes]) -> Iterator[None]:
         if not thread.is_alive():  # else a child process holds the pipe: leave it be
             os.close(read_fd)
             os.close(saved)
+
+
+# Ray's core worker says this, once per process, for every Ray Data actor pool: Ray Data
+# puts an operator's UDF and context in the object store and hands the actors references,
+# and gives them max_restarts=-1 (ray-project/ray#57733). Nothing koala-batch passes can
+# avoid it short of actors that never restart. Ray Data keeps the references for the
+# whole job, so what the note warns of cannot happen while the job runs. It also stays in
+# the driver's log in the Ray session folder (python-core-driver-*.log).
+RAY_DATA_ACTOR_ARGS_NOTE = re.compile(
+    rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments "
+    rb"in the object store and max_restarts > 0"
+)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's own lines (its execution plan, "Progress bars disabled") to its log file
+    in the session folder only: on the console, a user reads koala-batch's lines about the
+    job. Its errors too: each reaches the driver as the exception that koala-batch words
+    as the run's last line, and Ray Data's own "Full stack trace" lines before it would
+    only bury that line. They stay in ray-data.log in the session folder."""
+    for handler in ray_data_console_handlers():
+        handler.setLevel(logging.CRITICAL)
+    style_library_console("ray.data")
+
+
+@contextmanager
+def quiet_ray_console() -> Iterator[None]:
+    """Within the block, the CLI's console carries Ray's lines as its own, keeps Ray Data's
+    plan lines in their log file, and leaves out Ray's one native note on actor arguments
+    (`RAY_DATA_ACTOR_ARGS_NOTE`). Where the CLI has not set up the console (a library
+    call), nothing is changed: not Ray's loggers, not file descriptor 2."""
+    if _console is None:
+        yield
+        return
+    adopt_library_console("ray")
+    quiet_ray_data_console()
+    with drop_native_stderr_line(RAY_DATA_ACTOR_ARGS_NOTE):
+        yield

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,3 +250,31 @@ def generate_images(
         **actor_args,
     )
     return dataset
+
+
+@contextmanager
+def job_data_context() -> Iterator[None]:
+    """The current Ray Data `DataContext` with a job's settings for the block, and the
+    caller's put back after it."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    options = context.execution_options
+    saved = (
+        context.enable_progress_bars,
+        options.preserve_order,
+        context.raise_original_map_exception,
+    )
+    context.enable_progress_bars = os.environ.get("KOALA_BATCH_PROGRESS", "0") == "1"
+    options.preserve_order = False
+    # Surface a stage's own exception (with its notes naming the file) rather than
+    # Ray's generic UserCodeException, which keeps only its text.
+    context.raise_original_map_exception = True
+    try:
+        yield
+    finally:
+        (
+            context.enable_progress_bars,
+            options.preserve_order,
+            context.raise_original_map_exception,
+        ) = saved

@@ -1,18 +1,10 @@
-"""The job: plan the input, claim the output, run the Ray Data graph, record success.
-
-`build_dataset` assembles the whole graph top to bottom:
-read -> validate -> generate (GPU actors) -> encode -> write and commit.
-Its middle, validate to encode, is `generate_images`: public, for users who chain their
-own Ray Data stages around it. This module also owns the job's Ray session; the commit
-protocol and the job record live in `commit.py`.
-"""
+"""A job's run, step by step: plan the input, check and claim the output, run the graph
+(`runtime.graph`) over what remains, and record success (`output.commit`)."""
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import re
 import signal
 import time
 import uuid
@@ -76,11 +68,10 @@ from koala_batch.runtime.collector import collect_busy_summary, poll_progress, s
 from koala_batch.runtime.console import (
     JobProgress,
     Poller,
-    drop_native_stderr_line,
-    style_library_console,
+    quiet_ray_console,
 )
 from koala_batch.runtime.failures import describe_failure, root_cause, stage_error
-from koala_batch.runtime.graph import Overrides, build_dataset
+from koala_batch.runtime.graph import Overrides, build_dataset, job_data_context
 from koala_batch.runtime.session import (
     cluster_view,
     connect_ray,
@@ -90,7 +81,12 @@ from koala_batch.runtime.session import (
     shutdown_ray_within,
     wait_for_placement,
 )
-from koala_batch.runtime.signals import STOP_RAY_SHUTDOWN_S, SignalStop, stop_on_signals
+from koala_batch.runtime.signals import (
+    STOP_RAY_SHUTDOWN_S,
+    SignalStop,
+    current_stop,
+    kept_signal_handlers,
+)
 from koala_batch.schemas import (
     SUMMARY_SCHEMA,
     Col,
@@ -115,37 +111,6 @@ def coerce_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
     return load_spec(spec)
 
 
-def quiet_ray_data_console() -> None:
-    """Ray Data's own lines (its execution plan, "Progress bars disabled") to its log file
-    in the session folder only: on the console, a user reads koala-batch's lines about the
-    job."""
-    import ray.data  # noqa: F401 - configures Ray Data's loggers on import
-
-    try:
-        from ray._private.log import PlainRayHandler
-    except ImportError:  # a private name: without it, Ray Data keeps its console lines
-        return
-    # Its errors too: each reaches the driver as the exception that koala-batch words as
-    # the run's last line, and Ray Data's own "Full stack trace" lines before it would
-    # only bury that line. They stay in ray-data.log in the session folder.
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.CRITICAL)
-    style_library_console("ray.data")
-
-
-def _configure_ray_data() -> None:
-    import ray.data
-
-    quiet_ray_data_console()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = os.environ.get("KOALA_BATCH_PROGRESS", "0") == "1"
-    context.execution_options.preserve_order = False
-    # Surface a stage's own exception (with its notes naming the file) rather than
-    # Ray's generic UserCodeException, which keeps only its text.
-    context.raise_original_map_exception = True
-
-
 def generate_remaining(
     spec: JobSpec,
     plan: InputPlan,
@@ -158,31 +123,30 @@ def generate_remaining(
     the shards it wrote and the generators' busy summary (with the GPUs each actor
     reserved).
 
-    SIGINT or SIGTERM stops it: the local cluster is shut down and `Interrupted` says how
-    many of the planned images are committed (every committed shard is kept for the
-    rerun).
+    A KeyboardInterrupt (Ctrl-C; SIGINT or SIGTERM where the CLI's `stop_on_signals` is
+    in place) stops it: the local cluster is shut down and `Interrupted` says how many of
+    the planned images are committed (every committed shard is kept for the rerun). No
+    signal handler of the caller's is changed.
     """
     written: list[dict[str, Any]] = []
-    with stop_on_signals() as stop:
-        try:
-            generators = _run_graph(
-                spec, plan, committed, planned, run_id, overrides, stop, written
-            )
-        except KeyboardInterrupt:
-            signum = stop.received or signal.SIGINT
-            with stop.held():
-                now = committed_keys_now(spec, overrides, committed, written)
-            at_least = ""
-            if now is None:
-                at_least, now = "at least ", committed.keys.union(keys_written(written))
-            done = now.overlap(planned)
-            before = committed.keys.overlap(planned)
-            raise Interrupted(
-                signum,
-                f"stopped by {signal.Signals(signum).name}: {at_least}{done} of {len(planned)} "
-                f"images are committed ({at_least}{done - before} this run); "
-                "rerun the same command to resume",
-            ) from None
+    stop = current_stop()
+    try:
+        generators = _run_graph(spec, plan, committed, planned, run_id, overrides, stop, written)
+    except KeyboardInterrupt:
+        signum = stop.received or signal.SIGINT
+        with stop.held():
+            now = committed_keys_now(spec, overrides, committed, written)
+        at_least = ""
+        if now is None:
+            at_least, now = "at least ", committed.keys.union(keys_written(written))
+        done = now.overlap(planned)
+        before = committed.keys.overlap(planned)
+        raise Interrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name}: {at_least}{done} of {len(planned)} "
+            f"images are committed ({at_least}{done - before} this run); "
+            "rerun the same command to resume",
+        ) from None
     return written, generators
 
 
@@ -222,18 +186,6 @@ def committed_keys_now(
     return committed.keys.union(keys_written(written)).union(KeySet.from_keys(late))
 
 
-# Ray's core worker says this, once per process, for every Ray Data actor pool: Ray Data
-# puts an operator's UDF and context in the object store and hands the actors references,
-# and gives them max_restarts=-1 (ray-project/ray#57733). Nothing koala-batch passes can
-# avoid it short of actors that never restart. Ray Data keeps the references for the
-# whole job, so what the note warns of cannot happen while the job runs. It also stays in
-# the driver's log in the Ray session folder (python-core-driver-*.log).
-RAY_DATA_ACTOR_ARGS_NOTE = re.compile(
-    rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments "
-    rb"in the object store and max_restarts > 0"
-)
-
-
 def _run_graph(
     spec: JobSpec,
     plan: InputPlan,
@@ -245,12 +197,17 @@ def _run_graph(
     written: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """generate_remaining's work: `written` receives each shard's stats as it commits."""
-    started_ray = connect_ray(spec)
-    stop.install()
-    poller: Poller | None = None
     quiet = ExitStack()
+    quiet.enter_context(quiet_ray_console())
     try:
-        _configure_ray_data()
+        with kept_signal_handlers():  # ray.init puts in a SIGTERM handler of its own
+            started_ray = connect_ray(spec)
+    except BaseException:
+        quiet.close()
+        raise
+    poller: Poller | None = None
+    try:
+        quiet.enter_context(job_data_context())
         gpus = resolve_gpus_per_actor(spec)
         view = cluster_view(local=started_ray and ray_address(spec) is None)
         problem = placement_problem(
@@ -260,7 +217,6 @@ def _run_graph(
             raise ClusterResourcesError(problem)
         wait_for_placement(spec, gpus)
         stats = start_stats_collector()
-        quiet.enter_context(drop_native_stderr_line(RAY_DATA_ACTOR_ARGS_NOTE))
         dataset = build_dataset(
             spec, plan, committed.keys, run_id=run_id, overrides=overrides, stats=stats
         )

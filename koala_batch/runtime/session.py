@@ -7,9 +7,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from koala_batch.compat import kill_local_ray
+from koala_batch.compat import is_slow_node_start, kill_local_ray
 from koala_batch.errors import JobFailedError
-from koala_batch.runtime.console import adopt_library_console
 from koala_batch.runtime.signals import run_within
 from koala_batch.spec import JobSpec
 
@@ -25,46 +24,72 @@ def ray_address(spec: JobSpec) -> str | None:
 RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+# Tries at starting a local cluster: Ray gives a new node 30 s to register (not a
+# setting), which a machine busy with other work can outlast once.
+LOCAL_START_TRIES = 2
+
+
 def connect_ray(spec: JobSpec) -> bool:
-    """Join RAY_ADDRESS / compute.ray_address, or start a local cluster; True if started here."""
+    """Join RAY_ADDRESS / compute.ray_address, or start a local cluster; True if this call
+    connected (the job then leaves Ray at its end), False if Ray was connected already."""
     import ray
 
     if ray.is_initialized():
         return False
-    adopt_library_console("ray")
     address = ray_address(spec)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:
-            # Ray says on every new local cluster that it turned token authentication on
-            # (its default, kept here): nothing about the job, nothing to do.
-            auth_notes = logging.getLogger(RAY_AUTH_SETUP_LOGGER)
-            level = auth_notes.level
-            auth_notes.setLevel(logging.ERROR)
+            return True
+        for attempt in range(1, LOCAL_START_TRIES + 1):
             try:
-                ray.init(
-                    # "local": a new cluster even where `ray start` left one on this machine
-                    # (/tmp/ray/ray_current_cluster), which ray.init() would join otherwise;
-                    # joining one takes RAY_ADDRESS or compute.ray_address.
-                    address="local",
-                    num_cpus=spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-                    object_store_memory=spec.compute.local_object_store_mb * 2**20,
-                    include_dashboard=False,
-                    # "Started a local Ray instance" tells a user nothing about the job.
-                    logging_level=logging.WARNING,
-                    # Worker processes' own output (a dying actor's interpreter dump, the
-                    # raylet's retry notes) stays in the session folder's logs: what
-                    # went wrong reaches the console as the run's last line.
-                    log_to_driver=False,
-                )
-            finally:
-                auth_notes.setLevel(level)
+                start_local_ray(spec)
+                return True
+            except Exception as exc:
+                ray.shutdown()
+                if not is_slow_node_start(exc):
+                    raise
+                if attempt == LOCAL_START_TRIES:
+                    raise JobFailedError(
+                        f"the local Ray cluster did not start: {exc}; the machine is busier "
+                        "than Ray allows for (30 s for a node to register): rerun once other "
+                        "work is done, or give Ray fewer CPUs (compute.local_num_cpus)"
+                    ) from None
+                logger.info("the local Ray cluster was slow to start; starting it again")
     except BaseException:
         # Interrupted or failed half-way: no local cluster processes may outlive the job.
         ray.shutdown()
         raise
     return True
+
+
+def start_local_ray(spec: JobSpec) -> None:
+    """A new local Ray cluster of compute.local_* resources, quiet on the console."""
+    import ray
+
+    # Ray says on every new local cluster that it turned token authentication on (its
+    # default, kept here): nothing about the job, nothing to do.
+    auth_notes = logging.getLogger(RAY_AUTH_SETUP_LOGGER)
+    level = auth_notes.level
+    auth_notes.setLevel(logging.ERROR)
+    try:
+        ray.init(
+            # "local": a new cluster even where `ray start` left one on this machine
+            # (/tmp/ray/ray_current_cluster), which ray.init() would join otherwise;
+            # joining one takes RAY_ADDRESS or compute.ray_address.
+            address="local",
+            num_cpus=spec.compute.local_num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+            object_store_memory=spec.compute.local_object_store_mb * 2**20,
+            include_dashboard=False,
+            # "Started a local Ray instance" tells a user nothing about the job.
+            logging_level=logging.WARNING,
+            # Worker processes' own output (a dying actor's interpreter dump, the raylet's
+            # retry notes) stays in the session folder's logs: what went wrong reaches the
+            # console as the run's last line.
+            log_to_driver=False,
+        )
+    finally:
+        auth_notes.setLevel(level)
 
 
 @dataclass(frozen=True)

@@ -117,22 +117,42 @@ class SignalStop:
             raise StopRequested(self.received)
 
 
-@contextmanager
-def stop_on_signals(on_deadline: Callable[[int], None] | None = None) -> Iterator[SignalStop]:
-    """Within the block SIGINT and SIGTERM raise `StopRequested` (see `SignalStop`, also
-    for `on_deadline`); the handlers in place before are restored after it. Reuses an
-    enclosing block's stop (the CLI's); outside the main thread, where Python cannot handle
-    signals, it does nothing."""
+def _enclosing_stop() -> SignalStop | None:
+    """The stop whose handlers are in place now, within its block (the CLI's), if any."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         owner = getattr(signal.getsignal(signum), "__self__", None)
         # A handler whose block has ended (left behind, spent) is no enclosing stop.
         if isinstance(owner, SignalStop) and owner.active:
-            yield owner
-            return
+            return owner
+    return None
+
+
+def _passive_stop() -> SignalStop:
+    """A stop that handles no signal: a Ctrl-C still reaches the code as the
+    KeyboardInterrupt of Python's own handler, if that is in place."""
+    stop = SignalStop()
+    stop.signals = []
+    return stop
+
+
+def current_stop() -> SignalStop:
+    """The stop a library call goes by without touching any handler: the CLI's, if its
+    `stop_on_signals` block is in place, else a passive one."""
+    return _enclosing_stop() or _passive_stop()
+
+
+@contextmanager
+def stop_on_signals(on_deadline: Callable[[int], None] | None = None) -> Iterator[SignalStop]:
+    """Within the block SIGINT and SIGTERM raise `StopRequested` (see `SignalStop`, also
+    for `on_deadline`); the handlers in place before are restored after it. Reuses an
+    enclosing block's stop; outside the main thread, where Python cannot handle signals,
+    it does nothing. The CLI's: a library call never installs one."""
+    enclosing = _enclosing_stop()
+    if enclosing is not None:
+        yield enclosing
+        return
     if threading.current_thread() is not threading.main_thread():
-        stop = SignalStop()
-        stop.signals = []
-        yield stop
+        yield _passive_stop()
         return
     stop = SignalStop(on_deadline)
     previous = {signum: signal.getsignal(signum) for signum in stop.signals}
@@ -145,6 +165,23 @@ def stop_on_signals(on_deadline: Callable[[int], None] | None = None) -> Iterato
         stop.end()
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+@contextmanager
+def kept_signal_handlers() -> Iterator[None]:
+    """SIGINT's and SIGTERM's handlers put back after the block as they were before it:
+    around a call that puts in its own (ray.init, for SIGTERM). In the main thread only,
+    the one where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None and signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
 
 
 def run_within(call: Callable[[], object], timeout_s: float) -> bool:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from koala_batch.compat import RAY_NO_JOB_AGENT
+from koala_batch.compat import (
+    RAY_NO_JOB_AGENT,
+    RAY_SLOW_NODE_START,
+    is_slow_node_start,
+    ray_data_console_handlers,
+)
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import ray_temp_dir
 
@@ -65,4 +70,25 @@ def test_rays_job_head_still_answers_no_agent_as_submit_expects():
     assert RAY_NO_JOB_AGENT in source, (
         "ray.dashboard.modules.job.job_head no longer answers "
         f"{RAY_NO_JOB_AGENT!r} when no job agent is ready"
+    )
+
+
+def test_rays_slow_node_start_is_still_worded_as_connect_ray_expects():
+    # koala_batch.compat.RAY_SLOW_NODE_START: the failure a local start tries again after.
+    from ray._private import node
+
+    source = Path(node.__file__).read_text()
+    assert RAY_SLOW_NODE_START in source, (
+        f"ray._private.node no longer raises {RAY_SLOW_NODE_START!r} for a node slow to start"
+    )
+    assert is_slow_node_start(Exception(f"{RAY_SLOW_NODE_START}. This could happen ..."))
+    assert not is_slow_node_start(RuntimeError("Failed to start the dashboard"))
+
+
+def test_ray_datas_console_handlers_are_still_found():
+    # koala_batch.compat.ray_data_console_handlers: ray._private.log.PlainRayHandler, the
+    # class of Ray Data's console handlers, which the CLI keeps its plan lines out of.
+    assert ray_data_console_handlers(), (
+        "ray._private.log.PlainRayHandler no longer finds Ray Data's console handlers: "
+        "its plan lines would reach koala-batch's console"
     )

@@ -15,6 +15,7 @@ import pytest
 from koala_batch.cli import main as cli
 from koala_batch.runtime import console as progress
 from koala_batch.runtime.console import (
+    RAY_DATA_ACTOR_ARGS_NOTE,
     ConsoleHandler,
     JobProgress,
     JsonFormatter,
@@ -24,7 +25,6 @@ from koala_batch.runtime.console import (
     progress_snapshot,
     resolve_log_format,
 )
-from koala_batch.runtime.job import RAY_DATA_ACTOR_ARGS_NOTE
 
 # As Ray 2.60's core worker prints it (its ID shortened).
 RAY_NOTE = (
