@@ -1,14 +1,16 @@
 """The private insides of koala-batch's dependencies that it reaches into.
 
-Each touch here has a test in `tests/integration/test_compat.py` that fails naming it
-when a dependency changes it. (Older touches still sit where they are used, in
-`runtime/job.py` and `storage.py`; they move here with the package's rebuild.)
+Nothing else in the package names a private attribute of Ray, Ray Data, fsspec or
+diffusers (tests/unit/test_compat.py checks that). Each touch here has a test that fails
+naming it when a dependency changes it: tests/unit/test_compat.py, and
+tests/integration/test_compat.py for those that need a running Ray.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +76,60 @@ def ray_data_console_handlers() -> list[logging.Handler]:
     except ImportError:
         return []
     return [h for h in logging.getLogger("ray.data").handlers if isinstance(h, PlainRayHandler)]
+
+
+# Where Ray logs its token-authentication notes when it starts a local cluster.
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def autoscaler_node_groups() -> Any | None:
+    """The cluster's node groups and their limits as autoscaler v2 (KubeRay's `version:
+    v2`) wrote them, or None where nothing says so.
+
+    Touches `ray._private.state.state.get_cluster_config()`: no public API tells how far
+    a cluster can grow."""
+    try:
+        from ray._private.state import state
+
+        return state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - without it the cluster is open-ended
+        return None
+
+
+def give_last_operator_cpus(dataset: Any, operator: str, cpus: float) -> None:
+    """Set the CPUs each task of the dataset's last logical operator (of class `operator`)
+    reserves: for an operator whose public call takes no resource arguments.
+
+    Touches `Dataset._logical_plan.dag` and the operator's `ray_remote_args`."""
+    last = dataset._logical_plan.dag
+    if type(last).__name__ != operator:
+        raise RuntimeError(f"expected Ray Data's {operator}, got {last!r}")
+    last.ray_remote_args["num_cpus"] = cpus
+
+
+def strip_protocol(filesystem: Any, url: str) -> str:
+    """The path `filesystem` (an fsspec filesystem or its class) gives `url`: the URL
+    without its protocol, as that filesystem spells paths.
+
+    Touches fsspec's `_strip_protocol`: `fsspec.core.strip_protocol` does this for the
+    filesystem a URL names, not for a filesystem given (a test's, a caller's)."""
+    return filesystem._strip_protocol(url)
+
+
+def set_guidance_scale(pipeline: Any, scale: float) -> None:
+    """Set a running StableDiffusionXLPipeline's guidance scale, which its
+    `do_classifier_free_guidance` reads each step: from a step-end callback, the one way
+    to turn guidance off mid-call.
+
+    Touches the pipeline's `_guidance_scale` (diffusers' own SDXLCFGCutoffCallback does the
+    same)."""
+    pipeline._guidance_scale = scale
+
+
+def with_lora_scale(forward: Any) -> Any:
+    """`forward` taking LoRA scales from `cross_attention_kwargs` as the U-Net's own
+    forward does. Touches `diffusers.utils.peft_utils.apply_lora_scale`, the decorator
+    diffusers puts on that forward."""
+    from diffusers.utils.peft_utils import apply_lora_scale
+
+    return apply_lora_scale("cross_attention_kwargs")(forward)

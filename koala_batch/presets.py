@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from koala_batch.compat import strip_protocol
 from koala_batch.errors import ModelUnavailableError
 
 TINY_MODEL_NAME = "tiny"
@@ -114,7 +115,7 @@ def local_model_path(name: str) -> str:
     copy) made the path it names; any other name unchanged."""
     protocol, _ = fsspec.core.split_protocol(name)
     if protocol in LOCAL_PROTOCOLS:
-        return LocalFileSystem._strip_protocol(name)
+        return strip_protocol(LocalFileSystem, name)
     return name
 
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from koala_batch.compat import strip_protocol
 from koala_batch.errors import KoalaBatchError, OutputUnwritableError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Storage:
     ):
         if filesystem is not None:
             self.fs = filesystem
-            self.root = filesystem._strip_protocol(uri).rstrip("/")
+            self.root = strip_protocol(filesystem, uri).rstrip("/")
         else:
             self.fs, root = filesystem_for(uri, storage_options)
             self.root = root.rstrip("/")
@@ -149,19 +150,16 @@ class Storage:
         return self.fs.unstrip_protocol(self.path(relative))
 
     def forget_listings(self) -> None:
-        """Drop what the filesystem cached of listings under the root.
+        """Drop what the filesystem cached of listings.
 
         fsspec shares one filesystem instance per set of options in a process, and s3fs
         answers `info` (so `cat_file`, `exists`) from a directory listing it cached
         earlier. Other processes (the writers) add files meanwhile: a listing cached by an
         earlier run in this process would hide them.
         """
-        cache = getattr(self.fs, "dircache", None)
-        if cache is None:
-            return
-        for path in [p for p in list(cache) if p == self.root or p.startswith(self.root + "/")]:
-            cache.pop(path, None)
-        self.fs.invalidate_cache(self.root)
+        # All of them: `invalidate_cache(path)` drops a path and its parents, not what
+        # lies below it, and a listing cached again costs one request.
+        self.fs.invalidate_cache()
 
     # reads ---------------------------------------------------------------------------
 

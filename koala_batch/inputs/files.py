@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from fsspec.registry import get_filesystem_class
 from fsspec.utils import get_protocol
 
+from koala_batch.compat import strip_protocol
 from koala_batch.errors import InputError, SpecError
 from koala_batch.schemas import Col
 from koala_batch.spec import IMAGES_PER_PROMPT_RULE, InputSpec, reveal_storage_options
@@ -138,7 +139,7 @@ def _glob_root(path: str) -> str:
 def _input_filesystem(uri: str, options: dict[str, Any], filesystem: Any | None):
     if filesystem is None:
         return filesystem_for(uri, options)
-    return filesystem, filesystem._strip_protocol(uri)
+    return filesystem, strip_protocol(filesystem, uri)
 
 
 def _location(uri: str) -> tuple[str, str]:
@@ -147,7 +148,7 @@ def _location(uri: str) -> tuple[str, str]:
     protocol = get_protocol(uri)
     protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
     try:
-        path = get_filesystem_class(protocol)._strip_protocol(uri)
+        path = strip_protocol(get_filesystem_class(protocol), uri)
     except (ImportError, ValueError):  # a filesystem not installed: compare the URL as given
         path = uri.split("://", 1)[-1]
     path = path.rstrip("/") or "/"

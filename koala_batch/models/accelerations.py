@@ -13,6 +13,8 @@ import math
 import types
 from typing import TYPE_CHECKING, Any
 
+from koala_batch.compat import set_guidance_scale, with_lora_scale
+
 if TYPE_CHECKING:  # torch and diffusers are heavy: imported where they are used
     import torch
 
@@ -38,7 +40,7 @@ def guidance_cutoff_callback(fraction: float) -> Any:
     for several latents and fails (diffusers 0.42.1: a size mismatch in attention), and it
     cuts a batch that had no guidance to begin with as well. This one keeps the
     conditional half, and does nothing without guidance. Stateless, so one instance serves
-    any number of calls; it sets the pipeline's `_guidance_scale` to 0, which the next call
+    any number of calls; it sets the pipeline's guidance scale to 0, which the next call
     sets again. Pass it with `callback_on_step_end_tensor_inputs`: see
     guidance_cutoff_kwargs.
     """
@@ -52,7 +54,7 @@ def guidance_cutoff_callback(fraction: float) -> Any:
             return callback_kwargs
         if not pipeline.do_classifier_free_guidance:
             return callback_kwargs
-        pipeline._guidance_scale = 0.0  # do_classifier_free_guidance reads it each step
+        set_guidance_scale(pipeline, 0.0)
         for name in GUIDANCE_CUTOFF_TENSOR_INPUTS:
             tensor = callback_kwargs[name]
             callback_kwargs[name] = tensor[tensor.shape[0] // 2 :]
@@ -91,8 +93,6 @@ class DeepCache:
         check_deep_cache_support(unet)
         if "forward" in vars(unet):
             raise ValueError("the U-Net's forward is already replaced (DeepCache applied twice?)")
-        from diffusers.utils.peft_utils import apply_lora_scale
-
         self.unet = unet
         self.interval = interval
         self.full_steps = 0  # since construction: for tests and logs
@@ -106,7 +106,7 @@ class DeepCache:
             self._keep_deep_features, with_kwargs=True
         )
         # Cached steps take LoRA scales as diffusers' forward does (it carries this decorator).
-        cached = apply_lora_scale("cross_attention_kwargs")(self._cached_forward)
+        cached = with_lora_scale(self._cached_forward)
         self._forward = types.MethodType(self._make_forward(cached), unet)
         unet.forward = self._forward
 

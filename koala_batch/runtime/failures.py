@@ -5,13 +5,15 @@ from __future__ import annotations
 
 def root_cause(exc: BaseException) -> BaseException:
     """The original exception inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    from ray.data.exceptions import SystemException
+
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
         inner = getattr(exc, "cause", None) or exc.__cause__
         # Ray Data raises the real error `from` an empty SystemException of its own: a
         # marker that the trace is internal, never a cause.
-        if inner is None or type(inner).__name__ == "SystemException":
+        if inner is None or isinstance(inner, SystemException):
             break
         exc = inner
     return exc

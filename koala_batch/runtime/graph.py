@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from koala_batch.compat import give_last_operator_cpus
 from koala_batch.errors import SpecError
 from koala_batch.inputs.files import InputPlan
 from koala_batch.keys import KeySet
@@ -57,10 +58,7 @@ def rebundle(dataset: Any, rows: int) -> Any:
     it adds is given them directly.
     """
     dataset = dataset.repartition(target_num_rows_per_block=rows, strict=True)
-    repartition = dataset._logical_plan.dag
-    if type(repartition).__name__ != "StreamingRepartition":
-        raise RuntimeError(f"expected Ray Data's StreamingRepartition, got {repartition!r}")
-    repartition.ray_remote_args["num_cpus"] = LIGHT_TASK_CPUS
+    give_last_operator_cpus(dataset, "StreamingRepartition", LIGHT_TASK_CPUS)
     return dataset
 
 

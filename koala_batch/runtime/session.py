@@ -7,7 +7,12 @@ import math
 import os
 from dataclasses import dataclass
 
-from koala_batch.compat import is_slow_node_start, kill_local_ray
+from koala_batch.compat import (
+    RAY_AUTH_SETUP_LOGGER,
+    autoscaler_node_groups,
+    is_slow_node_start,
+    kill_local_ray,
+)
 from koala_batch.errors import JobFailedError
 from koala_batch.runtime.signals import run_within
 from koala_batch.spec import JobSpec
@@ -18,10 +23,6 @@ logger = logging.getLogger(__name__)
 def ray_address(spec: JobSpec) -> str | None:
     """The cluster a job joins: compute.ray_address, else $RAY_ADDRESS; None starts one."""
     return spec.compute.ray_address or os.environ.get("RAY_ADDRESS")
-
-
-# Where Ray logs its token-authentication notes when it starts a local cluster.
-RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 # Tries at starting a local cluster: Ray gives a new node 30 s to register (not a
@@ -143,13 +144,7 @@ def cluster_view(local: bool) -> ClusterView:
     )
     if local:
         return ClusterView(nodes, complete=True, local=True)
-    try:
-        from ray._private.state import state
-
-        # Written by autoscaler v2 (KubeRay's `version: v2`): its node groups and their limits.
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - a private API: without it the cluster is open-ended
-        config = None
+    config = autoscaler_node_groups()
     if config is None:
         return ClusterView(nodes)
     node_types = tuple(

@@ -92,3 +92,19 @@ def test_ray_datas_console_handlers_are_still_found():
         "ray._private.log.PlainRayHandler no longer finds Ray Data's console handlers: "
         "its plan lines would reach koala-batch's console"
     )
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_rebundling_still_reaches_the_repartition_operator_and_gives_it_its_cpus():
+    # koala_batch.compat.give_last_operator_cpus: Dataset._logical_plan.dag is the
+    # StreamingRepartition that `repartition` adds, and its ray_remote_args are the ones
+    # its tasks run with.
+    import ray.data
+
+    from koala_batch.runtime.graph import rebundle
+    from koala_batch.runtime.session import LIGHT_TASK_CPUS
+
+    dataset = rebundle(ray.data.range(10, override_num_blocks=3), 4)
+    assert dataset._logical_plan.dag.ray_remote_args["num_cpus"] == LIGHT_TASK_CPUS
+    sizes = [len(batch["id"]) for batch in dataset.iter_batches(batch_size=None)]
+    assert sorted(sizes) == [2, 4, 4]

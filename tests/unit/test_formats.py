@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from koala_batch.cli.inspect import read_images
-from koala_batch.errors import RunSupersededError
+from koala_batch.errors import RunSupersededError, SpecError
 from koala_batch.keys import sample_key
 from koala_batch.output.commit import claim_output, load_committed, remove_leftovers, uncommit
 from koala_batch.output.layout import (
@@ -125,7 +125,7 @@ def test_the_spec_offers_exactly_the_formats_the_layout_knows():
 
 
 def test_an_unknown_format_is_refused(out_dir):
-    with pytest.raises(Exception, match="output.format"):
+    with pytest.raises(SpecError, match="output.format"):
         spec_from_dict(tiny_spec("in.parquet", str(out_dir), output={"format": "zip"}))
 
 
