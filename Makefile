@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CODE := koala_batch tests bench
 
-.PHONY: setup smoke lint test test-fast check clean gpu-wheels
+.PHONY: setup smoke lint test test-fast test-quick check clean gpu-wheels
 
 # torch goes in first and alone, with pip: on a CPU machine with the local CPU wheel
 # (pip's find-links) this takes it instead of a multi-GB CUDA build; on a GPU machine it
@@ -35,6 +35,11 @@ lint: setup
 # Unit tests only: no Ray, no S3 server; under a minute.
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit
+
+# A contributor's loop: the unit tests and the integration tests not marked slow (no
+# chaos, multi-node, interrupt or submission tests), two files at a time; a few minutes.
+test-quick: setup
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 # Two test files at a time: most of an integration test's time is one process importing
 # torch and diffusers (a generator actor, a CLI run) while the other core waits. Each

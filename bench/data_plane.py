@@ -147,12 +147,12 @@ def run_child(job_file: Path) -> int:
     job = json.loads(job_file.read_text())
     import koala_batch
 
-    overrides = koala_batch.Overrides()
+    overrides = koala_batch.Substitutes()
     if job["generator"] == "simulated":
         from bench.simulated_gpu import simulated_generator
 
         generator = simulated_generator(job["gpu_seconds"], Path(job["calls_dir"]))
-        overrides = koala_batch.Overrides(generator_cls=generator)
+        overrides = koala_batch.Substitutes(generator_cls=generator)
     # Imports and the interpreter itself are in every driver: measured apart from the job.
     before_job_mb = peak_rss_mb()
     with RssSampler() as sampler:

@@ -1,6 +1,6 @@
 """Simulated-GPU benchmark: the whole job with a generator that sleeps instead of computing.
 
-The generation stage is replaced (koala_batch.Overrides(generator_cls=...)) by one that
+The generation stage is replaced (koala_batch.Substitutes(generator_cls=...)) by one that
 loads no model, sleeps --gpu-seconds per batch as a GPU would be busy, and returns
 full-size images with realistic content (smooth gradients, shapes, mild noise: PNGs of
 about 2 MB at 1024x1024, not zeros). So on a CPU machine it measures whether the rest
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             specs[image_format] = common.masked_spec(spec)
             generator = simulated_generator(args.gpu_seconds, calls_dir)
             started = time.time()
-            record = koala_batch.run(spec, koala_batch.Overrides(generator_cls=generator))
+            record = koala_batch.run(spec, koala_batch.Substitutes(generator_cls=generator))
             ended = time.time()
             wall_s = ended - started
             counts = record["counts"]

@@ -15,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 from koala_batch.errors import JobFailedError, KoalaBatchError, SpecError
-from koala_batch.runtime.graph import Overrides, generate_images, generation_spec
+from koala_batch.runtime.graph import Substitutes, generate_images, generation_spec
 from koala_batch.runtime.job import run
 from koala_batch.spec import JobSpec, load_spec
 
@@ -23,7 +23,7 @@ __all__ = [
     "JobFailedError",
     "JobSpec",
     "KoalaBatchError",
-    "Overrides",
+    "Substitutes",
     "SpecError",
     "__version__",
     "generate_images",

@@ -39,13 +39,13 @@ def start_stats_collector() -> Any:
     ).remote()
 
 
-def collect_busy_summary(stats: Any, ended_at: float) -> dict[str, Any]:
+def collect_busy_summary(collector: Any, ended_at: float) -> dict[str, Any]:
     """The generators' busy summary, or an empty one if the collector cannot answer: the
     images are committed either way, and the record must still be written."""
     import ray
 
     try:
-        return busy_summary(ray.get(stats.collect.remote(), timeout=60), ended_at)
+        return busy_summary(ray.get(collector.collect.remote(), timeout=60), ended_at)
     except Exception as exc:  # noqa: BLE001 - statistics never fail a finished job
         logger.warning("generator statistics unavailable: %s", describe_failure(exc))
         return {}
@@ -55,13 +55,13 @@ def collect_busy_summary(stats: Any, ended_at: float) -> dict[str, Any]:
 PROGRESS_POLL_S = 2.0
 
 
-def poll_progress(progress: JobProgress, stats: Any) -> Poller:
+def poll_progress(progress: JobProgress, collector: Any) -> Poller:
     """Feed `progress` the images the generators made (not yet committed) from the stats
     collector, in a thread: the driver loop blocks until the next shard commits."""
     import ray
 
     def poll() -> None:
-        snapshots = ray.get(stats.collect.remote(), timeout=5 * PROGRESS_POLL_S)
+        snapshots = ray.get(collector.collect.remote(), timeout=5 * PROGRESS_POLL_S)
         firsts = [s["first_call_at"] for s in snapshots if s["first_call_at"] is not None]
         progress.set_generated(sum(s["images"] for s in snapshots), min(firsts, default=None))
         progress.report()

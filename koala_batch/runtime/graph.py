@@ -26,7 +26,7 @@ from koala_batch.stages.write import WriteShard
 
 
 @dataclass(frozen=True)
-class Overrides:
+class Substitutes:
     """What a caller (a test, a benchmark) puts in place of the spec's own parts.
 
     The filesystems replace those built from the input and output URLs and their storage
@@ -81,33 +81,33 @@ def build_dataset(
     committed_keys: KeySet | None = None,
     *,
     run_id: str | None = None,
-    overrides: Overrides | None = None,
-    stats: Any = None,
+    substitutes: Substitutes | None = None,
+    collector: Any = None,
 ):
     """The Ray Data graph of a job, top to bottom: read -> `generate_images` -> write; its
     rows are per-shard stats."""
     import ray.data
 
-    overrides = overrides or Overrides()
+    substitutes = substitutes or Substitutes()
     task_args, _ = retry_args(spec.compute)
     units = plan.read_units()
 
     # Light stages run as tasks: their instances are built here and shipped to each task.
     dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     dataset = dataset.map_batches(
-        ReadRowGroups(spec.input, overrides.input_filesystem),
+        ReadRowGroups(spec.input, substitutes.input_filesystem),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=LIGHT_TASK_CPUS,
         **task_args,
     )
     dataset = generate_images(
-        dataset, spec, skip_keys=committed_keys, overrides=overrides, stats=stats
+        dataset, spec, skip_keys=committed_keys, substitutes=substitutes, collector=collector
     )
     # Blocks of exactly rows_per_shard images: one block, one shard.
     dataset = rebundle(dataset, spec.output.rows_per_shard)
     dataset = dataset.map_batches(
-        WriteShard(spec, overrides.output_filesystem, run_id),
+        WriteShard(spec, substitutes.output_filesystem, run_id),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=LIGHT_TASK_CPUS,
@@ -148,8 +148,8 @@ def generate_images(
     spec: JobSpec | dict[str, Any] | str | Path,
     *,
     skip_keys: KeySet | None = None,
-    overrides: Overrides | None = None,
-    stats: Any = None,
+    substitutes: Substitutes | None = None,
+    collector: Any = None,
 ) -> Any:
     """A ray.data.Dataset of prompt rows in, a Dataset of generated images out, lazily.
 
@@ -174,14 +174,14 @@ def generate_images(
     the local_* settings, which make a job's session, are not used); with
     num_gpus_per_actor `auto`, connect (`ray.init`) before calling. A job's graph is this
     function between its reader and its writer: `skip_keys` leaves out the images of those
-    keys (a resumed job's committed ones), `overrides.generator_cls` replaces the generator
-    and `stats` (an actor handle) receives its statistics.
+    keys (a resumed job's committed ones), `substitutes.generator_cls` replaces the generator
+    and `collector` (an actor handle) receives its statistics.
     """
     import ray
     import ray.data
 
     spec = generation_spec(spec)
-    overrides = overrides or Overrides()
+    substitutes = substitutes or Substitutes()
     compute = spec.compute
     check_dataset_columns(dataset, spec)
     if compute.num_gpus_per_actor == "auto" and not ray.is_initialized():
@@ -233,10 +233,10 @@ def generate_images(
     dataset = dataset.map_batches(
         ImageRows,
         fn_constructor_kwargs={
-            "generator_cls": overrides.generator_cls,
+            "generator_cls": substitutes.generator_cls,
             "spec": spec,
             "torch_threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
-            "stats": stats,
+            "collector": collector,
         },
         batch_size=compute.batch_size,
         batch_format="pyarrow",

@@ -71,7 +71,7 @@ from koala_batch.runtime.console import (
     quiet_ray_console,
 )
 from koala_batch.runtime.failures import describe_failure, root_cause, stage_error
-from koala_batch.runtime.graph import Overrides, build_dataset, job_data_context
+from koala_batch.runtime.graph import Substitutes, build_dataset, job_data_context
 from koala_batch.runtime.session import (
     cluster_view,
     connect_ray,
@@ -117,7 +117,7 @@ def generate_remaining(
     committed: CommittedState,
     planned: KeySet,
     run_id: str | None = None,
-    overrides: Overrides | None = None,
+    substitutes: Substitutes | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the Ray Data graph over the planned keys that are not committed: the stats of
     the shards it wrote and the generators' busy summary (with the GPUs each actor
@@ -131,11 +131,11 @@ def generate_remaining(
     written: list[dict[str, Any]] = []
     stop = current_stop()
     try:
-        generators = _run_graph(spec, plan, committed, planned, run_id, overrides, stop, written)
+        generators = _run_graph(spec, plan, committed, planned, run_id, substitutes, stop, written)
     except KeyboardInterrupt:
         signum = stop.received or signal.SIGINT
         with stop.held():
-            now = committed_keys_now(spec, overrides, committed, written)
+            now = committed_keys_now(spec, substitutes, committed, written)
         at_least = ""
         if now is None:
             at_least, now = "at least ", committed.keys.union(keys_written(written))
@@ -157,7 +157,7 @@ def keys_written(written: list[dict[str, Any]]) -> KeySet:
 
 def committed_keys_now(
     spec: JobSpec,
-    overrides: Overrides | None,
+    substitutes: Substitutes | None,
     committed: CommittedState,
     written: list[dict[str, Any]],
 ) -> KeySet | None:
@@ -165,13 +165,13 @@ def committed_keys_now(
     shards it saw committed, and those of shards committed since (writers may commit after
     the driver stopped listening), read from their manifests. None if the output cannot
     be read."""
-    overrides = overrides or Overrides()
+    substitutes = substitutes or Substitutes()
     known = set(committed.shards) | {shard["shard"] for shard in written}
     try:
         storage = Storage(
             spec.output.uri,
             reveal_storage_options(spec.output.storage_options),
-            overrides.output_filesystem,
+            substitutes.output_filesystem,
         )
         late: list[str] = []
         for name in storage.list_files(MANIFESTS_DIR):
@@ -192,7 +192,7 @@ def _run_graph(
     committed: CommittedState,
     planned: KeySet,
     run_id: str | None,
-    overrides: Overrides | None,
+    substitutes: Substitutes | None,
     stop: SignalStop,
     written: list[dict[str, Any]],
 ) -> dict[str, Any]:
@@ -216,13 +216,13 @@ def _run_graph(
         if problem:
             raise ClusterResourcesError(problem)
         wait_for_placement(spec, gpus)
-        stats = start_stats_collector()
+        collector = start_stats_collector()
         dataset = build_dataset(
-            spec, plan, committed.keys, run_id=run_id, overrides=overrides, stats=stats
+            spec, plan, committed.keys, run_id=run_id, substitutes=substitutes, collector=collector
         )
         remaining = len(planned.difference(committed.keys))
         progress = JobProgress(logger, len(planned), committed.keys.overlap(planned))
-        poller = poll_progress(progress, stats)
+        poller = poll_progress(progress, collector)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
                 # Kept for the run's end as 16-byte digests, not strings: the driver holds
@@ -250,7 +250,7 @@ def _run_graph(
                 progress.report()
         poller.stop()
         progress.report(final=True)
-        generators = collect_busy_summary(stats, ended_at=time.time())
+        generators = collect_busy_summary(collector, ended_at=time.time())
         # What the actors reserved: the run's GPU-hours (the record's `cost`) count it.
         generators["gpus_per_actor"] = gpus
     except (UsageError, JobFailedError) as exc:
@@ -309,7 +309,7 @@ def settle_retries(
 
 def run(
     spec: JobSpec | dict[str, Any] | str | Path,
-    overrides: Overrides | None = None,
+    substitutes: Substitutes | None = None,
     *,
     retry_failed: bool = False,
 ) -> dict[str, Any]:
@@ -321,18 +321,18 @@ def run(
     is written (`coverage.check_resume`); with `output.accumulate`, the images of rows no
     longer in the input are kept instead (the record's `images_kept`). `retry_failed` also
     generates again the images committed as error rows, and replaces those rows with the
-    new ones. `overrides` replaces the filesystems or the generator (tests, benchmarks).
+    new ones. `substitutes` replaces the filesystems or the generator (tests, benchmarks).
     Another live run on the same output: `OutputBusyError`, nothing written.
     """
     spec = coerce_spec(spec)
-    overrides = overrides or Overrides()
+    substitutes = substitutes or Substitutes()
     started = time.time()
     started_at = datetime.now(UTC).isoformat()
 
     # Input, model and output problems fail here, before Ray starts or any model loads.
     plan = plan_input(
         spec.input,
-        overrides.input_filesystem,
+        substitutes.input_filesystem,
         spec.output.uri,
         images_per_prompt=spec.generation.images_per_prompt,
     )
@@ -347,20 +347,20 @@ def run(
     storage = Storage(
         spec.output.uri,
         reveal_storage_options(spec.output.storage_options),
-        overrides.output_filesystem,
+        substitutes.output_filesystem,
     )
     # Read-only, so that an output this job must not touch is refused before the lease
     # writes anything there; both checks run again under the lease. A missing bucket or a
     # file in the way fails here too, naming the output, rather than at the lease.
     state = check_output(storage, spec, spec.output.overwrite)
-    planned = planned_keys(spec, plan, overrides.input_filesystem)
+    planned = planned_keys(spec, plan, substitutes.input_filesystem)
     checked: tuple[OutputListing, CommittedState] | None = None
     if state.action == "resume":
         checked = state.listing, load_committed(storage, state.listing)
-        check_resume(storage, spec, plan, checked[1], planned, overrides.input_filesystem)
+        check_resume(storage, spec, plan, checked[1], planned, substitutes.input_filesystem)
     storage.check_writable(JOB_FILE)
     run_id = uuid.uuid4().hex
-    output = OutputRun(spec, plan, planned, storage, run_id, overrides, checked)
+    output = OutputRun(spec, plan, planned, storage, run_id, substitutes, checked)
     with OutputLease(storage, run_id, spec.output.heartbeat_s):
         return output.run(retry_failed, started, started_at)
 
@@ -386,7 +386,7 @@ class OutputRun:
     planned: KeySet
     storage: Storage
     run_id: str
-    overrides: Overrides
+    substitutes: Substitutes
     # The listing and committed state read (and checked) before the lease, if any.
     checked: tuple[OutputListing, CommittedState] | None = None
 
@@ -397,11 +397,16 @@ class OutputRun:
         generators: dict[str, Any] = {}
         if len(self.planned.difference(start.committed.keys)):
             written, generators = generate_remaining(
-                self.spec, self.plan, start.committed, self.planned, self.run_id, self.overrides
+                self.spec, self.plan, start.committed, self.planned, self.run_id, self.substitutes
             )
         final = self.settle(start.committed, written)
         check_complete(
-            self.storage, self.spec, self.plan, final, self.planned, self.overrides.input_filesystem
+            self.storage,
+            self.spec,
+            self.plan,
+            final,
+            self.planned,
+            self.substitutes.input_filesystem,
         )
         retried_ok = self.report_retries(start.retrying, final)
         record = build_job_record(
@@ -498,7 +503,7 @@ class OutputRun:
         committed = load_committed(self.storage, listing)
         check_resume(
             self.storage, self.spec, self.plan, committed, self.planned,
-            self.overrides.input_filesystem,
+            self.substitutes.input_filesystem,
         )  # fmt: skip
         return committed
 

@@ -157,18 +157,18 @@ def decode_latents(pipeline: Any, latents: Any) -> GeneratedImages:
 class GenerateImages:
     """Actor stage: work rows in, the same rows with their encoded `image` out.
 
-    `stats`, when given, is a Ray actor handle with a `report(snapshot)` method: after
+    `collector`, when given, is a Ray actor handle with a `report(snapshot)` method: after
     every batch the actor sends it its GeneratorStats, from which the job record takes
     each generator's busy fraction.
     """
 
-    def __init__(self, spec: JobSpec, torch_threads: int | None = None, stats: Any = None):
+    def __init__(self, spec: JobSpec, torch_threads: int | None = None, collector: Any = None):
         import torch
 
         self.stats = GeneratorStats(
             worker=f"{socket.gethostname()}:{os.getpid()}", started_at=time.time()
         )
-        self.stats_sink = stats
+        self.collector = collector
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = pick_device()
@@ -488,18 +488,18 @@ class GenerateImages:
         }
         for name, values in extra.items():
             table = table.append_column(name, values)
-        if self.stats_sink is not None:
+        if self.collector is not None:
             import ray
 
             # Waited for (about a millisecond), so that the report of a job's last batch
             # has arrived before the driver collects them all.
             try:
-                ray.get(self.stats_sink.report.remote(self.stats.snapshot()))
+                ray.get(self.collector.report.remote(self.stats.snapshot()))
             except ray.exceptions.RayError as exc:
                 # The busy fraction is a report about the job, not the job: a lost
                 # collector must not fail a batch whose images are made.
                 logger.warning("generator statistics no longer reported: %s", exc)
-                self.stats_sink = None
+                self.collector = None
         return table
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch import Overrides
+from koala_batch import Substitutes
 from koala_batch.output.commit import retired_rows
 from koala_batch.output.verify import verify_output
 from koala_batch.spec import spec_from_dict
@@ -75,7 +75,7 @@ def first_run(tmp_path_factory, model_cache):
         output={"rows_per_shard": 4, "max_failed_fraction": 0.5},
     )
     start_local_ray()
-    record = koala_batch.run(spec, Overrides(generator_cls=fault_injecting_generator(calls)))
+    record = koala_batch.run(spec, Substitutes(generator_cls=fault_injecting_generator(calls)))
     assert record["counts"]["images_failed"] == 4
     assert record["counts"]["images_retried"] == 0
     return spec, output

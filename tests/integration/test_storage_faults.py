@@ -2,7 +2,7 @@
 job with nothing partial visible, and a clean rerun completes it exactly once.
 
 The faults come from `tests.faults.FaultyFileSystem`, injected through
-`run(spec, Overrides(input_filesystem=..., output_filesystem=...))`; it counts faults
+`run(spec, Substitutes(input_filesystem=..., output_filesystem=...))`; it counts faults
 across the driver and the Ray workers it is pickled to.
 """
 
@@ -19,7 +19,7 @@ from ray import cloudpickle
 
 import koala_batch
 import tests.faults
-from koala_batch import JobFailedError, Overrides
+from koala_batch import JobFailedError, Substitutes
 from tests.conftest import SAMPLE_PROMPTS
 from tests.faults import FaultyFileSystem
 from tests.integration.conftest import start_local_ray
@@ -135,7 +135,7 @@ def test_transient_faults_are_retried_and_change_nothing(s3_server, fault_bucket
 
     record = koala_batch.run(
         fault_spec(s3_server, fault_bucket, prefix),
-        Overrides(input_filesystem=faulty_in, output_filesystem=faulty_out),
+        Substitutes(input_filesystem=faulty_in, output_filesystem=faulty_out),
     )
 
     assert faulty_in.consumed() == {"read": TRANSIENT, "write": 0}
@@ -171,7 +171,7 @@ def test_permanent_manifest_failure_fails_clearly_then_rerun_completes(
     )
 
     with pytest.raises(JobFailedError) as failure:
-        koala_batch.run(spec, Overrides(output_filesystem=faulty_out))
+        koala_batch.run(spec, Substitutes(output_filesystem=faulty_out))
 
     # Clear: one line with the worker's PermissionError and the storage layer's note
     # naming the operation and the URL, not Ray's wrapped tracebacks.

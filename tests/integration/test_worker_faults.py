@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import koala_batch
-from koala_batch import JobFailedError, Overrides
+from koala_batch import JobFailedError, Substitutes
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.faulty_generators import (
     FAILING_PROMPT,
@@ -52,7 +52,7 @@ def test_failing_batches_are_split_and_failures_recorded(tmp_path):
         output={"max_failed_fraction": 0.25},
     )
 
-    record = koala_batch.run(spec, Overrides(generator_cls=fault_injecting_generator(calls)))
+    record = koala_batch.run(spec, Substitutes(generator_cls=fault_injecting_generator(calls)))
 
     rows = {row["id"]: row for row in read_manifests(output)}
     assert_exactly_once(list(rows.values()), ids)
@@ -84,7 +84,7 @@ def test_job_fails_when_too_many_images_fail(tmp_path):
     with pytest.raises(
         JobFailedError, match=r"3 of 5 images failed \(60.0%\).*max_failed_fraction=0.5"
     ):
-        koala_batch.run(spec, Overrides(generator_cls=fault_injecting_generator(calls)))
+        koala_batch.run(spec, Substitutes(generator_cls=fault_injecting_generator(calls)))
     assert not (output / "_SUCCESS").exists()
     rows = read_manifests(output)
     assert len(rows) == 5  # the failures are committed as error rows, nothing dropped
@@ -108,7 +108,7 @@ def test_killed_actor_process_is_replaced_and_output_exactly_once(tmp_path):
         output={"rows_per_shard": 3},
     )
 
-    record = koala_batch.run(spec, Overrides(generator_cls=self_killing_generator(marker)))
+    record = koala_batch.run(spec, Substitutes(generator_cls=self_killing_generator(marker)))
 
     assert marker.exists(), "the actor was never killed: the test did not test anything"
     rows = read_manifests(output)
@@ -133,9 +133,9 @@ def test_a_lost_statistics_collector_does_not_fail_a_batch(tmp_path, sample_prom
     collector = start_stats_collector()
     ray.get(collector.collect.remote())
     ray.kill(collector)
-    stage = GenerateImages(spec, torch_threads=1, stats=collector)
+    stage = GenerateImages(spec, torch_threads=1, collector=collector)
 
     done = stage(common.work_rows(spec, sample_prompts.slice(0, 2)))
 
     assert done.column(Col.STATUS).to_pylist() == [STATUS_OK, STATUS_OK]
-    assert stage.stats_sink is None  # reported no more, and the job goes on
+    assert stage.collector is None  # reported no more, and the job goes on
