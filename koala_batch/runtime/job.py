@@ -8,11 +8,12 @@ import logging
 import signal
 import time
 import uuid
-from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -67,7 +68,6 @@ from koala_batch.output.stats import run_cost
 from koala_batch.runtime.collector import collect_busy_summary, poll_progress, start_stats_collector
 from koala_batch.runtime.console import (
     JobProgress,
-    Poller,
     quiet_ray_console,
 )
 from koala_batch.runtime.failures import describe_failure, root_cause, stage_error
@@ -128,10 +128,11 @@ def generate_remaining(
     the planned images are committed (every committed shard is kept for the rerun). No
     signal handler of the caller's is changed.
     """
-    written: list[dict[str, Any]] = []
     stop = current_stop()
+    graph = GraphRun(spec, plan, committed, planned, run_id, substitutes, stop)
+    written = graph.written
     try:
-        generators = _run_graph(spec, plan, committed, planned, run_id, substitutes, stop, written)
+        generators = graph.run()
     except KeyboardInterrupt:
         signum = stop.received or signal.SIGINT
         with stop.held():
@@ -186,81 +187,125 @@ def committed_keys_now(
     return committed.keys.union(keys_written(written)).union(KeySet.from_keys(late))
 
 
-def _run_graph(
-    spec: JobSpec,
-    plan: InputPlan,
-    committed: CommittedState,
-    planned: KeySet,
-    run_id: str | None,
-    substitutes: Substitutes | None,
-    stop: SignalStop,
-    written: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """generate_remaining's work: `written` receives each shard's stats as it commits."""
-    quiet = ExitStack()
-    quiet.enter_context(quiet_ray_console())
-    try:
-        with kept_signal_handlers():  # ray.init puts in a SIGTERM handler of its own
-            started_ray = connect_ray(spec)
-    except BaseException:
-        quiet.close()
-        raise
-    poller: Poller | None = None
-    try:
-        quiet.enter_context(job_data_context())
+@dataclass
+class GraphRun:
+    """`generate_remaining`'s work, step by step: a Ray session, placement, the graph, and
+    each shard as it commits (`written` receives its summary)."""
+
+    spec: JobSpec
+    plan: InputPlan
+    committed: CommittedState
+    planned: KeySet
+    run_id: str | None
+    substitutes: Substitutes | None
+    stop: SignalStop
+    written: list[dict[str, Any]] = field(default_factory=list)
+    # Images this run has to make: planned and not committed when it started.
+    remaining: int = 0
+
+    def run(self) -> dict[str, Any]:
+        """Generate and commit what remains; the generators' busy summary."""
+        with self.ray_session() as started_ray:
+            try:
+                return self.generate(started_ray)
+            except Exception as exc:  # noqa: BLE001 - every failure ends in one line
+                self.raise_failure(exc)
+
+    @contextmanager
+    def ray_session(self) -> Iterator[bool]:
+        """Connected to Ray (True: by this run, which leaves it at the end, in time if
+        stopping), with the CLI's console quieting and a job's DataContext settings."""
+        with ExitStack() as scope:
+            scope.enter_context(quiet_ray_console())
+            with kept_signal_handlers():  # ray.init puts in a SIGTERM handler of its own
+                started_ray = connect_ray(self.spec)
+            if started_ray:
+                scope.callback(self.leave_ray)
+            scope.enter_context(job_data_context())
+            yield started_ray
+
+    def leave_ray(self) -> None:
+        import ray
+
+        with self.stop.held():
+            if self.stop.received is None:
+                ray.shutdown()
+            else:  # stopping: bounded, the stop has a deadline
+                shutdown_ray_within(self.stop.seconds_left(STOP_RAY_SHUTDOWN_S))
+
+    def place(self, started_ray: bool) -> float:
+        """The GPUs per actor, once the cluster can hold the actors (or may yet)."""
+        spec = self.spec
         gpus = resolve_gpus_per_actor(spec)
         view = cluster_view(local=started_ray and ray_address(spec) is None)
-        problem = placement_problem(
-            view, spec.compute.actor_range[0], spec.compute.num_cpus_per_actor, gpus
-        )
+        compute = spec.compute
+        problem = placement_problem(view, compute.actor_range[0], compute.num_cpus_per_actor, gpus)
         if problem:
             raise ClusterResourcesError(problem)
         wait_for_placement(spec, gpus)
+        return gpus
+
+    def generate(self, started_ray: bool) -> dict[str, Any]:
+        gpus = self.place(started_ray)
+        self.remaining = len(self.planned.difference(self.committed.keys))
         collector = start_stats_collector()
         dataset = build_dataset(
-            spec, plan, committed.keys, run_id=run_id, substitutes=substitutes, collector=collector
+            self.spec,
+            self.plan,
+            self.committed.keys,
+            run_id=self.run_id,
+            substitutes=self.substitutes,
+            collector=collector,
         )
-        remaining = len(planned.difference(committed.keys))
-        progress = JobProgress(logger, len(planned), committed.keys.overlap(planned))
+        progress = JobProgress(logger, len(self.planned), self.committed.keys.overlap(self.planned))
         poller = poll_progress(progress, collector)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
-                # Kept for the run's end as 16-byte digests, not strings: the driver holds
-                # every shard's summary until then.
-                shard["keys"] = KeySet.from_keys(shard["keys"] or ()).digests
-                written.append(shard)
-                progress.add_commit(shard["rows"], shard["errors"])
-                done = progress.snapshot().done
-                logger.info(
-                    "committed shard %s: %d images (%d errors); %d of %d this run",
-                    shard["shard"],
-                    shard["rows"],
-                    shard["errors"],
-                    sum(s["rows"] for s in written),
-                    remaining,
-                    extra={
-                        "event": "shard_committed",
-                        "shard": shard["shard"],
-                        "images": shard["rows"],
-                        "errors": shard["errors"],
-                        "done": done,
-                        "total": len(planned),
-                    },
-                )
-                progress.report()
-        poller.stop()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for shard in batch.cast(SUMMARY_SCHEMA).to_pylist():
+                    self.committed_shard(shard, progress)
+        finally:
+            poller.stop(timeout_s=10.0 if self.stop.received is None else 2.0)
         progress.report(final=True)
         generators = collect_busy_summary(collector, ended_at=time.time())
         # What the actors reserved: the run's GPU-hours (the record's `cost`) count it.
         generators["gpus_per_actor"] = gpus
-    except (UsageError, JobFailedError) as exc:
-        # Ray raises a stage's error as a subclass of its type whose message is the whole
-        # remote traceback; `cause` holds the original, one line.
-        original = getattr(exc, "cause", None)
-        if isinstance(original, (UsageError, JobFailedError)):
-            raise stage_error(original) from None
-        raise
-    except Exception as exc:
+        return generators
+
+    def committed_shard(self, shard: dict[str, Any], progress: JobProgress) -> None:
+        """Keep a committed shard's summary and say so."""
+        # Kept for the run's end as 16-byte digests, not strings: the driver holds every
+        # shard's summary until then.
+        shard["keys"] = KeySet.from_keys(shard["keys"] or ()).digests
+        self.written.append(shard)
+        progress.add_commit(shard["rows"], shard["errors"])
+        logger.info(
+            "committed shard %s: %d images (%d errors); %d of %d this run",
+            shard["shard"],
+            shard["rows"],
+            shard["errors"],
+            sum(s["rows"] for s in self.written),
+            self.remaining,
+            extra={
+                "event": "shard_committed",
+                "shard": shard["shard"],
+                "images": shard["rows"],
+                "errors": shard["errors"],
+                "done": progress.snapshot().done,
+                "total": len(self.planned),
+            },
+        )
+        progress.report()
+
+    def raise_failure(self, exc: Exception) -> NoReturn:
+        """Raise what a failed run ends with: a stage's own error as it raised it, else one
+        line with what was committed."""
+        if isinstance(exc, (UsageError, JobFailedError)):
+            # Ray raises a stage's error as a subclass of its type whose message is the
+            # whole remote traceback; `cause` holds the original, one line.
+            original = getattr(exc, "cause", None)
+            if isinstance(original, (UsageError, JobFailedError)):
+                raise stage_error(original) from None
+            raise exc
         cause = root_cause(exc)
         if isinstance(cause, InputError):
             raise stage_error(cause) from None
@@ -270,23 +315,11 @@ def _run_graph(
                 f"{cause}: another run took it over (two runs on one output at once), so this "
                 "one stopped without committing more; the other carries on"
             ) from None
+        committed = sum(s["rows"] for s in self.written)
         raise JobFailedError(
-            f"{describe_failure(exc)}; {sum(s['rows'] for s in written)} images were committed "
-            "this run and are kept: rerun the same spec to resume"
+            f"{describe_failure(exc)}; {committed} images were committed this run and are "
+            "kept: rerun the same spec to resume"
         ) from exc
-    finally:
-        if poller is not None:
-            poller.stop(timeout_s=10.0 if stop.received is None else 2.0)
-        if started_ray:
-            import ray
-
-            with stop.held():
-                if stop.received is None:
-                    ray.shutdown()
-                else:  # stopping: bounded, the stop has a deadline
-                    shutdown_ray_within(stop.seconds_left(STOP_RAY_SHUTDOWN_S))
-        quiet.close()
-    return generators
 
 
 def settle_retries(
