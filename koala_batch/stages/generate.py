@@ -129,8 +129,9 @@ def decode_latents(pipeline: Any, latents: Any) -> GeneratedImages:
     if getattr(config, "latents_mean", None) is not None and (
         getattr(config, "latents_std", None) is not None
     ):
-        mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        # One value per latent channel, however many the VAE has.
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
         latents = latents * std / config.scaling_factor + mean
     else:
         latents = latents / config.scaling_factor

@@ -343,3 +343,35 @@ def test_a_pipeline_call_never_mixes_rows_of_different_parameters(model_cache):
     )
     decoded = np.asarray(Image.open(io.BytesIO(by_prompt["p4"]["image"])))
     assert np.array_equal(decoded, alone.pixels[0])
+
+
+def test_decode_takes_the_vaes_own_latent_statistics_for_any_channel_count():
+    # A VAE with 8 latent channels and per-channel mean and std (as SDXL-family VAEs that
+    # record them): each channel is unscaled with its own values before decoding.
+    import types
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 8],
+        latent_channels=8,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()
+    mean, std = [0.1 * c for c in range(8)], [1.0 + 0.1 * c for c in range(8)]
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    latents = torch.randn(2, 8, 8, 8)
+
+    images = decode_latents(types.SimpleNamespace(vae=vae, watermark=None), latents)
+
+    shape = (1, 8, 1, 1)
+    unscaled = latents * torch.tensor(std).view(shape) / vae.config.scaling_factor
+    with torch.inference_mode():
+        expected = vae.decode(unscaled + torch.tensor(mean).view(shape)).sample
+    pixels = ((expected / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert np.array_equal(images.pixels, pixels.permute(0, 2, 3, 1).numpy())
+    assert images.finite.tolist() == [True, True]
