@@ -24,7 +24,6 @@ import json
 import math
 import posixpath
 import random
-import tarfile
 import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,24 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from koala_batch.errors import UsageError
+from koala_batch.output.formats import FORMATS
 from koala_batch.output.layout import (
-    FILES,
-    IMAGE_COLUMN,
-    PARQUET,
     SUCCESS_FILE,
     WEBDATASET,
-    folder_file_path,
     list_output,
     manifest_path,
-    parquet_path,
     recorded_format,
     recorded_stats,
-    tar_path,
 )
 from koala_batch.output.stats import add_failures, cost_lines, shard_stats
 from koala_batch.schemas import STATUS_OK, Col
@@ -207,41 +200,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 def read_images(
     storage: Storage, shard: str, output_format: str, rows: Sequence[dict[str, Any]]
 ) -> dict[str, bytes]:
-    """The encoded bytes of some ok rows of one shard, by key, for any output format.
-
-    webdataset: members of the shard's tar, found by name; parquet: the `image` column
-    of the shard's Parquet file; files: one file per image in the shard's folder.
-    """
-    members = {row[Col.MEMBER]: row[Col.KEY] for row in rows}
-    found: dict[str, bytes] = {}
-    if output_format == WEBDATASET:
-        with (
-            storage.open_read(tar_path(shard)) as handle,
-            tarfile.open(fileobj=handle, mode="r:") as archive,
-        ):
-            for info in archive:
-                if info.name in members:
-                    extracted = archive.extractfile(info)
-                    if extracted is not None:
-                        found[members[info.name]] = extracted.read()
-                    if len(found) == len(members):
-                        break
-    elif output_format == PARQUET:
-        keys = [row[Col.KEY] for row in rows]
-        with storage.open_read(parquet_path(shard)) as handle:
-            table = pq.read_table(
-                handle, columns=[Col.KEY, IMAGE_COLUMN], filters=pc.field(Col.KEY).isin(keys)
-            )
-        for key, image in zip(
-            table.column(Col.KEY).to_pylist(), table.column(IMAGE_COLUMN).to_pylist(), strict=True
-        ):
-            found[key] = image["bytes"]
-    elif output_format == FILES:
-        for member, key in members.items():
-            found[key] = storage.read_bytes(folder_file_path(shard, member))
-    else:
+    """The encoded bytes of some ok rows of one shard, by key, for any output format."""
+    if output_format not in FORMATS:
         raise UsageError(f"shard {shard}: unknown output format {output_format!r}")
-    return found
+    return FORMATS[output_format].read_images(storage, shard, rows)
 
 
 def sample_images(

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from koala_batch.output.formats import FORMATS
+from koala_batch.output.formats.base import output_url
 from koala_batch.output.layout import CARD_FILE, MANIFESTS_DIR, SHARDS_DIR, manifest_path
 from koala_batch.output.stats import describe_cost
 from koala_batch.schemas import MANIFEST_FIELDS
@@ -47,17 +49,13 @@ def size_category(images: int) -> str:
 
 
 def output_format(spec: JobSpec) -> str:
-    """The spec's output.format (webdataset for specs from before formats existed)."""
-    return str(getattr(spec.output, "format", "webdataset"))
+    """The spec's output.format."""
+    return spec.output.format
 
 
 def data_files(output: str) -> str:
     """The glob, relative to the output, of the files a reader of that format opens."""
-    if output == "parquet":
-        return f"{SHARDS_DIR}/*.parquet"
-    if output == "files":
-        return f"{SHARDS_DIR}/**"
-    return f"{SHARDS_DIR}/*.tar"
+    return FORMATS[output].data_glob
 
 
 def model_section(spec: JobSpec) -> dict[str, Any]:
@@ -71,59 +69,11 @@ def model_section(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def _join(uri: str, relative: str) -> str:
-    return f"{uri.rstrip('/')}/{relative}"
-
-
 def loading_snippets(uri: str, output: str) -> str:
     """Markdown: how to read this output with datasets, webdataset, Ray and duckdb."""
-    manifests = _join(uri, f"{MANIFESTS_DIR}/*.parquet")
-    shards = _join(uri, SHARDS_DIR)
-    files = _join(uri, data_files(output))
-    if output == "parquet":
-        datasets_code = f'ds = load_dataset("parquet", data_files="{files}", split="train")'
-        webdataset_text = (
-            "Not for this format: the images are in Parquet files "
-            "(`output.format: webdataset` writes tars)."
-        )
-        ray_code = f'ds = ray.data.read_parquet("{shards}/")  # image bytes in the `image` column'
-        duckdb_table = files
-    elif output == "files":
-        datasets_code = f'ds = load_dataset("imagefolder", data_dir="{shards}", split="train")'
-        webdataset_text = (
-            "Not for this format: the images are plain files "
-            "(`output.format: webdataset` writes tars)."
-        )
-        ray_code = (
-            f'images = ray.data.read_images("{shards}/", include_paths=True)\n'
-            f'rows = ray.data.read_parquet("{_join(uri, MANIFESTS_DIR)}/")'
-        )
-        duckdb_table = manifests
-    else:
-        datasets_code = f'ds = load_dataset("webdataset", data_files="{files}", split="train")'
-        if "://" in uri:
-            listing = (
-                "import fsspec\n"
-                "import webdataset as wds\n\n"
-                f'fs, root = fsspec.core.url_to_fs("{shards}")\n'
-                "# webdataset streams remote tars through a command, e.g. the AWS CLI for s3://\n"
-                'urls = [f"pipe:aws s3 cp s3://{path} -" for path in sorted(fs.glob(root + '
-                '"/*.tar"))]\n'
-            )
-        else:
-            listing = (
-                f'import glob\nimport webdataset as wds\n\nurls = sorted(glob.glob("{files}"))\n'
-            )
-        webdataset_text = (
-            "```python\n"
-            f"{listing}"
-            'ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple('
-            '"__key__", "json")\n'
-            "```\n\n"
-            "Each sample is an image (`{key}.png`, `.jpg` or `.webp`) and its row (`{key}.json`)."
-        )
-        ray_code = f'ds = ray.data.read_webdataset("{shards}/")'
-        duckdb_table = manifests
+    recipes = FORMATS[output].card_recipes(uri)
+    datasets_code, webdataset_text = recipes.datasets, recipes.webdataset
+    ray_code, duckdb_table = recipes.ray, recipes.duckdb_table
     return (
         "### 🤗 datasets\n\n"
         "```python\n"
@@ -131,7 +81,7 @@ def loading_snippets(uri: str, output: str) -> str:
         f"{datasets_code}\n"
         + (
             f'# or through this card\'s `configs`: load_dataset("{uri}", split="train")\n'
-            if output != "files"
+            if recipes.hub_configs
             else ""
         )
         + "```\n\n"
@@ -141,7 +91,7 @@ def loading_snippets(uri: str, output: str) -> str:
         "```python\n"
         "import ray\n\n"
         f"{ray_code}\n"
-        f'manifest = ray.data.read_parquet("{_join(uri, MANIFESTS_DIR)}/")  # every row, '
+        f'manifest = ray.data.read_parquet("{output_url(uri, MANIFESTS_DIR)}/")  # every row, '
         "failed ones included\n"
         "```\n\n"
         "### duckdb\n\n"

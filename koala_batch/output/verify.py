@@ -35,12 +35,10 @@ a few shards' manifests and one image per worker, plus the set of keys.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,32 +50,21 @@ from koala_batch.inputs.files import plan_input
 from koala_batch.inputs.rows import planned_images
 from koala_batch.keys import sample_key, shard_name
 from koala_batch.output.commit import retired_rows
+from koala_batch.output.formats import FORMATS
+from koala_batch.output.formats.base import Problems, short
 from koala_batch.output.layout import (
     EXTENSIONS,
-    FILE_NAME_COLUMN,
-    FILES,
-    FOLDER_METADATA,
-    HUGGINGFACE_METADATA,
-    IMAGE_COLUMN,
-    IMAGE_TYPE,
     JOB_FILE,
     MANIFESTS_DIR,
-    PARQUET,
     SUCCESS_FILE,
     WEBDATASET,
-    FileKind,
     ShardRecord,
-    classify,
-    folder_file_path,
     image_member,
     list_output,
     manifest_path,
-    parquet_path,
     recorded_data_bytes,
     recorded_format,
-    shard_folder,
     sidecar_member,
-    tar_path,
 )
 from koala_batch.output.stats import describe_cost
 from koala_batch.schemas import (
@@ -90,9 +77,6 @@ from koala_batch.schemas import (
 )
 from koala_batch.spec import JobSpec, reveal_storage_options
 from koala_batch.storage import Storage, bounded_map, with_retries
-
-# What Pillow calls each output format.
-PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 # Manifest columns each row check reads.
 _ROW_COLUMNS = [
@@ -186,29 +170,10 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-class _Problems:
-    """A capped list of messages with a full count."""
-
-    def __init__(self, limit: int):
-        self.limit = max(0, limit)
-        self.listed: list[str] = []
-        self.total = 0
-
-    def add(self, message: str) -> None:
-        self.total += 1
-        if len(self.listed) < self.limit:
-            self.listed.append(message)
-
-    def merge(self, other: _Problems) -> None:
-        for message in other.listed:
-            self.add(message)
-        self.total += other.total - len(other.listed)
-
-
 @dataclass
 class _ShardResult:
     name: str
-    problems: _Problems
+    problems: Problems
     rows: int = 0
     rows_ok: int = 0
     images_checked: int = 0
@@ -221,16 +186,11 @@ class _ShardResult:
     retired: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---------------------------------------------------------------------------------------
 # one shard
 
 
-def _check_schema(name: str, schema: pa.Schema, problems: _Problems) -> bool:
+def _check_schema(name: str, schema: pa.Schema, problems: Problems) -> bool:
     """Problems for missing or mistyped manifest columns; False when rows cannot be checked."""
     missing = [column for column in MANIFEST_COLUMNS if column not in schema.names]
     if missing:
@@ -268,7 +228,7 @@ def _check_rows(
         if key is None or row_id is None or image_index is None:
             problems.add(
                 f"shard {name}: a row has a null key, id or image_index "
-                f"(key={_short(key)}, id={_short(row_id)}, image_index={image_index})"
+                f"(key={short(key)}, id={short(row_id)}, image_index={image_index})"
             )
         else:
             expected_key = sample_key(str(row_id), int(image_index))
@@ -276,7 +236,7 @@ def _check_rows(
                 derived = expected_key
                 problems.add(
                     f"shard {name}: key {key} does not derive from its id "
-                    f"{_short(row_id)} and image {image_index} (expected {expected_key})"
+                    f"{short(row_id)} and image {image_index} (expected {expected_key})"
                 )
         result.identities.append((key, row_id, image_index, derived))
         if row[Col.SHARD] != name:
@@ -295,13 +255,13 @@ def _check_rows(
             image_format = row[Col.IMAGE_FORMAT]
             if image_format not in EXTENSIONS:
                 problems.add(
-                    f"shard {name}: key {key} has unknown image_format {_short(image_format)}"
+                    f"shard {name}: key {key} has unknown image_format {short(image_format)}"
                 )
                 continue
             member = image_member(key, image_format)
             if row[Col.MEMBER] != member:
                 problems.add(
-                    f"shard {name}: key {key} names member {_short(row[Col.MEMBER])}, "
+                    f"shard {name}: key {key} names member {short(row[Col.MEMBER])}, "
                     f"expected {member}"
                 )
             if not row[Col.SHA256]:
@@ -310,300 +270,44 @@ def _check_rows(
             sidecars[sidecar_member(key)] = row
         else:
             if status != STATUS_ERROR:
-                problems.add(f"shard {name}: key {key} has unknown status {_short(status)}")
+                problems.add(f"shard {name}: key {key} has unknown status {short(status)}")
             if not row[Col.ERROR] or not str(row[Col.ERROR]).strip():
                 problems.add(f"shard {name}: error row {key} has no error message")
             if row[Col.MEMBER] is not None:
                 problems.add(
                     f"shard {name}: error row {key} names member "
-                    f"{_short(row[Col.MEMBER])}; error rows have no image"
+                    f"{short(row[Col.MEMBER])}; error rows have no image"
                 )
     for other, keys in sorted(misnamed.items(), key=lambda item: str(item[0])):
         problems.add(
             f"shard {name}: {len(keys)} row(s) (key {keys[0]}, ...) say shard "
-            f"{_short(other)}, but their manifest is {manifest_path(name)}"
+            f"{short(other)}, but their manifest is {manifest_path(name)}"
         )
     for (column, value), count in sorted(off_spec.items(), key=lambda item: str(item[0])):
         expected = constants[column] if constants else None
         problems.add(
-            f"shard {name}: {count} row(s) have {column}={_short(value)}, the spec says "
-            f"{_short(expected)}"
+            f"shard {name}: {count} row(s) have {column}={short(value)}, the spec says "
+            f"{short(expected)}"
         )
     return images, sidecars, statuses
-
-
-def _check_image(
-    name: str, member: str, data: bytes, row: dict[str, Any], problems: _Problems
-) -> bool:
-    """Bytes, digest and decoded size of one image member; True when it decoded."""
-    from PIL import Image
-
-    key = row[Col.KEY]
-    if len(data) != row[Col.BYTES]:
-        problems.add(
-            f"shard {name}: member {member} (key {key}) has {len(data)} bytes, the "
-            f"manifest says {row[Col.BYTES]}"
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if row[Col.SHA256] and digest != row[Col.SHA256]:
-        problems.add(
-            f"shard {name}: member {member} (key {key}) has sha256 {digest}, the "
-            f"manifest says {row[Col.SHA256]}"
-        )
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            decoded_format, size = image.format, image.size
-    except Exception as exc:  # noqa: BLE001 - any decode failure is the finding
-        problems.add(
-            f"shard {name}: member {member} (key {key}) does not decode as an image: "
-            f"{type(exc).__name__}: {exc}"
-        )
-        return False
-    if size != (row[Col.WIDTH], row[Col.HEIGHT]):
-        problems.add(
-            f"shard {name}: member {member} (key {key}) is {size[0]}x{size[1]}, the "
-            f"manifest says {row[Col.WIDTH]}x{row[Col.HEIGHT]}"
-        )
-    expected_format = PIL_FORMATS.get(row[Col.IMAGE_FORMAT])
-    if expected_format and decoded_format != expected_format:
-        problems.add(
-            f"shard {name}: member {member} (key {key}) decodes as {decoded_format}, "
-            f"the manifest says {row[Col.IMAGE_FORMAT]}"
-        )
-    return True
-
-
-def _check_sidecar(
-    name: str, member: str, data: bytes, row: dict[str, Any], problems: _Problems
-) -> None:
-    try:
-        record = json.loads(data)
-    except ValueError as exc:
-        problems.add(f"shard {name}: sidecar {member} is not valid JSON: {exc}")
-        return
-    if not isinstance(record, dict):
-        problems.add(f"shard {name}: sidecar {member} is not a JSON object")
-        return
-    for column in (Col.KEY, Col.ID, Col.IMAGE_INDEX):
-        if record.get(column) != row[column]:
-            problems.add(
-                f"shard {name}: sidecar {member} has {column}="
-                f"{_short(record.get(column))}, the manifest says {_short(row[column])}"
-            )
-
-
-def _scan_tar(
-    storage: Storage,
-    name: str,
-    images: dict[str, dict[str, Any]],
-    sidecars: dict[str, dict[str, Any]],
-    statuses: dict[str, str],
-    limit: int,
-) -> tuple[_Problems, int]:
-    """Stream the tar once, checking every member; (problems, images decoded)."""
-    problems = _Problems(limit)
-    decoded = 0
-    seen: Counter[str] = Counter()
-    with (
-        storage.open_read(tar_path(name)) as handle,
-        tarfile.open(fileobj=handle, mode="r|") as archive,
-    ):
-        for info in archive:
-            member = info.name
-            seen[member] += 1
-            if seen[member] == 2:
-                problems.add(
-                    f"shard {name}: member {member} appears more than once in {tar_path(name)}"
-                )
-            if seen[member] > 1:
-                continue
-            if not info.isfile():
-                problems.add(
-                    f"shard {name}: member {member} of {tar_path(name)} is not a regular file"
-                )
-                continue
-            extracted = archive.extractfile(info)
-            data = extracted.read() if extracted is not None else b""
-            if member in images:
-                decoded += _check_image(name, member, data, images[member], problems)
-            elif member in sidecars:
-                _check_sidecar(name, member, data, sidecars[member], problems)
-            else:
-                stem = member.split(".", 1)[0]
-                if statuses.get(stem, STATUS_OK) != STATUS_OK:
-                    problems.add(
-                        f"shard {name}: member {member} belongs to error row {stem}, "
-                        "which has no image"
-                    )
-                else:
-                    problems.add(
-                        f"shard {name}: member {member} of {tar_path(name)} is not "
-                        "listed in the manifest"
-                    )
-    for member, row in images.items():
-        if not seen[member]:
-            problems.add(
-                f"shard {name}: key {row[Col.KEY]}: member {member} is missing from "
-                f"{tar_path(name)}"
-            )
-    for member, row in sidecars.items():
-        if not seen[member]:
-            problems.add(
-                f"shard {name}: key {row[Col.KEY]}: sidecar {member} is missing from "
-                f"{tar_path(name)}"
-            )
-    return problems, decoded
-
-
-# Per format: what its data file is called in messages, and where it is (for the files
-# format, the folder's metadata: the file whose absence means the folder's is missing).
-_DATA_FILES: dict[str, Callable[[str], tuple[str, str]]] = {
-    WEBDATASET: lambda name: ("tar", tar_path(name)),
-    PARQUET: lambda name: ("Parquet file", parquet_path(name)),
-    FILES: lambda name: ("metadata file", folder_file_path(name, FOLDER_METADATA)),
-}
 
 
 def _shard_format(storage: Storage, name: str, schema: pa.Schema) -> str:
     """The format the manifest records; for one from before formats existed, the one
     whose data are there (a tar when none is)."""
     recorded = recorded_format(schema)
-    if recorded is not None and recorded in _DATA_FILES:
+    if recorded is not None and recorded in FORMATS:
         return recorded
-    if storage.exists(tar_path(name)):
-        return WEBDATASET
-    for output_format in (PARQUET, FILES):
-        if storage.exists(_DATA_FILES[output_format](name)[1]):
-            return output_format
+    for output_format in FORMATS.values():
+        if storage.exists(output_format.data_path(name)):
+            return output_format.name
     return WEBDATASET
-
-
-def _unlisted(name: str, member: str, where: str, statuses: dict[str, str]) -> str:
-    """The problem of data the manifest does not list."""
-    stem = member.split(".", 1)[0]
-    if statuses.get(stem, STATUS_OK) != STATUS_OK:
-        return f"shard {name}: member {member} belongs to error row {stem}, which has no image"
-    return f"shard {name}: member {member} of {where} is not listed in the manifest"
-
-
-def _scan_parquet(
-    storage: Storage,
-    name: str,
-    images: dict[str, dict[str, Any]],
-    statuses: dict[str, str],
-    limit: int,
-) -> tuple[_Problems, int]:
-    """Read a parquet shard a row group at a time, checking every row; (problems, images
-    decoded)."""
-    problems = _Problems(limit)
-    decoded = 0
-    path = parquet_path(name)
-    seen: Counter[str] = Counter()
-    with storage.open_read(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        schema = parquet.schema_arrow
-        if IMAGE_COLUMN not in schema.names or schema.field(IMAGE_COLUMN).type != IMAGE_TYPE:
-            problems.add(f"shard {name}: {path} has no {IMAGE_COLUMN} column of type {IMAGE_TYPE}")
-            return problems, decoded
-        missing = [column for column in MANIFEST_COLUMNS if column not in schema.names]
-        if missing:
-            problems.add(f"shard {name}: {path} lacks manifest column(s) {', '.join(missing)}")
-        try:
-            features = json.loads((schema.metadata or {})[HUGGINGFACE_METADATA])["info"]["features"]
-        except (KeyError, TypeError, ValueError):
-            features = {}
-        if features.get(IMAGE_COLUMN) != {"_type": "Image"}:
-            problems.add(
-                f"shard {name}: {path} does not declare its {IMAGE_COLUMN} column a Hugging "
-                f"Face Image in its {HUGGINGFACE_METADATA.decode()} metadata"
-            )
-        identity = [c for c in (Col.KEY, Col.ID, Col.IMAGE_INDEX, Col.STATUS) if c in schema.names]
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=[IMAGE_COLUMN, *identity])
-            for row in table.to_pylist():
-                image = row[IMAGE_COLUMN] or {}
-                member = str(image.get("path"))
-                seen[member] += 1
-                if seen[member] == 2:
-                    problems.add(f"shard {name}: member {member} appears more than once in {path}")
-                if seen[member] > 1:
-                    continue
-                if member not in images:
-                    problems.add(_unlisted(name, str(member), path, statuses))
-                    continue
-                expected = images[member]
-                if row.get(Col.STATUS, STATUS_OK) != STATUS_OK:
-                    problems.add(f"shard {name}: member {member} of {path} is an error row")
-                for column in (Col.KEY, Col.ID, Col.IMAGE_INDEX):
-                    if column in row and row[column] != expected[column]:
-                        problems.add(
-                            f"shard {name}: member {member} of {path} has {column}="
-                            f"{_short(row[column])}, the manifest says {_short(expected[column])}"
-                        )
-                decoded += _check_image(name, member, image.get("bytes") or b"", expected, problems)
-    for member, row in images.items():
-        if not seen[member]:
-            problems.add(
-                f"shard {name}: key {row[Col.KEY]}: member {member} is missing from {path}"
-            )
-    return problems, decoded
-
-
-def _scan_folder(
-    storage: Storage,
-    name: str,
-    images: dict[str, dict[str, Any]],
-    statuses: dict[str, str],
-    limit: int,
-) -> tuple[_Problems, int]:
-    """Read every image of a files-format shard and its metadata.parquet; (problems,
-    images decoded)."""
-    problems = _Problems(limit)
-    decoded = 0
-    folder = shard_folder(name)
-    present = set(storage.list_files(folder))
-    for member, row in images.items():
-        path = folder_file_path(name, member)
-        if member not in present:
-            problems.add(f"shard {name}: key {row[Col.KEY]}: image {path} is missing")
-            continue
-        decoded += _check_image(name, path, storage.read_bytes(path), row, problems)
-    for member in sorted(present - set(images) - {FOLDER_METADATA}):
-        # Half-written files are leftovers and a user's own files foreign: both reported
-        # from the listing, neither the shard's.
-        if classify(folder_file_path(name, member))[0] is FileKind.FOLDER_FILE:
-            problems.add(_unlisted(name, member, f"{folder}/", statuses))
-    metadata_path = folder_file_path(name, FOLDER_METADATA)
-    metadata = pq.read_table(io.BytesIO(storage.read_bytes(metadata_path)))
-    if FILE_NAME_COLUMN not in metadata.column_names or Col.KEY not in metadata.column_names:
-        problems.add(
-            f"shard {name}: {metadata_path} lacks a {FILE_NAME_COLUMN} or {Col.KEY} column"
-        )
-        return problems, decoded
-    listed = metadata.column(FILE_NAME_COLUMN).to_pylist()
-    keys = metadata.column(Col.KEY).to_pylist()
-    for member, key in zip(listed, keys, strict=True):
-        if member not in images:
-            problems.add(_unlisted(name, str(member), metadata_path, statuses))
-        elif key != images[member][Col.KEY]:
-            problems.add(
-                f"shard {name}: {metadata_path} lists {member} with key {key}, the manifest "
-                f"says {images[member][Col.KEY]}"
-            )
-    if len(set(listed)) != len(listed):
-        problems.add(f"shard {name}: {metadata_path} lists an image more than once")
-    for member in sorted(set(images) - set(listed)):
-        problems.add(
-            f"shard {name}: key {images[member][Col.KEY]}: {metadata_path} does not list {member}"
-        )
-    return problems, decoded
 
 
 def _check_shard(
     storage: Storage, name: str, constants: dict[str, Any] | None, limit: int
 ) -> _ShardResult:
-    result = _ShardResult(name=name, problems=_Problems(limit))
+    result = _ShardResult(name=name, problems=Problems(limit))
     problems = result.problems
     try:
         data = storage.read_bytes(manifest_path(name))
@@ -619,7 +323,8 @@ def _check_shard(
         return result
     result.rows = manifest.num_rows
     output_format = _shard_format(storage, name, manifest.schema)
-    what, data_path = _DATA_FILES[output_format](name)
+    shard_format = FORMATS[output_format]
+    what, data_path = shard_format.data_kind, shard_format.data_path(name)
     has_data = ShardRecord(output_format, recorded_data_bytes(manifest.schema)).has_data_file
     tar_present = storage.exists(data_path)
     if has_data and not tar_present:
@@ -658,12 +363,8 @@ def _check_shard(
             )
         return result
 
-    def scan() -> tuple[_Problems, int]:
-        if output_format == PARQUET:
-            return _scan_parquet(storage, name, images, statuses, limit)
-        if output_format == FILES:
-            return _scan_folder(storage, name, images, statuses, limit)
-        return _scan_tar(storage, name, images, sidecars, statuses, limit)
+    def scan() -> tuple[Problems, int]:
+        return shard_format.scan(storage, name, images, sidecars, statuses, limit)
 
     try:
         tar_problems, decoded = with_retries(scan, f"read {storage.url(data_path)}")
@@ -682,7 +383,7 @@ def _check_shard(
 # the whole output
 
 
-def _read_json(storage: Storage, relative: str, problems: _Problems) -> dict[str, Any] | None:
+def _read_json(storage: Storage, relative: str, problems: Problems) -> dict[str, Any] | None:
     try:
         record = json.loads(storage.read_bytes(relative))
     except FileNotFoundError:
@@ -700,7 +401,7 @@ def _check_success(
     record: dict[str, Any],
     shard_rows: dict[str, tuple[int, int]],
     spec: JobSpec | None,
-    problems: _Problems,
+    problems: Problems,
 ) -> None:
     """_SUCCESS against the committed shards: {shard: (rows, ok rows)}."""
     listed_entries = record.get("shards")
@@ -712,7 +413,7 @@ def _check_success(
     for entry in listed_entries:
         shard = entry.get("shard") if isinstance(entry, dict) else None
         if not isinstance(shard, str):
-            problems.add(f"{SUCCESS_FILE} has a shard entry without a name: {_short(entry)}")
+            problems.add(f"{SUCCESS_FILE} has a shard entry without a name: {short(entry)}")
             continue
         listed[shard] = entry
     for shard in sorted(set(listed) - set(shard_rows)):
@@ -740,7 +441,7 @@ def _check_success(
     for name, value in expected_counts.items():
         if (name == "images_committed" or name in counts) and counts.get(name) != value:
             problems.add(
-                f"{SUCCESS_FILE} counts {name}={_short(counts.get(name))}, the "
+                f"{SUCCESS_FILE} counts {name}={short(counts.get(name))}, the "
                 f"manifests hold {value}"
             )
     if spec is not None and record.get("fingerprint") not in (None, spec.fingerprint()):
@@ -759,7 +460,7 @@ def _track_identity(
     names: list[str],
     owner: dict[str, int],
     pairs: dict[str, int],
-    problems: _Problems,
+    problems: Problems,
     failed: set[str] | None = None,
 ) -> None:
     """Record one manifest row's key and (id, image_index); report repeats of either.
@@ -779,7 +480,7 @@ def _track_identity(
                 "`koala-batch run` on the spec (a resume, or `run --retry-failed`) keeps "
                 "the newer row and takes the other out of its manifest"
             )
-        problems.add(f"key {key} (id {_short(row_id)}, image {image_index}) appears {where}")
+        problems.add(f"key {key} (id {short(row_id)}, image {image_index}) appears {where}")
     else:
         owner[key] = index
     if row_id is None or image_index is None:
@@ -797,7 +498,7 @@ def _track_identity(
         pairs.setdefault(derived, index)
     if clash is not None:
         problems.add(
-            f"id {_short(row_id)} image {image_index} appears in shard {names[clash]} "
+            f"id {short(row_id)} image {image_index} appears in shard {names[clash]} "
             f"and shard {names[index]} under different keys"
         )
 
@@ -841,7 +542,7 @@ def verify_output(
         storage_options = reveal_storage_options(spec.output.storage_options)
     storage = Storage(uri, storage_options, filesystem)
     report = VerifyReport(output=storage.url(""))
-    problems = _Problems(max_problems_listed)
+    problems = Problems(max_problems_listed)
 
     listing = list_output(storage)
     names = list(listing.committed)
@@ -951,14 +652,14 @@ def verify_output(
                 if made_from.get(key, made) != made:
                     report.changed_inputs += 1
                     problems.add(
-                        f"input row {source} row {row_index} (id {_short(row_id)}) image "
+                        f"input row {source} row {row_index} (id {short(row_id)}) image "
                         f"{image_index} has changed since its image was generated (key {key}): "
                         "the committed image is of the row as it was"
                     )
             else:
                 report.missing_inputs += 1
                 problems.add(
-                    f"input row {source} row {row_index} (id {_short(row_id)}) image "
+                    f"input row {source} row {row_index} (id {short(row_id)}) image "
                     f"{image_index} is missing (key {key})"
                 )
         report.expected_images = expected_count

@@ -23,6 +23,10 @@ from koala_batch.cli.inspect import read_images
 from koala_batch.errors import RunSupersededError, SpecError
 from koala_batch.keys import sample_key
 from koala_batch.output.commit import claim_output, load_committed, remove_leftovers, uncommit
+from koala_batch.output.formats import FORMATS as REGISTRY
+from koala_batch.output.formats import parquet
+from koala_batch.output.formats.base import OutputFormat
+from koala_batch.output.formats.parquet import row_group_bounds
 from koala_batch.output.layout import (
     FOLDER_METADATA,
     HUGGINGFACE_METADATA,
@@ -42,8 +46,7 @@ from koala_batch.output.layout import (
 from koala_batch.output.verify import verify_output
 from koala_batch.schemas import MANIFEST_COLUMNS
 from koala_batch.spec import OutputSpec, spec_from_dict
-from koala_batch.stages import write
-from koala_batch.stages.write import WriteShard, row_group_bounds
+from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
 from tests.conftest import tiny_spec
 from tests.unit.conftest import encoded_table, make_spec, png_bytes
@@ -282,7 +285,7 @@ def test_parquet_shard_compression_and_row_groups(out_dir, monkeypatch):
     table = encoded_table(spec, IDS, errors=ERRORS, passthrough=PASSTHROUGH)
     sizes = [len(image) for image in table.column("image").to_pylist() if image is not None]
     # Row groups hold about ROW_GROUP_BYTES of images: here two images each.
-    monkeypatch.setattr(write, "ROW_GROUP_BYTES", sizes[0] + sizes[1])
+    monkeypatch.setattr(parquet, "ROW_GROUP_BYTES", sizes[0] + sizes[1])
     shard = WriteShard(spec)(table).column("shard")[0].as_py()
 
     metadata = pq.ParquetFile(out_dir / parquet_path(shard)).metadata
@@ -539,3 +542,27 @@ def test_a_shard_of_mixed_sizes_comes_out_right_in_every_format(out_dir, output_
     assert not report.ok
     (problem,) = report.problems  # only the second row records a size it does not have
     assert sample_key(ids[1], 0) in problem and "the manifest says 64x64" in problem
+
+
+def test_the_registry_holds_one_class_per_format_the_spec_offers():
+    assert tuple(REGISTRY) == OUTPUT_FORMATS
+    assert len({type(output_format) for output_format in REGISTRY.values()}) == len(REGISTRY)
+
+
+@pytest.mark.parametrize("name", OUTPUT_FORMATS)
+def test_every_registered_format_implements_the_whole_protocol(name):
+    output_format = REGISTRY[name]
+    assert isinstance(output_format, OutputFormat) and output_format.name == name
+    assert output_format.data_kind and output_format.data_glob.startswith("shards/")
+    required = {
+        member
+        for member, value in vars(OutputFormat).items()
+        if getattr(value, "__isabstractmethod__", False)
+    }
+    assert required == {"data_path", "write", "scan", "read_images", "card_recipes"}
+    for member in required:
+        implemented = getattr(type(output_format), member)
+        assert not getattr(implemented, "__isabstractmethod__", False), f"{name}: {member}"
+    recipes = output_format.card_recipes("s3://bucket/out")
+    assert "s3://bucket/out" in recipes.datasets and "s3://bucket/out" in recipes.ray
+    assert output_format.data_path("000000000000-abcdef01").startswith("shards/")

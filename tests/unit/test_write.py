@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from koala_batch.keys import sample_key, shard_name
+from koala_batch.output import layout
 from koala_batch.schemas import MANIFEST_COLUMNS, MANIFEST_FIELDS, SUMMARY_SCHEMA, name_rows
-from koala_batch.stages import write
 from koala_batch.stages.write import WriteShard
 from tests.unit.conftest import encoded_table, make_spec
 
@@ -276,8 +276,10 @@ def test_all_error_block_commits_an_empty_tar_and_a_manifest(out_dir):
 
 
 def test_paths_helpers():
-    assert write.tar_path("000000000000-abcdef01") == "shards/000000000000-abcdef01.tar"
-    assert write.manifest_path("000000000000-abcdef01") == "manifests/000000000000-abcdef01.parquet"
+    assert layout.tar_path("000000000000-abcdef01") == "shards/000000000000-abcdef01.tar"
+    assert (
+        layout.manifest_path("000000000000-abcdef01") == "manifests/000000000000-abcdef01.parquet"
+    )
 
 
 def test_manifest_is_readable_from_bytes(out_dir, written):
