@@ -51,7 +51,7 @@ from koala_batch.inputs.rows import planned_images
 from koala_batch.keys import sample_key, shard_name
 from koala_batch.output.commit import retired_rows
 from koala_batch.output.formats import FORMATS
-from koala_batch.output.formats.base import Problems, short
+from koala_batch.output.formats.base import Problems, ShardToScan, short
 from koala_batch.output.layout import (
     EXTENSIONS,
     JOB_FILE,
@@ -364,7 +364,7 @@ def _check_shard(
         return result
 
     def scan() -> tuple[Problems, int]:
-        return shard_format.scan(storage, name, images, sidecars, statuses, limit)
+        return shard_format.scan(storage, ShardToScan(name, images, sidecars, statuses, limit))
 
     try:
         tar_problems, decoded = with_retries(scan, f"read {storage.url(data_path)}")

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from koala_batch.errors import RunSupersededError
 from koala_batch.keys import shard_name
 from koala_batch.output.formats import FORMATS
+from koala_batch.output.formats.base import ShardToWrite
 from koala_batch.output.layout import (
     JOB_FILE,
     image_member,
@@ -127,7 +128,9 @@ class WriteShard:
         manifest = self.build_manifest(table, shard)
         images = table.column(Col.IMAGE).to_pylist()
         recorded = FORMATS[self.output_format].write(
-            storage, shard, manifest, images, self.passthrough, self.check_still_owner
+            storage,
+            ShardToWrite(shard, manifest, images, self.passthrough),
+            self.check_still_owner,
         )
         manifest = manifest.replace_schema_metadata(
             {**(manifest.schema.metadata or {}), **recorded}

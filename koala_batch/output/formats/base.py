@@ -37,6 +37,33 @@ class CardRecipes:
     hub_configs: bool
 
 
+@dataclass(frozen=True)
+class ShardToWrite:
+    """A shard as the write stage hands it to its format: the manifest (every row, in
+    order), each row's image (None for an error row) and the passthrough columns."""
+
+    name: str
+    manifest: pa.Table
+    images: list[bytes | None]
+    passthrough: list[str]
+
+    def has_images(self) -> bool:
+        """Whether any row is ok: a shard of error rows alone has no data."""
+        return any(status == STATUS_OK for status in self.manifest.column(Col.STATUS).to_pylist())
+
+
+@dataclass(frozen=True)
+class ShardToScan:
+    """What `verify` expects of a shard's data: its ok rows by member name, the webdataset
+    sidecars' rows by member name, every key's status, and how many problems to list."""
+
+    name: str
+    images: dict[str, dict[str, Any]]
+    sidecars: dict[str, dict[str, Any]]
+    statuses: dict[str, str]
+    limit: int
+
+
 class OutputFormat(ABC):
     """One output format: where a shard's data live, how a shard is written, scanned by
     `verify`, read by `inspect`, and loaded as the dataset card says. A new format is a
@@ -55,29 +82,15 @@ class OutputFormat(ABC):
 
     @abstractmethod
     def write(
-        self,
-        storage: Storage,
-        shard: str,
-        manifest: pa.Table,
-        images: list[bytes | None],
-        passthrough: list[str],
-        check_owner: Callable[[], None],
+        self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]
     ) -> dict[bytes, bytes]:
         """Write the shard's data (its ok rows), calling `check_owner` right before the
         first write; the manifest metadata that records them (`layout.data_metadata`)."""
 
     @abstractmethod
-    def scan(
-        self,
-        storage: Storage,
-        name: str,
-        images: dict[str, dict[str, Any]],
-        sidecars: dict[str, dict[str, Any]],
-        statuses: dict[str, str],
-        limit: int,
-    ) -> tuple[Problems, int]:
-        """Read the shard's data once, checking each image against its manifest row
-        (`images`, by member) and that nothing else is there; (problems, images decoded)."""
+    def scan(self, storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
+        """Read the shard's data once, checking each image against its manifest row and
+        that nothing else is there; (problems, images decoded)."""
 
     @abstractmethod
     def read_images(

@@ -15,6 +15,8 @@ from koala_batch.output.formats.base import (
     CardRecipes,
     OutputFormat,
     Problems,
+    ShardToScan,
+    ShardToWrite,
     check_image,
     ok_rows,
     output_url,
@@ -32,7 +34,7 @@ from koala_batch.output.layout import (
     folder_file_path,
     shard_folder,
 )
-from koala_batch.schemas import STATUS_OK, Col
+from koala_batch.schemas import Col
 from koala_batch.storage import Storage
 
 # Concurrent uploads of one files-format shard's images (object stores take many at once).
@@ -52,42 +54,24 @@ class ImageFiles(OutputFormat):
         return folder_file_path(shard, FOLDER_METADATA)
 
     def write(
-        self,
-        storage: Storage,
-        shard: str,
-        manifest: pa.Table,
-        images: list[bytes | None],
-        passthrough: list[str],
-        check_owner: Callable[[], None],
+        self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]
     ) -> dict[bytes, bytes]:
-        if not any(status == STATUS_OK for status in manifest.column(Col.STATUS).to_pylist()):
+        if not shard.has_images():
             check_owner()
             return data_metadata(FILES, 0)  # no folder: `ShardRecord.has_data_file`
-        rows, kept = ok_rows(manifest, images)
+        rows, kept = ok_rows(shard.manifest, shard.images)
         metadata = folder_metadata(rows)
         members = rows.column(Col.MEMBER).to_pylist()
+        paths = [folder_file_path(shard.name, member) for member in members]
         check_owner()
         with ThreadPoolExecutor(max_workers=FILE_UPLOAD_THREADS) as pool:
-            list(
-                pool.map(
-                    lambda item: storage.write_bytes(folder_file_path(shard, item[0]), item[1]),
-                    zip(members, kept, strict=True),
-                )
-            )
+            list(pool.map(storage.write_bytes, paths, kept))
         # Last, so a folder with its metadata file holds every image it lists.
-        storage.write_bytes(folder_file_path(shard, FOLDER_METADATA), metadata)
+        storage.write_bytes(folder_file_path(shard.name, FOLDER_METADATA), metadata)
         return data_metadata(FILES, len(metadata))
 
-    def scan(
-        self,
-        storage: Storage,
-        name: str,
-        images: dict[str, dict[str, Any]],
-        sidecars: dict[str, dict[str, Any]],
-        statuses: dict[str, str],
-        limit: int,
-    ) -> tuple[Problems, int]:
-        return scan_folder(storage, name, images, statuses, limit)
+    def scan(self, storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
+        return scan_folder(storage, shard)
 
     def read_images(
         self, storage: Storage, shard: str, rows: Sequence[dict[str, Any]]
@@ -125,16 +109,11 @@ def folder_metadata(rows: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def scan_folder(
-    storage: Storage,
-    name: str,
-    images: dict[str, dict[str, Any]],
-    statuses: dict[str, str],
-    limit: int,
-) -> tuple[Problems, int]:
+def scan_folder(storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
     """Read every image of a files-format shard and its metadata.parquet; (problems,
     images decoded)."""
-    problems = Problems(limit)
+    name, images, statuses = shard.name, shard.images, shard.statuses
+    problems = Problems(shard.limit)
     decoded = 0
     folder = shard_folder(name)
     present = set(storage.list_files(folder))

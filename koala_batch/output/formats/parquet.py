@@ -20,6 +20,8 @@ from koala_batch.output.formats.base import (
     CardRecipes,
     OutputFormat,
     Problems,
+    ShardToScan,
+    ShardToWrite,
     check_image,
     ok_rows,
     output_url,
@@ -54,35 +56,21 @@ class ParquetShards(OutputFormat):
         return parquet_path(shard)
 
     def write(
-        self,
-        storage: Storage,
-        shard: str,
-        manifest: pa.Table,
-        images: list[bytes | None],
-        passthrough: list[str],
-        check_owner: Callable[[], None],
+        self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]
     ) -> dict[bytes, bytes]:
-        if not any(status == STATUS_OK for status in manifest.column(Col.STATUS).to_pylist()):
+        if not shard.has_images():
             check_owner()
             return data_metadata(PARQUET, 0)  # no data file: `ShardRecord.has_data_file`
         with tempfile.TemporaryDirectory(prefix="koala-shard-") as scratch:
-            local = os.path.join(scratch, f"{shard}.parquet")
-            write_parquet_shard(manifest, images, local)
+            local = os.path.join(scratch, f"{shard.name}.parquet")
+            write_parquet_shard(shard.manifest, shard.images, local)
             recorded = data_metadata(PARQUET, os.path.getsize(local))
             check_owner()
-            storage.upload_file(local, parquet_path(shard))
+            storage.upload_file(local, parquet_path(shard.name))
         return recorded
 
-    def scan(
-        self,
-        storage: Storage,
-        name: str,
-        images: dict[str, dict[str, Any]],
-        sidecars: dict[str, dict[str, Any]],
-        statuses: dict[str, str],
-        limit: int,
-    ) -> tuple[Problems, int]:
-        return scan_parquet(storage, name, images, statuses, limit)
+    def scan(self, storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
+        return scan_parquet(storage, shard)
 
     def read_images(
         self, storage: Storage, shard: str, rows: Sequence[dict[str, Any]]
@@ -216,16 +204,11 @@ def write_parquet_shard(manifest: pa.Table, images: list[bytes | None], local_pa
             )
 
 
-def scan_parquet(
-    storage: Storage,
-    name: str,
-    images: dict[str, dict[str, Any]],
-    statuses: dict[str, str],
-    limit: int,
-) -> tuple[Problems, int]:
+def scan_parquet(storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
     """Read a parquet shard a row group at a time, checking every row; (problems, images
     decoded)."""
-    problems = Problems(limit)
+    name, images, statuses = shard.name, shard.images, shard.statuses
+    problems = Problems(shard.limit)
     decoded = 0
     path = parquet_path(name)
     seen: Counter[str] = Counter()

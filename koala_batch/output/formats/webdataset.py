@@ -19,6 +19,8 @@ from koala_batch.output.formats.base import (
     CardRecipes,
     OutputFormat,
     Problems,
+    ShardToScan,
+    ShardToWrite,
     check_image,
     output_url,
     short,
@@ -46,32 +48,18 @@ class WebDataset(OutputFormat):
         return tar_path(shard)
 
     def write(
-        self,
-        storage: Storage,
-        shard: str,
-        manifest: pa.Table,
-        images: list[bytes | None],
-        passthrough: list[str],
-        check_owner: Callable[[], None],
+        self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]
     ) -> dict[bytes, bytes]:
         with tempfile.TemporaryDirectory(prefix="koala-shard-") as scratch:
-            local = os.path.join(scratch, f"{shard}.tar")
-            write_tar(manifest, images, passthrough, local)
+            local = os.path.join(scratch, f"{shard.name}.tar")
+            write_tar(shard.manifest, shard.images, shard.passthrough, local)
             recorded = data_metadata(WEBDATASET, os.path.getsize(local))
             check_owner()
-            storage.upload_file(local, tar_path(shard))
+            storage.upload_file(local, tar_path(shard.name))
         return recorded
 
-    def scan(
-        self,
-        storage: Storage,
-        name: str,
-        images: dict[str, dict[str, Any]],
-        sidecars: dict[str, dict[str, Any]],
-        statuses: dict[str, str],
-        limit: int,
-    ) -> tuple[Problems, int]:
-        return scan_tar(storage, name, images, sidecars, statuses, limit)
+    def scan(self, storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
+        return scan_tar(storage, shard)
 
     def read_images(
         self, storage: Storage, shard: str, rows: Sequence[dict[str, Any]]
@@ -182,16 +170,11 @@ def check_sidecar(
             )
 
 
-def scan_tar(
-    storage: Storage,
-    name: str,
-    images: dict[str, dict[str, Any]],
-    sidecars: dict[str, dict[str, Any]],
-    statuses: dict[str, str],
-    limit: int,
-) -> tuple[Problems, int]:
+def scan_tar(storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:
     """Stream the tar once, checking every member; (problems, images decoded)."""
-    problems = Problems(limit)
+    name, images, statuses = shard.name, shard.images, shard.statuses
+    sidecars = shard.sidecars
+    problems = Problems(shard.limit)
     decoded = 0
     seen: Counter[str] = Counter()
     with (
