@@ -37,7 +37,7 @@ test-fast: setup
 	$(BIN)/python -m pytest tests/unit
 
 # A contributor's loop: the unit tests and the integration tests not marked slow (no
-# chaos, multi-node, interrupt or submission tests), two files at a time; a few minutes.
+# tests that run whole jobs), two files at a time; about 2.5 minutes here.
 test-quick: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 

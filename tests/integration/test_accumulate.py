@@ -18,7 +18,7 @@ from koala_batch.output.verify import verify_output
 from koala_batch.spec import spec_from_dict
 from tests.conftest import tiny_spec
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 DAYS = ["2026-11-25", "2026-11-26", "2026-11-27"]
 ROWS_PER_DAY = 5

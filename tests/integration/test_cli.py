@@ -19,6 +19,8 @@ import yaml
 from koala_batch.cli import main as cli
 from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS
 
+pytestmark = pytest.mark.slow
+
 CLI = str(Path(sys.executable).parent / "koala-batch")
 SMOKE = str(REPO_ROOT / "jobs" / "smoke.yaml")
 # Ray's notes about itself, which stay off the console (its session logs keep them).

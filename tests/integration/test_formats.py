@@ -52,7 +52,7 @@ from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 from tests.unit.conftest import encoded_table, make_spec
 
-pytestmark = pytest.mark.usefixtures("ray_local", "offline_datasets")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "offline_datasets")]
 
 FORMATS = ("webdataset", "parquet", "files")
 IDS = [f"p{i}" for i in range(7)]

@@ -18,7 +18,7 @@ import koala_batch
 from koala_batch.keys import derived_seed, sample_key
 from tests.conftest import tiny_spec
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
 def upload_table(fs, url: str, table: pa.Table, row_group_size: int | None = None) -> None:

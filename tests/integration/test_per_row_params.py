@@ -25,6 +25,8 @@ from koala_batch.spec import spec_from_dict
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 
+pytestmark = pytest.mark.slow
+
 # id: (width, height, steps, guidance, images, seed, big) as the input gives them
 ROWS = {
     "plain": (None, None, None, None, None, None, 1),

@@ -14,6 +14,8 @@ from koala_batch.errors import JobFailedError
 from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.test_interrupts import koala_batch_run, ray_processes, ray_temp_dir
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     ("override", "expected"),

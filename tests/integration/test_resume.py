@@ -20,7 +20,7 @@ from koala_batch.spec import spec_from_dict
 from tests.conftest import REPO_ROOT, tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 CLI = str(Path(sys.executable).parent / "koala-batch")
 

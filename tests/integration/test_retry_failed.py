@@ -23,7 +23,7 @@ from tests.conftest import tiny_spec, write_prompt_table
 from tests.integration.conftest import start_local_ray
 from tests.integration.faulty_generators import FAILING_PROMPT, fault_injecting_generator
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 IDS = [f"r{i:02d}" for i in range(12)]
 # Fail in the first run's generator only; the normal generator makes their images.

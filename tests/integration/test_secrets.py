@@ -18,6 +18,8 @@ from koala_batch.errors import OutputConflictError
 from koala_batch.spec import load_spec
 from tests.conftest import REPO_ROOT, tiny_spec
 
+pytestmark = pytest.mark.slow
+
 CLI = str(Path(sys.executable).parent / "koala-batch")
 SENTINEL = "SENTINEL-secret-7f3a9c"
 SENTINEL_KEY = "AKIASENTINELKEY42"

@@ -28,7 +28,7 @@ from tests.integration.test_job_s3 import read_output, s3_spec, upload_table
 # Ray workers cannot import `tests`: ship the wrapper's module by value with it.
 cloudpickle.register_pickle_by_value(tests.faults)
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 TRANSIENT = 3  # faults per kind (reads, writes); koala_batch tries each operation 5 times
 PROMPTS = 12

@@ -25,6 +25,8 @@ import yaml
 from tests.conftest import REPO_ROOT, SAMPLE_PROMPTS, default_sigint
 from tests.integration.conftest import _free_port
 
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "koala-batch")
 HEAD_START_TIMEOUT_S = 240

@@ -19,7 +19,7 @@ from tests.integration.faulty_generators import (
     self_killing_generator,
 )
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
 def read_manifests(output) -> list[dict]:
