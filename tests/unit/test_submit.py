@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from koala_batch.cli import main as cli
+from koala_batch.cli import submit as submit_module
 from koala_batch.cli.submit import (
     SPEC_ENV,
     build_submission,
@@ -279,9 +280,35 @@ def test_any_other_refusal_is_not_sent_again():
     assert answers.calls == 1
 
 
-def test_waiting_for_a_job_agent_ends_with_the_clusters_answer():
+class Clock:
+    """The submit module's clock, in virtual seconds: `sleep` moves it on at once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_waiting_for_a_job_agent_tries_through_the_window_then_ends_with_the_answer(
+    monkeypatch, caplog
+):
+    clock = Clock()
+    monkeypatch.setattr(submit_module, "time", clock)
     no_agent = f"{RAY_NO_JOB_AGENT}, please try again later."
     answers = Answers(*[no_agent] * 100)
-    with pytest.raises(RuntimeError, match=RAY_NO_JOB_AGENT):
-        when_agent_ready(answers, wait_s=0.05, retry_s=0.02)
-    assert 1 < answers.calls < 100
+    with (
+        caplog.at_level("INFO", logger=submit_module.__name__),
+        pytest.raises(RuntimeError, match=RAY_NO_JOB_AGENT),
+    ):
+        when_agent_ready(answers, wait_s=10, retry_s=2)
+    # Tries at 0, 2, 4, 6, 8 and 10 s: the next would start past the 10 s window.
+    assert answers.calls == 6 and clock.slept == [2, 2, 2, 2, 2]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the cluster's job agent is not ready yet; trying again"
+    ]
