@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from koala_batch.compat import (
@@ -25,6 +26,11 @@ def ray_address(spec: JobSpec) -> str | None:
     return spec.compute.ray_address or os.environ.get("RAY_ADDRESS")
 
 
+# CPUs reserved by each task of the light stages: reading, the two rebundlings, writing.
+LIGHT_TASK_CPUS = 0.25
+# What a node must keep beside its generator actors for one task of each light stage to
+# run at once: with less, one of them waits for generation to end, and so do the commits.
+CPUS_BESIDE_ACTORS = 4 * LIGHT_TASK_CPUS
 # Tries at starting a local cluster: Ray gives a new node 30 s to register (not a
 # setting), which a machine busy with other work can outlast once.
 LOCAL_START_TRIES = 2
@@ -41,27 +47,36 @@ def connect_ray(spec: JobSpec) -> bool:
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
-            return True
-        for attempt in range(1, LOCAL_START_TRIES + 1):
-            try:
-                start_local_ray(spec)
-                return True
-            except Exception as exc:
-                ray.shutdown()
-                if not is_slow_node_start(exc):
-                    raise
-                if attempt == LOCAL_START_TRIES:
-                    raise JobFailedError(
-                        f"the local Ray cluster did not start: {exc}; the machine is busier "
-                        "than Ray allows for (30 s for a node to register): rerun once other "
-                        "work is done, or give Ray fewer CPUs (compute.local_num_cpus)"
-                    ) from None
-                logger.info("the local Ray cluster was slow to start; starting it again")
+        else:
+            start_tolerating_slow_node(lambda: start_local_ray(spec))
     except BaseException:
         # Interrupted or failed half-way: no local cluster processes may outlive the job.
         ray.shutdown()
         raise
     return True
+
+
+def start_tolerating_slow_node(start: Callable[[], object]) -> None:
+    """`start()`, a new local Ray cluster, started again (up to `LOCAL_START_TRIES` in all)
+    where it failed only because its node was slow to register; a last such failure ends
+    in one line saying what to do."""
+    import ray
+
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            start()
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if not is_slow_node_start(exc):
+                raise
+            if attempt == LOCAL_START_TRIES:
+                raise JobFailedError(
+                    f"the local Ray cluster did not start: {exc}; the machine is busier "
+                    "than Ray allows for (30 s for a node to register): rerun once other "
+                    "work is done, or give Ray fewer CPUs (compute.local_num_cpus)"
+                ) from None
+            logger.info("the local Ray cluster was slow to start; starting it again")
 
 
 def start_local_ray(spec: JobSpec) -> None:
@@ -267,12 +282,3 @@ def shutdown_ray_within(timeout_s: float) -> None:
             timeout_s,
             f"killed the {killed} processes of the local cluster" if killed else "left it",
         )
-
-
-# CPUs reserved by each task of the light stages: reading, the two rebundlings, writing.
-LIGHT_TASK_CPUS = 0.25
-
-
-# What a node must keep beside its generator actors for one task of each light stage to
-# run at once: with less, one of them waits for generation to end, and so do the commits.
-CPUS_BESIDE_ACTORS = 4 * LIGHT_TASK_CPUS

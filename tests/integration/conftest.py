@@ -37,25 +37,16 @@ def ray_temp_dir() -> Iterator[str]:
 
 
 def start_local_ray() -> None:
-    """Start the shared local Ray cluster unless one is running (multi-node tests stop it).
-
-    Tried once more where the new node was slow to register, as a job's own start is
-    (`runtime.session.connect_ray`): the suite runs beside other work on two cores."""
+    """Start the shared local Ray cluster unless one is running (multi-node tests stop it),
+    as a job starts its own: once more where the node was slow to register (the suite runs
+    beside other work on two cores)."""
     import ray
     import ray.data
 
-    from koala_batch.compat import is_slow_node_start
-    from koala_batch.runtime.session import LOCAL_START_TRIES
+    from koala_batch.runtime.session import start_tolerating_slow_node
 
-    for attempt in range(1, LOCAL_START_TRIES + 1):
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(**LOCAL_RAY)
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == LOCAL_START_TRIES or not is_slow_node_start(exc):
-                raise
+    if not ray.is_initialized():
+        start_tolerating_slow_node(lambda: ray.init(**LOCAL_RAY))
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
