@@ -155,16 +155,14 @@ def stop_on_signals(on_deadline: Callable[[int], None] | None = None) -> Iterato
         yield _passive_stop()
         return
     stop = SignalStop(on_deadline)
-    previous = {signum: signal.getsignal(signum) for signum in stop.signals}
-    stop.install()
-    stop.active = True
-    try:
-        yield stop
-    finally:
-        stop.active = False
-        stop.end()
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    with kept_signal_handlers():
+        stop.install()
+        stop.active = True
+        try:
+            yield stop
+        finally:
+            stop.active = False
+            stop.end()
 
 
 @contextmanager
@@ -180,8 +178,9 @@ def kept_signal_handlers() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None and signal.getsignal(signum) is not handler:
-                signal.signal(signum, handler)
+            # None: a handler not set from Python, which Python cannot put back as it was.
+            if signal.getsignal(signum) is not handler:
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def run_within(call: Callable[[], object], timeout_s: float) -> bool:
