@@ -279,7 +279,11 @@ class Storage:
         try:
             with_retries(create, f"create {self.url(relative)}")
         except FileExistsError:
-            return self.read_bytes(relative) == data
+            try:
+                return self.read_bytes(relative) == data
+            except FileNotFoundError:
+                # Removed since: another run's, released (this run's own stays put).
+                return False
         return True
 
     def upload_file(self, local_path: str, relative: str) -> None:

@@ -43,6 +43,7 @@ from koala_batch.output.layout import (
     SHARDS_DIR,
     SUCCESS_FILE,
     OutputListing,
+    is_claim_file,
     list_output,
     manifest_path,
     recorded_stats,
@@ -193,12 +194,9 @@ def check_output(storage: Storage, spec: JobSpec, overwrite: bool = False) -> Ou
     if overwrite:
         return OutputState("overwrite" if listing.files else "new", listing)
     if not listing.has_job_file:
-        # A `_job.json` write cut short (or a `validate` probe left behind) is no job yet.
-        leases = set(listing.leases)
-        if any(
-            not relative.startswith(f"{JOB_FILE}.") and relative not in leases
-            for relative in listing.files
-        ):
+        # A `_job.json` write cut short (or a `validate` probe left behind) is no job yet,
+        # nor is a lease with the write-aside of another run racing for it.
+        if not all(is_claim_file(relative) for relative in listing.files):
             raise OutputConflictError(
                 f"output {storage.url('')} holds koala-batch files but no {JOB_FILE}; choose a "
                 "new output prefix or pass --overwrite"

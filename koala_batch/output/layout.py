@@ -205,6 +205,27 @@ def classify(relative: str) -> tuple[FileKind, str | None]:
     return FileKind.FOREIGN, None
 
 
+_ASIDE_TOKEN = re.compile(rf"\.[0-9a-f]+{re.escape(PARTIAL_SUFFIX)}$")
+
+
+def written_aside_for(relative: str) -> str | None:
+    """The file a write-aside partial (`{target}.{hex}.partial`, see `storage`) stands in
+    for, or None when `relative` is no such partial."""
+    if classify(relative)[0] is not FileKind.PARTIAL:
+        return None
+    return _ASIDE_TOKEN.sub("", relative)
+
+
+def is_claim_file(relative: str) -> bool:
+    """Whether a file is one that runs starting on an output write before any job is in
+    it: a lease, or a write-aside of a lease or of `_job.json` (a lease being created by a
+    run racing for it, a probe, a write cut short)."""
+    target = written_aside_for(relative)
+    if target == JOB_FILE:
+        return True
+    return classify(target or relative)[0] is FileKind.LEASE
+
+
 def tar_bytes_metadata(size: int) -> dict[bytes, bytes]:
     """The manifest metadata recording its tar's size."""
     return {TAR_BYTES_METADATA: str(size).encode()}

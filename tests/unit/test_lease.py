@@ -12,7 +12,8 @@ import time
 import pytest
 
 from koala_batch.errors import OutputBusyError
-from koala_batch.output.layout import FileKind, classify, scan_output
+from koala_batch.output.commit import check_output, claim_output
+from koala_batch.output.layout import FileKind, classify, is_claim_file, scan_output
 from koala_batch.output.lease import (
     OutputLease,
     current_holder,
@@ -21,6 +22,7 @@ from koala_batch.output.lease import (
     read_holder,
 )
 from koala_batch.storage import Storage
+from tests.unit.conftest import make_spec
 
 
 @pytest.fixture
@@ -146,3 +148,34 @@ def test_lease_files_belong_to_koala_batch_but_an_overwrite_leaves_them():
     assert listing.foreign == ()
     assert "_lease/000000000003.json" not in listing.own_files
     assert "_job.json" in listing.own_files
+
+
+def test_a_lease_another_run_is_creating_leaves_a_new_output_new(storage, tmp_path):
+    """Two runs started together on a new output: the one holding the lease checks the
+    output while the other's lease is still written aside. Taken for a job's file, that
+    aside once made the holder refuse the output and release the lease under the other's
+    read (a CI failure)."""
+    write_lease(storage, 1, host="here", pid=1, heartbeat_s=1.0)
+    racing = f"{lease_path(1)}.{'ab' * 16}.partial"
+    storage.fs.pipe_file(storage.path(racing), b"{}")
+
+    spec = make_spec(tmp_path / "out")
+    assert check_output(storage, spec).action == "new"
+    assert claim_output(storage, spec) is False
+    assert storage.read_bytes("_job.json")
+
+
+@pytest.mark.parametrize(
+    ("relative", "claims"),
+    [
+        ("_lease/000000000001.json", True),
+        (f"_lease/000000000001.json.{'0f' * 16}.partial", True),
+        (f"_job.json.{'0f' * 16}.partial", True),
+        (f"_SUCCESS.{'0f' * 16}.partial", False),
+        (f"manifests/{'0' * 8}.parquet.{'0f' * 16}.partial", False),
+        ("_job.json", False),  # the job itself: no longer before any job
+        ("_lease/notes.json", False),
+    ],
+)
+def test_only_leases_and_asides_of_leases_and_the_job_file_come_before_a_job(relative, claims):
+    assert is_claim_file(relative) is claims

@@ -310,3 +310,20 @@ def test_create_exclusive_has_one_winner_among_racers(storage, out_dir):
     winner = outcomes.index(True)
     assert (out_dir / "_job.json").read_bytes() == f"run{winner}".encode()
     assert all_files(out_dir) == ["_job.json"]
+
+
+class ReleasedBeforeRead(LocalFileSystem):
+    """A local disk on which a read finds its file just deleted: the run whose file was in
+    the way released it in between."""
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        self.rm_file(path)
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+def test_create_exclusive_of_a_file_in_the_way_then_released_is_not_created(out_dir):
+    Storage(str(out_dir)).write_bytes("_lease/000000000001.json", b"another run")
+    storage = Storage(str(out_dir), filesystem=ReleasedBeforeRead())
+
+    assert storage.create_exclusive("_lease/000000000001.json", b"this run") is False
+    assert not (out_dir / "_lease" / "000000000001.json").exists()
