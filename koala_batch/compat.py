@@ -124,12 +124,3 @@ def set_guidance_scale(pipeline: Any, scale: float) -> None:
     Touches the pipeline's `_guidance_scale` (diffusers' own SDXLCFGCutoffCallback does the
     same)."""
     pipeline._guidance_scale = scale
-
-
-def with_lora_scale(forward: Any) -> Any:
-    """`forward` taking LoRA scales from `cross_attention_kwargs` as the U-Net's own
-    forward does. Touches `diffusers.utils.peft_utils.apply_lora_scale`, the decorator
-    diffusers puts on that forward."""
-    from diffusers.utils.peft_utils import apply_lora_scale
-
-    return apply_lora_scale("cross_attention_kwargs")(forward)

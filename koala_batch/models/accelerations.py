@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import math
-import types
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from koala_batch.compat import set_guidance_scale, with_lora_scale
+from koala_batch.compat import set_guidance_scale
 
 if TYPE_CHECKING:  # torch and diffusers are heavy: imported where they are used
     import torch
@@ -75,24 +76,27 @@ def guidance_cutoff_kwargs(fraction: float) -> dict[str, Any]:
 class DeepCache:
     """DeepCache (Ma et al., 2023) for a diffusers UNet2DConditionModel: every `interval`
     steps the whole U-Net runs and the input to its last up block (the deep features) is
-    cached; on the steps in between only the embeddings, conv_in, the first down block, the
-    last up block and the output layers run, reusing the cached deep features.
+    cached; on the steps in between the deep blocks (every down block but the first, the
+    mid block, every up block but the last) are skipped, and the last up block takes the
+    cached features.
 
     Each U-Net call is one step (with guidance the pipeline batches both latents in one
     call). A step is also full when the cache does not fit the call: another batch size
     (after a guidance cut-off), image size, dtype or device. Call reset() before each
     pipeline call, so that its first step is full; remove() restores the U-Net.
 
-    Full steps run diffusers' own forward, so they give exactly what the U-Net gives
-    without DeepCache; a forward pre-hook on the last up block keeps its input.
+    Only public torch hooks: a pre-hook on the U-Net chooses the step and, for a cached
+    one, puts `SkippedBlock`s in the deep blocks' places in their ModuleLists; a hook after
+    it puts the blocks back (also when the call raised). Every step runs diffusers' own
+    forward, so a full step gives exactly what the U-Net gives without DeepCache.
     """
 
     def __init__(self, unet: Any, interval: int) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 2:
             raise ValueError(f"DeepCache interval must be an integer >= 2, got {interval!r}")
         check_deep_cache_support(unet)
-        if "forward" in vars(unet):
-            raise ValueError("the U-Net's forward is already replaced (DeepCache applied twice?)")
+        if unet in _CACHED_UNETS:
+            raise ValueError("the U-Net already has a DeepCache (DeepCache applied twice?)")
         self.unet = unet
         self.interval = interval
         self.full_steps = 0  # since construction: for tests and logs
@@ -100,15 +104,17 @@ class DeepCache:
         self._deep: torch.Tensor | None = None
         self._deep_key: tuple[Any, ...] | None = None  # what the cached features fit
         self._since_full = 0
-        self._capturing = False
-        self._captured: list[torch.Tensor] = []  # what the hook saw during a full step
-        self._hook = unet.up_blocks[-1].register_forward_pre_hook(
-            self._keep_deep_features, with_kwargs=True
-        )
-        # Cached steps take LoRA scales as diffusers' forward does (it carries this decorator).
-        cached = with_lora_scale(self._cached_forward)
-        self._forward = types.MethodType(self._make_forward(cached), unet)
-        unet.forward = self._forward
+        self._step: str | None = None  # "full" or "cached" while a U-Net call runs
+        self._captured: list[torch.Tensor] = []  # what the last up block saw in a full step
+        self._skipped = skipped_blocks(unet, self._cached_features)
+        self._hooks = [
+            unet.register_forward_pre_hook(self._before_step, with_kwargs=True),
+            unet.register_forward_hook(self._after_step, with_kwargs=True, always_call=True),
+            unet.up_blocks[-1].register_forward_pre_hook(
+                self._keep_deep_features, with_kwargs=True
+            ),
+        ]
+        _CACHED_UNETS.add(unet)
 
     def reset(self) -> None:
         """Forget the cached features: the next U-Net call is a full step."""
@@ -118,170 +124,101 @@ class DeepCache:
         self._captured.clear()
 
     def remove(self) -> None:
-        """Restore the U-Net's own forward and drop the cache (idempotent)."""
-        if vars(self.unet).get("forward") is self._forward:
-            del self.unet.forward
-        self._hook.remove()
+        """Take the hooks off the U-Net and drop the cache (idempotent)."""
+        for hook in self._hooks:
+            hook.remove()
+        _CACHED_UNETS.discard(self.unet)
         self.reset()
 
-    def _make_forward(self, cached: Any) -> Any:
-        deep_cache = self
+    def _cached_features(self) -> torch.Tensor:
+        assert self._deep is not None
+        return self._deep
 
-        def forward(
-            unet: Any,
-            sample: torch.Tensor,
-            timestep: torch.Tensor | float | int,
-            encoder_hidden_states: torch.Tensor,
-            class_labels: torch.Tensor | None = None,
-            timestep_cond: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None,
-            cross_attention_kwargs: dict[str, Any] | None = None,
-            added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-            down_block_additional_residuals: tuple[torch.Tensor] | None = None,
-            mid_block_additional_residual: torch.Tensor | None = None,
-            down_intrablock_additional_residuals: tuple[torch.Tensor] | None = None,
-            encoder_attention_mask: torch.Tensor | None = None,
-            return_dict: bool = True,
-        ) -> Any:
-            # Refused on every step, not only cached ones, so a job fails on its first call.
-            if (
-                down_block_additional_residuals is not None
-                or mid_block_additional_residual is not None
-                or down_intrablock_additional_residuals is not None
-            ):
-                raise NotImplementedError("DeepCache does not support ControlNet/adapter residuals")
-            if cross_attention_kwargs and cross_attention_kwargs.get("gligen") is not None:
-                raise NotImplementedError("DeepCache does not support GLIGEN")
-            arguments = {
-                "class_labels": class_labels,
-                "timestep_cond": timestep_cond,
-                "attention_mask": attention_mask,
-                "cross_attention_kwargs": cross_attention_kwargs,
-                "added_cond_kwargs": added_cond_kwargs,
-                "encoder_attention_mask": encoder_attention_mask,
-                "return_dict": return_dict,
-            }
-            key = (tuple(sample.shape), sample.dtype, sample.device)
-            full = (
-                deep_cache._deep is None
-                or deep_cache._deep_key != key
-                or deep_cache._since_full + 1 >= deep_cache.interval
-            )
-            if not full:
-                deep_cache._since_full += 1
-                deep_cache.cached_steps += 1
-                return cached(unet, sample, timestep, encoder_hidden_states, **arguments)
-            deep_cache._captured.clear()  # left over if an earlier full step raised
-            deep_cache._capturing = True
-            try:
-                output = type(unet).forward(
-                    unet, sample, timestep, encoder_hidden_states, **arguments
-                )
-            finally:
-                deep_cache._capturing = False
-            if len(deep_cache._captured) != 1:
+    def _before_step(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Refused on every step, not only cached ones, so a job fails on its first call.
+        if any(kwargs.get(name) is not None for name in _RESIDUAL_INPUTS):
+            raise NotImplementedError("DeepCache does not support ControlNet/adapter residuals")
+        if (kwargs.get("cross_attention_kwargs") or {}).get("gligen") is not None:
+            raise NotImplementedError("DeepCache does not support GLIGEN")
+        sample = args[0] if args else kwargs["sample"]
+        key = (tuple(sample.shape), sample.dtype, sample.device)
+        full = self._deep is None or self._deep_key != key or self._since_full + 1 >= self.interval
+        if full:
+            self._captured.clear()  # left over if an earlier full step raised
+            self._deep_key = key
+            self._step = "full"
+            return
+        self._step = "cached"
+        for owner, name, _, skipped in self._skipped:
+            setattr(owner, name, skipped)
+
+    def _after_step(
+        self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        step, self._step = self._step, None
+        if step == "cached":
+            for owner, name, block, _ in self._skipped:
+                setattr(owner, name, block)
+            if output is not None:
+                self._since_full += 1
+                self.cached_steps += 1
+        elif step == "full" and output is not None:
+            if len(self._captured) != 1:
                 raise RuntimeError("DeepCache: the U-Net's last up block did not run once")
-            deep_cache._deep = deep_cache._captured.pop()
-            deep_cache._deep_key = key
-            deep_cache._since_full = 0
-            deep_cache.full_steps += 1
-            return output
-
-        return forward
+            self._deep = self._captured.pop()
+            self._since_full = 0
+            self.full_steps += 1
 
     def _keep_deep_features(
         self, block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        if self._capturing:
+        if self._step == "full":
             self._captured.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
-    def _cached_forward(
-        self,
-        unet: Any,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        timestep_cond: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ) -> Any:
-        """UNet2DConditionModel.forward of diffusers 0.42 with the deep part replaced by the
-        cached features: same embeddings, conv_in, first down block, last up block, output."""
-        import torch
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        if attention_mask is not None:
-            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
-        if encoder_attention_mask is not None:
-            encoder_attention_mask = (1 - encoder_attention_mask.to(sample.dtype)) * -10000.0
-            encoder_attention_mask = encoder_attention_mask.unsqueeze(1)
-        if unet.config.center_input_sample:
-            sample = 2 * sample - 1.0
+# The U-Nets that have a DeepCache: one each (two would fight over the deep blocks).
+_CACHED_UNETS: weakref.WeakSet[Any] = weakref.WeakSet()
+_RESIDUAL_INPUTS = (
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
 
-        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-        emb = unet.time_embedding(t_emb, timestep_cond)
-        class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
-        if class_emb is not None:
-            if unet.config.class_embeddings_concat:
-                emb = torch.cat([emb, class_emb], dim=-1)
-            else:
-                emb = emb + class_emb
-        aug_emb = unet.get_aug_embed(
-            emb=emb,
-            encoder_hidden_states=encoder_hidden_states,
-            added_cond_kwargs=added_cond_kwargs,
-        )
-        emb = emb + aug_emb if aug_emb is not None else emb
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-        encoder_hidden_states = unet.process_encoder_hidden_states(
-            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
-        )
-        attention = {
-            "encoder_hidden_states": encoder_hidden_states,
-            "attention_mask": attention_mask,
-            "cross_attention_kwargs": cross_attention_kwargs,
-            "encoder_attention_mask": encoder_attention_mask,
-        }
 
-        sample = unet.conv_in(sample)
-        first = unet.down_blocks[0]
-        # The whole first block runs, its downsampler too (a few % of a cached step): its
-        # output feeds the second-to-last up block only, which is skipped.
-        if getattr(first, "has_cross_attention", False):
-            _, first_res = first(hidden_states=sample, temb=emb, **attention)
-        else:
-            _, first_res = first(hidden_states=sample, temb=emb)
-        # The last up block takes the first residuals: conv_in's and the first block's.
-        last = unet.up_blocks[-1]
-        skips = (sample, *first_res)[: len(last.resnets)]
-        if getattr(last, "has_cross_attention", False):
-            sample = last(
-                hidden_states=self._deep,
-                temb=emb,
-                res_hidden_states_tuple=skips,
-                upsample_size=None,
-                **attention,
-            )
-        else:
-            sample = last(
-                hidden_states=self._deep,
-                temb=emb,
-                res_hidden_states_tuple=skips,
-                upsample_size=None,
-            )
+def skipped_blocks(unet: Any, features: Callable[[], torch.Tensor]) -> list[tuple[Any, ...]]:
+    """(owner, attribute name, the deep block, its SkippedBlock) for each block a cached
+    step skips; the owner is a ModuleList (names "1", "2", ...) or the U-Net (the mid
+    block). A skipped down block passes its input on and gives as many
+    residuals as the block does, so that the U-Net hands the last up block the same ones;
+    a skipped up block gives the cached features (the last one's input)."""
+    from torch import nn
 
-        if unet.conv_norm_out:
-            sample = unet.conv_norm_out(sample)
-            sample = unet.conv_act(sample)
-        sample = unet.conv_out(sample)
-        if not return_dict:
-            return (sample,)
-        return UNet2DConditionOutput(sample=sample)
+    class SkippedBlock(nn.Module):
+        """Stands in for a deep block on a cached step: no work, the right outputs."""
+
+        resnets: tuple[Any, ...]  # up blocks: diffusers slices the residuals by its length
+
+        def __init__(self, residuals: int | None, resnets: tuple[Any, ...] = ()) -> None:
+            super().__init__()
+            self.residuals = residuals  # down blocks: how many they give; None otherwise
+            self.resnets = resnets
+
+        def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.residuals is not None:
+                return hidden_states, (hidden_states,) * self.residuals
+            return features()
+
+    skipped: list[tuple[Any, ...]] = []
+    for index, block in enumerate(unet.down_blocks):
+        if index > 0:
+            residuals = len(block.resnets) + (1 if block.downsamplers is not None else 0)
+            skipped.append((unet.down_blocks, str(index), block, SkippedBlock(residuals)))
+    if unet.mid_block is not None:
+        skipped.append((unet, "mid_block", unet.mid_block, SkippedBlock(None)))
+    for index, block in enumerate(unet.up_blocks[:-1]):
+        up = SkippedBlock(None, tuple(block.resnets))
+        skipped.append((unet.up_blocks, str(index), block, up))
+    return skipped
 
 
 def check_deep_cache_support(unet: Any) -> None:

@@ -203,6 +203,35 @@ def test_a_call_the_cache_does_not_fit_is_a_full_step(pipeline):
     assert log == [True, False, True, False, True]
 
 
+def test_a_cached_step_that_raises_puts_the_deep_blocks_back(pipeline):
+    import torch
+
+    unet = small_unet("tiny", pipeline)
+    deep = [unet.down_blocks[1], unet.mid_block, unet.up_blocks[0]]
+    inputs = unet_inputs(2, 8)
+    failing = True
+
+    def fail_once(module, args, kwargs):
+        if failing:
+            raise RuntimeError("out of memory, say")
+
+    cache = DeepCache(unet, 3)
+    try:
+        with torch.inference_mode():
+            original = unet(**inputs).sample  # full: the cache is filled
+            handle = unet.up_blocks[-1].register_forward_pre_hook(fail_once, with_kwargs=True)
+            with pytest.raises(RuntimeError, match="out of memory"):
+                unet(**inputs)  # cached, raising mid-call
+            handle.remove()
+            assert [unet.down_blocks[1], unet.mid_block, unet.up_blocks[0]] == deep
+            failing = False
+            cached = unet(**inputs).sample
+    finally:
+        cache.remove()
+    assert (cache.full_steps, cache.cached_steps) == (1, 1)
+    assert torch.equal(cached, original)
+
+
 def test_unsupported_inputs_and_settings_are_refused(pipeline):
     import torch
 
@@ -219,6 +248,7 @@ def test_unsupported_inputs_and_settings_are_refused(pipeline):
     finally:
         cache.remove()
     assert "forward" not in vars(unet)
+    DeepCache(unet, 2).remove()  # removed, the U-Net takes a new one
 
 
 # ---------------------------------------------------------------------------------------

@@ -56,14 +56,6 @@ def test_the_pipeline_still_reads_its_guidance_scale_where_the_cutoff_sets_it():
     )
 
 
-def test_diffusers_lora_scale_decorator_still_wraps_a_forward():
-    # diffusers.utils.peft_utils.apply_lora_scale, which DeepCache's cached steps carry.
-    def forward(sample, cross_attention_kwargs=None):
-        return sample
-
-    assert compat.with_lora_scale(forward)(3, cross_attention_kwargs=None) == 3
-
-
 def test_rays_private_modules_that_compat_names_still_exist():
     # The logger Ray's token-authentication notes come from, and the cluster config state.
     assert importlib.util.find_spec(compat.RAY_AUTH_SETUP_LOGGER) is not None, (
