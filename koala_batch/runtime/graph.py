@@ -54,8 +54,11 @@ def rebundle(dataset: Any, rows: int) -> Any:
     and hold it while their output waits downstream. Two such tasks on a node whose
     CPUs the generator actors hold starve the writer until generation ends, and
     nothing is committed before then; so they are made as light as the other light
-    stages. Ray 2.60's `repartition` takes no resource arguments: the logical operator
-    it adds is given them directly.
+    stages. Ray 2.60's `repartition` takes no resource arguments, and no public route
+    gives them: a light `map_batches` before it is not fused with it (fusion takes the
+    repartition's unset `num_cpus` for 1 and refuses the pair), `map_batches` alone
+    leaves a short batch per task, and block sizing is in bytes. So the logical operator
+    it adds is given them directly (`compat.give_last_operator_cpus`).
     """
     dataset = dataset.repartition(target_num_rows_per_block=rows, strict=True)
     give_last_operator_cpus(dataset, "StreamingRepartition", LIGHT_TASK_CPUS)
