@@ -64,7 +64,7 @@ WHEEL_MODULES = (
     "typing_extensions",
 )
 DEFAULT_CASES = ("koala-700m", "koala-lightning-700m")
-MEASUREMENTS = ("card", "stage", "breakdown", "compile")
+MEASUREMENTS = ("card", "stage", "breakdown", "compile", "decode")
 
 # FLOP model (the issue's numbers): one U-Net forward on one 128x128 latent (1024x1024
 # image), and one VAE decode of a 1024x1024 image, in TFLOP. Text encoders are left out
@@ -173,7 +173,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=list(MEASUREMENTS),
         help="what to measure, of " + ",".join(MEASUREMENTS) + " (default: all): card = (a), "
         "stage = the (b) sweep, breakdown = (b)'s seconds per part (text encoders, U-Net, "
-        "VAE decode, rest) at --batch, compile = (b) compiled at --batch",
+        "VAE decode, rest) at --batch, compile = (b) compiled at --batch, decode = "
+        "koala-batch's decode against the pipeline's VAE decode and image processor",
     )
     parser.add_argument(
         "--dtype",
@@ -708,6 +709,81 @@ def encode_cost(args: argparse.Namespace) -> dict[str, Any]:
     return {"format": args.format, "size": args.size, "s_per_image": sorted(times)[1]}
 
 
+def diffusers_decode(vae: Any, image_processor: Any, latents: Any) -> Any:
+    """What StableDiffusionXLPipeline does after its loop for output_type="np" (its latent
+    unscaling, `vae.decode`, `image_processor.postprocess`), then `from_float` to uint8."""
+    from koala_batch.stages.generate import GeneratedImages
+
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    return GeneratedImages.from_float(image_processor.postprocess(image, output_type="np"))
+
+
+def decode_comparison(args: argparse.Namespace) -> dict[str, Any]:
+    """koala-batch's decode (`decode_latents`: uint8 on the device, pinned host copy)
+    against the pipeline's own VAE decode and image processor, side by side on one VAE
+    (SDXL's architecture, random weights; the tiny model's on a dry run): seconds per
+    image of each, at --size and --batch, alternating, median of 3."""
+    import types
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+
+    from bench.architectures import SDXL_VAE
+    from koala_batch.models.loading import decode_dtype, resolve_dtype
+    from koala_batch.stages.generate import decode_latents
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if args.dry_run:
+        vae = common.build_cpu_pipeline().vae
+    else:
+        vae = AutoencoderKL(**SDXL_VAE)
+    model_dtype = resolve_dtype(args.dtype, device)
+    dtype = decode_dtype(model_dtype, vae, device)
+    vae = vae.to(device, dtype).eval()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    pipeline = types.SimpleNamespace(vae=vae, watermark=None)
+    processor = VaeImageProcessor(vae_scale_factor=factor)
+    side = args.size // factor
+    latents = torch.randn(
+        args.batch,
+        vae.config.latent_channels,
+        side,
+        side,
+        generator=torch.Generator().manual_seed(0),
+    ).to(device, model_dtype)
+    ways = {
+        "koala_batch": lambda: decode_latents(pipeline, latents),
+        "diffusers": lambda: diffusers_decode(vae, processor, latents),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    outputs: dict[str, Any] = {}
+    with torch.inference_mode():
+        for name, way in ways.items():  # warm-up: kernels, allocator
+            outputs[name] = way()
+        for _ in range(3):
+            for name, way in ways.items():
+                generator.synchronize()
+                started = time.perf_counter()
+                outputs[name] = way()
+                generator.synchronize()
+                times[name].append((time.perf_counter() - started) / args.batch)
+    ours, theirs = (sorted(times[name])[1] for name in ways)
+    same = outputs["koala_batch"].pixels == outputs["diffusers"].pixels
+    return {
+        "size": args.size,
+        "batch": args.batch,
+        "decode_dtype": str(dtype).removeprefix("torch."),
+        "koala_batch_s_per_image": ours,
+        "diffusers_s_per_image": theirs,
+        "diffusers_over_koala_batch": theirs / ours,
+        "identical_bytes_fraction": float(np.mean(same)),
+    }
+
+
 def measure_case(bench: Bench, case: Case, prompts: Any) -> None:
     """Build the case's model, then (a) and the (b) sweep, side by side."""
     args = bench.args
@@ -950,6 +1026,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_at_hard_limit(report, started + args.budget_s + args.grace_s)
 
     report.extra["encode"] = bench.attempt("encode cost", None, lambda: encode_cost(args))
+    if "decode" in args.measure:
+        report.extra["decode"] = bench.attempt(
+            "decode: koala-batch vs diffusers", None, lambda: decode_comparison(args)
+        )
+        generator.release_memory()  # the VAE is gone with decode_comparison's frame
     prompts = common.prompt_table(args.images)
     for case in cases:
         measure_case(bench, case, prompts)

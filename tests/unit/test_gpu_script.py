@@ -256,3 +256,13 @@ def test_breakdown_parts_add_up_to_the_call(model_cache, tmp_path, one_thread):
     # if a part were counted twice.
     assert 0 <= parts["other"] < result["s_per_image"]
     assert sum(parts.values()) == pytest.approx(result["s_per_image"])
+
+
+def test_decode_comparison_gives_diffusers_bytes_in_float32(one_thread):
+    # The tiny model's VAE on the CPU (float32): koala-batch's decode must give exactly the
+    # bytes of the pipeline's own decode and image processor, which it stands in for.
+    args = gpu.parse_args(["--out", "unused", "--dry-run", "--batch", "2"])
+    result = gpu.decode_comparison(args)
+    assert result["decode_dtype"] == "float32" and result["batch"] == 2
+    assert result["identical_bytes_fraction"] == 1.0
+    assert result["koala_batch_s_per_image"] > 0 and result["diffusers_s_per_image"] > 0
