@@ -32,8 +32,10 @@ LIGHT_TASK_CPUS = 0.25
 # run at once: with less, one of them waits for generation to end, and so do the commits.
 CPUS_BESIDE_ACTORS = 4 * LIGHT_TASK_CPUS
 # Tries at starting a local cluster: Ray gives a new node 30 s to register (not a
-# setting), which a machine busy with other work can outlast once.
-LOCAL_START_TRIES = 2
+# setting), and the node's raylet waits as long for its dashboard agent, a Python process
+# importing much of Ray. On a machine busy with other work the agent's start outlasted
+# both, twice in a row once (a CI run's 2 cores at a load of 8).
+LOCAL_START_TRIES = 3
 
 
 def connect_ray(spec: JobSpec) -> bool:
