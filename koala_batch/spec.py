@@ -598,22 +598,16 @@ class JobSpec(_Section):
                 if self.output.image_format in LOSSY_FORMATS
                 else {}
             ),
-            # Seeds became 63-bit (keys.SEED_MODULUS): an output made with the 64-bit ones
-            # holds other images for the same rows, and must not be resumed into.
-            "seed_range": "int63",
-            # Listed only when set, so outputs made before these existed still resume.
+            "guidance_cutoff": self.generation.guidance_cutoff,
+            "deep_cache_interval": self.generation.deep_cache_interval,
+            # The columns a job reads its per-row parameters from: only those it has.
             **{
-                name: value
-                for name, value in (
-                    ("guidance_cutoff", self.generation.guidance_cutoff),
-                    ("deep_cache_interval", self.generation.deep_cache_interval),
-                    *self.input.parameter_columns.items(),
-                )
-                if value is not None
+                name: column
+                for name, column in self.input.parameter_columns.items()
+                if column is not None
             },
-            # Not the pixels, but where they are: one output keeps one format. Listed only
-            # when not the default, so outputs made before formats existed still resume.
-            **({"format": self.output.format} if self.output.format != "webdataset" else {}),
+            # Not the pixels, but where they are: one output keeps one format.
+            "format": self.output.format,
         }
 
     def spec_constants(self) -> dict[str, Any]:

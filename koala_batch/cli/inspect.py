@@ -40,7 +40,6 @@ from koala_batch.errors import UsageError
 from koala_batch.output.formats import FORMATS
 from koala_batch.output.layout import (
     SUCCESS_FILE,
-    WEBDATASET,
     list_output,
     manifest_path,
     recorded_format,
@@ -110,7 +109,8 @@ def load_output(storage: Storage) -> OutputView:
         stats = recorded_stats(manifest.schema) or shard_stats(manifest)
         return ShardView(
             name=shard,
-            output_format=recorded_format(manifest.schema) or WEBDATASET,
+            # A manifest recording no format is not this version's: shown, never read.
+            output_format=recorded_format(manifest.schema) or "unrecorded",
             stats=stats,
             rows=manifest,
         )

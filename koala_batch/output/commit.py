@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from koala_batch.errors import OutputConflictError, OutputUnwritableError, RunSupersededError
 from koala_batch.keys import KeySet, key_digest, made_from_bytes
+from koala_batch.output.formats import shard_damage
 from koala_batch.output.layout import (
     JOB_FILE,
     MANIFESTS_DIR,
@@ -61,7 +62,9 @@ from koala_batch.storage import Storage
 logger = logging.getLogger(__name__)
 
 # 2: manifests record what each image was made from (`schemas.Col.MADE_FROM`).
-JOB_FILE_FORMAT = 2
+# 3: every manifest records its shard's format and data size (`layout.data_metadata`);
+#    the fingerprint covers every generation setting and the format, set or not.
+JOB_FILE_FORMAT = 3
 
 
 @dataclass
@@ -272,7 +275,7 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
 
     Each shard is checked as cheaply as a listing allows: its manifest must read and its
     data (tar, Parquet file, or folder of images) exist with the sizes the manifest records
-    (`OutputListing.shard_damage`). One that fails is `damaged`, not
+    (`formats.shard_damage`). One that fails is `damaged`, not
     committed: `uncommit` it and its rows are generated again.
 
     A key with rows in several shards (a retry cut short) is committed once: `newest_row`
@@ -288,7 +291,7 @@ def load_committed(storage: Storage, listing: OutputListing | None = None) -> Co
             manifest = pq.read_table(io.BytesIO(data), columns=columns)
         except (pa.ArrowException, KeyError) as exc:
             return shard, None, f"its manifest is unreadable ({type(exc).__name__}: {exc})"
-        return shard, manifest, listing.shard_damage(shard, shard_record(manifest))
+        return shard, manifest, shard_damage(listing, shard, shard_record(manifest))
 
     shards: dict[str, dict[str, Any]] = {}
     damaged: dict[str, str] = {}

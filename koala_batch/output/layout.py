@@ -28,8 +28,7 @@ from the rows it was first written with, then no longer hashes its manifest's ke
 Every format's files have names of their own, so `classify` needs no spec: a listing
 alone tells committed shards, leftovers and foreign files apart. The manifest records
 its shard's format and data size in its Parquet metadata (`shard_record`), so a resume
-checks each committed shard from a listing and its manifest, never from `_job.json`; a
-manifest from before formats existed is a webdataset shard.
+checks each committed shard from a listing and its manifest, never from `_job.json`.
 
 Ownership follows the names koala-batch writes (shard names are `keys.shard_name`'s, image
 names `keys.sample_key`'s), not the folders: anything else under the prefix, a user's
@@ -67,9 +66,6 @@ LEASE_DIR = "_lease"
 CARD_FILE = "README.md"
 TAR_SUFFIX = ".tar"
 MANIFEST_SUFFIX = ".parquet"
-# Manifest (Parquet key-value) metadata: the byte size of the shard's tar, so that a
-# resume can check each committed shard from a listing alone.
-TAR_BYTES_METADATA = b"koala_batch.tar_bytes"
 # Manifest metadata: the shard's stats (`stats.shard_stats`) as JSON, so that a reader of
 # a committed output finds them without the job record.
 STATS_METADATA = b"koala_batch.output.stats"
@@ -85,9 +81,9 @@ PARQUET_SUFFIX = ".parquet"
 # The files format's per-shard table of its images, named as `datasets`' imagefolder
 # looks for it.
 FOLDER_METADATA = "metadata.parquet"
-# Manifest metadata: the shard's output.format, and the byte size of its Parquet file
-# (parquet) or of its folder's metadata.parquet (files); a tar's size stays under
-# TAR_BYTES_METADATA, as manifests from before formats existed record it.
+# Manifest (Parquet key-value) metadata: the shard's output.format, and the byte size of
+# its data file (the tar, the Parquet file, the folder's metadata.parquet), so that a
+# resume can check each committed shard from a listing alone.
 FORMAT_METADATA = b"koala_batch.format"
 DATA_BYTES_METADATA = b"koala_batch.data_bytes"
 # The `image` column of a parquet shard: the Arrow storage of a Hugging Face Image.
@@ -226,17 +222,6 @@ def is_claim_file(relative: str) -> bool:
     return classify(target or relative)[0] is FileKind.LEASE
 
 
-def tar_bytes_metadata(size: int) -> dict[bytes, bytes]:
-    """The manifest metadata recording its tar's size."""
-    return {TAR_BYTES_METADATA: str(size).encode()}
-
-
-def recorded_tar_bytes(schema: pa.Schema) -> int | None:
-    """The tar size a manifest records (None for manifests written before it was)."""
-    value = (schema.metadata or {}).get(TAR_BYTES_METADATA)
-    return int(value) if value is not None else None
-
-
 def stats_metadata(stats: dict[str, Any]) -> dict[bytes, bytes]:
     """The manifest metadata recording its shard's stats."""
     return {STATS_METADATA: json.dumps(stats).encode()}
@@ -251,19 +236,18 @@ def recorded_stats(schema: pa.Schema) -> dict[str, Any] | None:
 def data_metadata(output_format: str, data_bytes: int) -> dict[bytes, bytes]:
     """The manifest metadata recording its shard's format and the size of its data file
     (the tar, the Parquet file, or the folder's metadata.parquet)."""
-    if output_format == WEBDATASET:
-        return {FORMAT_METADATA: WEBDATASET.encode(), **tar_bytes_metadata(data_bytes)}
     return {FORMAT_METADATA: output_format.encode(), DATA_BYTES_METADATA: str(data_bytes).encode()}
 
 
 def recorded_data_bytes(schema: pa.Schema) -> int | None:
-    """The size of the data file a parquet or files manifest records (None: not recorded)."""
+    """The size of the data file a manifest records (None: not recorded)."""
     value = (schema.metadata or {}).get(DATA_BYTES_METADATA)
     return int(value) if value is not None else None
 
 
 def recorded_format(schema: pa.Schema) -> str | None:
-    """The output.format a manifest records (None for manifests written before formats)."""
+    """The output.format a manifest records (None: none, so not a manifest koala-batch
+    wrote for this job-file format)."""
     value = (schema.metadata or {}).get(FORMAT_METADATA)
     return value.decode() if value is not None else None
 
@@ -271,9 +255,9 @@ def recorded_format(schema: pa.Schema) -> str | None:
 @dataclass(frozen=True)
 class ShardRecord:
     """What a committed manifest says its shard's data are: enough to check them against a
-    listing (`OutputListing.shard_damage`)."""
+    listing (`formats.shard_damage`)."""
 
-    output_format: str | None  # None: not recorded (the listing tells, else webdataset)
+    output_format: str | None  # None: not recorded (`formats.shard_damage` says so)
     data_bytes: int | None  # size of the tar / Parquet file / folder metadata, if recorded
     members: dict[str, int] = field(default_factory=dict)  # files: image name -> bytes
 
@@ -290,8 +274,6 @@ def shard_record(manifest: pa.Table) -> ShardRecord:
     """The `ShardRecord` of a manifest table: its metadata, and for the files format the
     member and byte count of each ok row (the table must hold member, bytes and status)."""
     output_format = recorded_format(manifest.schema)
-    if output_format in (None, WEBDATASET):
-        return ShardRecord(output_format, recorded_tar_bytes(manifest.schema))
     members: dict[str, int] = {}
     if output_format == FILES:
         columns = [manifest.column(c).to_pylist() for c in (Col.MEMBER, Col.BYTES, Col.STATUS)]
@@ -321,52 +303,14 @@ class OutputListing:
         """`files` as a set, for lookups."""
         return frozenset(self.files)
 
-    def shard_format(self, shard: str, record: ShardRecord) -> str:
-        """The shard's output.format: as its manifest records it, else as the listing shows
-        (a manifest from before formats existed belongs to a tar)."""
-        if record.output_format is not None:
-            return record.output_format
-        if parquet_path(shard) in self.file_set and tar_path(shard) not in self.file_set:
-            return PARQUET
-        if folder_file_path(shard, FOLDER_METADATA) in self.file_set:
-            return FILES
-        return WEBDATASET
-
-    def _size_damage(self, what: str, relative: str, recorded: int | None) -> str | None:
+    def size_damage(self, what: str, relative: str, recorded: int | None) -> str | None:
+        """Why one data file of a shard cannot be trusted from the listing (it is missing,
+        or has another size than the `recorded` one), or None."""
         if relative not in self.file_set:
             return f"its {what} {relative} is missing"
         size = self.sizes.get(relative)
         if recorded is not None and size is not None and size != recorded:
             return f"its {what} {relative} has {size} bytes, its manifest records {recorded}"
-        return None
-
-    def shard_damage(self, shard: str, record: ShardRecord | int | None) -> str | None:
-        """Why a committed shard cannot be trusted (a data file is missing or has another
-        size than its manifest records), or None. Costs nothing beyond the listing.
-
-        `record` is the manifest's `shard_record` (an int or None: a tar's recorded size).
-        """
-        if not isinstance(record, ShardRecord):
-            record = ShardRecord(WEBDATASET, record)
-        output_format = self.shard_format(shard, record)
-        if not record.has_data_file:
-            return None
-        if output_format == PARQUET:
-            return self._size_damage("Parquet file", parquet_path(shard), record.data_bytes)
-        if output_format == FILES:
-            metadata = folder_file_path(shard, FOLDER_METADATA)
-            damage = self._size_damage("metadata file", metadata, record.data_bytes)
-            for member, size in sorted(record.members.items()):
-                if damage is not None:
-                    break
-                damage = self._size_damage("image", folder_file_path(shard, member), size)
-            return damage
-        tar = tar_path(shard)
-        if tar not in self.file_set:
-            return "its tar is missing"
-        tar_size = self.sizes.get(tar)
-        if record.data_bytes is not None and tar_size is not None and tar_size != record.data_bytes:
-            return f"its tar has {tar_size} bytes, its manifest records {record.data_bytes}"
         return None
 
     def shard_file_sizes(self) -> dict[str, int | None]:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from koala_batch.inputs.files import plan_input
 from koala_batch.inputs.rows import planned_images
 from koala_batch.keys import sample_key, shard_name
-from koala_batch.output.commit import retired_rows
+from koala_batch.output.commit import JOB_FILE_FORMAT, retired_rows
 from koala_batch.output.formats import FORMATS
 from koala_batch.output.formats.base import Problems, ShardToScan, short
 from koala_batch.output.layout import (
@@ -57,7 +57,6 @@ from koala_batch.output.layout import (
     JOB_FILE,
     MANIFESTS_DIR,
     SUCCESS_FILE,
-    WEBDATASET,
     ShardRecord,
     image_member,
     list_output,
@@ -292,18 +291,6 @@ def _check_rows(
     return images, sidecars, statuses
 
 
-def _shard_format(storage: Storage, name: str, schema: pa.Schema) -> str:
-    """The format the manifest records; for one from before formats existed, the one
-    whose data are there (a tar when none is)."""
-    recorded = recorded_format(schema)
-    if recorded is not None and recorded in FORMATS:
-        return recorded
-    for output_format in FORMATS.values():
-        if storage.exists(output_format.data_path(name)):
-            return output_format.name
-    return WEBDATASET
-
-
 def _check_shard(
     storage: Storage, name: str, constants: dict[str, Any] | None, limit: int
 ) -> _ShardResult:
@@ -322,7 +309,13 @@ def _check_shard(
         )
         return result
     result.rows = manifest.num_rows
-    output_format = _shard_format(storage, name, manifest.schema)
+    output_format = recorded_format(manifest.schema)
+    if output_format not in FORMATS:
+        problems.add(
+            f"shard {name}: its manifest records no known output format ({output_format}); "
+            "it was not written by this koala-batch version"
+        )
+        return result
     shard_format = FORMATS[output_format]
     what, data_path = shard_format.data_kind, shard_format.data_path(name)
     has_data = ShardRecord(output_format, recorded_data_bytes(manifest.schema)).has_data_file
@@ -574,7 +567,13 @@ def verify_output(
             f"{listing.leases[-1]}: a run holds this output's lease; it may be writing now "
             "(or it died, and the next run takes the output over)"
         )
-    if (
+    if job_record is not None and job_record.get("format") != JOB_FILE_FORMAT:
+        problems.add(
+            f"{JOB_FILE} records job-file format {job_record.get('format')}: this output was "
+            f"made by another koala-batch version (this one reads format {JOB_FILE_FORMAT}); "
+            "verify it with that version, or regenerate it with --overwrite"
+        )
+    elif (
         spec is not None
         and job_record is not None
         and job_record.get("fingerprint") != spec.fingerprint()

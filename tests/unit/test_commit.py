@@ -19,7 +19,7 @@ from koala_batch.output.commit import (
     uncommit,
     write_success,
 )
-from koala_batch.output.layout import recorded_tar_bytes
+from koala_batch.output.layout import recorded_data_bytes
 from koala_batch.schemas import RUN_FIELDS
 from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
@@ -54,7 +54,7 @@ def test_claim_of_an_empty_prefix_writes_the_job_file(storage, out_dir):
     record = json.loads((out_dir / "_job.json").read_text())
     assert record["fingerprint"] == spec.fingerprint()
     assert record["determined_by"] == spec.fingerprint_fields()
-    assert record["format"] == JOB_FILE_FORMAT == 2
+    assert record["format"] == JOB_FILE_FORMAT == 3
     assert "koala_batch_version" in record
 
 
@@ -389,19 +389,20 @@ def test_files_shards_taken_out_leave_no_empty_folder(storage, out_dir):
     assert not (out_dir / "shards").exists() or not any((out_dir / "shards").iterdir())
 
 
-def test_a_manifest_without_a_recorded_tar_size_needs_only_its_tar(storage, out_dir):
+def test_a_manifest_recording_no_format_or_size_is_damaged(storage, out_dir):
+    # Every manifest this job-file format writes records both; one without them is not
+    # trusted, so its rows are generated again.
     spec = make_spec(out_dir)
     shard = write_shard(spec, ["a"])
     path = out_dir / "manifests" / f"{shard}.parquet"
     table = pq.read_table(path)
-    assert recorded_tar_bytes(table.schema) == (out_dir / "shards" / f"{shard}.tar").stat().st_size
-    pq.write_table(table.replace_schema_metadata(None), path)  # as written before sizes were
-
+    assert recorded_data_bytes(table.schema) == (out_dir / "shards" / f"{shard}.tar").stat().st_size
     assert load_committed(storage).damaged == {}
-    (out_dir / "shards" / f"{shard}.tar").write_bytes(b"short")
-    assert load_committed(storage).damaged == {}  # no size to compare
-    (out_dir / "shards" / f"{shard}.tar").unlink()
-    assert load_committed(storage).damaged == {shard: "its tar is missing"}
+    pq.write_table(table.replace_schema_metadata(None), path)
+
+    assert load_committed(storage).damaged == {
+        shard: "its manifest records no known output format (None)"
+    }
 
 
 def test_duplicate_keys_across_manifests_are_refused(storage, out_dir):

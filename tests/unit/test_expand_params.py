@@ -3,7 +3,6 @@ make, and the images planning counts from them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from decimal import Decimal
@@ -23,7 +22,8 @@ from koala_batch.inputs.rows import (
     parse_row_steps,
 )
 from koala_batch.keys import derived_seed, sample_key
-from koala_batch.output.commit import claim_output
+from koala_batch.output.commit import JOB_FILE_FORMAT, claim_output
+from koala_batch.output.verify import verify_output
 from koala_batch.schemas import MANIFEST_FIELDS, WORK_FIELDS, Col
 from koala_batch.spec import InputSpec
 from koala_batch.stages.expand import ExpandImages
@@ -366,7 +366,6 @@ def test_parameter_column_named_like_a_provenance_column_is_refused(role):
 def test_parameter_columns_enter_the_fingerprint_only_when_set():
     plain = make_spec("out")
     assert not set(PARAMETER_COLUMNS) & set(plain.fingerprint_fields())
-    assert plain.fingerprint_fields()["seed_range"] == "int63"
     for role in PARAMETER_COLUMNS:
         spec = make_spec("out", input={role: "x"})
         assert spec.fingerprint_fields()[role] == "x"
@@ -384,17 +383,22 @@ def test_only_model_and_format_are_spec_constants():
     }
 
 
-def test_an_output_made_with_64_bit_seeds_refuses_to_resume(tmp_path):
+def test_an_output_of_another_job_file_format_refuses_to_resume(tmp_path):
     out_dir = tmp_path / "out"
     spec = make_spec(out_dir)
     storage = Storage(str(out_dir))
     claim_output(storage, spec)
-    # _job.json as a run before 63-bit seeds wrote it: no seed_range in what it covers.
+    # _job.json as the version before wrote it (its manifests recorded no format, and its
+    # seeds were 64-bit before that): same fingerprint, older format.
     job = json.loads((out_dir / "_job.json").read_text())
-    old = {k: v for k, v in job["determined_by"].items() if k != "seed_range"}
-    job["determined_by"] = old
-    job["fingerprint"] = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    job["format"] = JOB_FILE_FORMAT - 1
     (out_dir / "_job.json").write_text(json.dumps(job))
 
-    with pytest.raises(OutputConflictError, match=r"changed: seed_range\); resuming would mix"):
+    with pytest.raises(
+        OutputConflictError,
+        match=rf"job-file format {JOB_FILE_FORMAT - 1}, this one resumes format {JOB_FILE_FORMAT}",
+    ):
         claim_output(storage, spec)
+    report = verify_output(str(out_dir))
+    assert not report.ok
+    assert any(f"job-file format {JOB_FILE_FORMAT - 1}" in p for p in report.problems)

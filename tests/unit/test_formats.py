@@ -24,7 +24,7 @@ from koala_batch.errors import RunSupersededError, SpecError
 from koala_batch.keys import sample_key
 from koala_batch.output.commit import claim_output, load_committed, remove_leftovers, uncommit
 from koala_batch.output.formats import FORMATS as REGISTRY
-from koala_batch.output.formats import parquet
+from koala_batch.output.formats import parquet, shard_damage
 from koala_batch.output.formats.base import OutputFormat
 from koala_batch.output.formats.parquet import row_group_bounds
 from koala_batch.output.layout import (
@@ -111,10 +111,10 @@ def built(out_dir, output_format) -> tuple[pa.Table, str]:
 # spec
 
 
-def test_format_defaults_to_webdataset_and_enters_the_fingerprint_only_when_set(out_dir):
+def test_format_defaults_to_webdataset_and_enters_the_fingerprint(out_dir):
     default = make_spec(out_dir)
     assert default.output.format == "webdataset"
-    assert "format" not in default.fingerprint_fields()  # outputs from before still resume
+    assert default.fingerprint_fields()["format"] == "webdataset"
     explicit = make_spec(out_dir, output={"format": "webdataset"})
     assert explicit.fingerprint() == default.fingerprint()
     parquet = make_spec(out_dir, output={"format": "parquet"})
@@ -190,16 +190,20 @@ def test_data_without_a_manifest_is_a_leftover_in_every_format():
 
 def test_shard_damage_of_a_parquet_shard():
     listing = scan_output([parquet_path(SHARD)], {parquet_path(SHARD): 100})
-    assert listing.shard_damage(SHARD, ShardRecord("parquet", 100)) is None
-    assert listing.shard_damage(SHARD, ShardRecord("parquet", 99)) == (
+    assert shard_damage(listing, SHARD, ShardRecord("parquet", 100)) is None
+    assert shard_damage(listing, SHARD, ShardRecord("parquet", 99)) == (
         f"its Parquet file {parquet_path(SHARD)} has 100 bytes, its manifest records 99"
     )
-    assert scan_output([]).shard_damage(SHARD, ShardRecord("parquet", 100)) == (
+    assert shard_damage(scan_output([]), SHARD, ShardRecord("parquet", 100)) == (
         f"its Parquet file {parquet_path(SHARD)} is missing"
     )
-    # A manifest recording no format is a webdataset one: a tar is expected.
-    assert scan_output([tar_path(SHARD)]).shard_damage(SHARD, ShardRecord(None, None)) is None
-    assert scan_output([]).shard_damage(SHARD, None) == "its tar is missing"
+    # A manifest recording no format (none that koala-batch writes) is damaged.
+    assert shard_damage(scan_output([tar_path(SHARD)]), SHARD, ShardRecord(None, None)) == (
+        "its manifest records no known output format (None)"
+    )
+    assert shard_damage(scan_output([]), SHARD, ShardRecord("webdataset", 10)) == (
+        "its tar is missing"
+    )
 
 
 def test_shard_damage_of_a_files_shard():
@@ -209,14 +213,14 @@ def test_shard_damage_of_a_files_shard():
     )
     record = ShardRecord("files", 50, {f"{KEY}.png": 10})
     whole = scan_output([image, metadata], {image: 10, metadata: 50})
-    assert whole.shard_damage(SHARD, record) is None
-    assert scan_output([metadata], {metadata: 50}).shard_damage(SHARD, record) == (
+    assert shard_damage(whole, SHARD, record) is None
+    assert shard_damage(scan_output([metadata], {metadata: 50}), SHARD, record) == (
         f"its image {image} is missing"
     )
-    assert scan_output([image, metadata], {image: 9, metadata: 50}).shard_damage(SHARD, record) == (
-        f"its image {image} has 9 bytes, its manifest records 10"
-    )
-    assert scan_output([image], {image: 10}).shard_damage(SHARD, record) == (
+    assert shard_damage(
+        scan_output([image, metadata], {image: 9, metadata: 50}), SHARD, record
+    ) == (f"its image {image} has 9 bytes, its manifest records 10")
+    assert shard_damage(scan_output([image], {image: 10}), SHARD, record) == (
         f"its metadata file {metadata} is missing"
     )
 
@@ -340,7 +344,7 @@ def test_an_all_error_shard_has_an_empty_tar_or_no_data_file(out_dir, output_for
     assert report.ok, report.format()
     manifest = pq.read_table(out_dir / manifest_path(shard))
     record = shard_record(manifest)
-    assert list_output(Storage(str(out_dir))).shard_damage(shard, record) is None
+    assert shard_damage(list_output(Storage(str(out_dir))), shard, record) is None
     if output_format == "webdataset":
         assert record.has_data_file and all_files(out_dir / "shards") == [f"{shard}.tar"]
     else:
@@ -483,7 +487,7 @@ def test_verify_checks_a_folders_metadata(out_dir):
     ), problems
 
 
-def test_verify_reads_a_manifest_without_a_recorded_format_by_its_data(out_dir, built):
+def test_a_manifest_without_a_recorded_format_is_a_problem_and_damaged(out_dir, built):
     _, shard = built
     path = out_dir / manifest_path(shard)
     manifest = pq.read_table(path)
@@ -494,8 +498,14 @@ def test_verify_reads_a_manifest_without_a_recorded_format_by_its_data(out_dir, 
     }
     pq.write_table(manifest.replace_schema_metadata(metadata), path)
 
-    assert verify_output(str(out_dir)).ok
-    assert load_committed(Storage(str(out_dir))).damaged == {}
+    report = verify_output(str(out_dir))
+    assert report.problems == [
+        f"shard {shard}: its manifest records no known output format (None); it was not "
+        "written by this koala-batch version"
+    ]
+    assert load_committed(Storage(str(out_dir))).damaged == {
+        shard: "its manifest records no known output format (None)"
+    }
 
 
 def with_sizes(table: pa.Table, sizes: list[tuple[int, int]]) -> pa.Table:
@@ -559,7 +569,7 @@ def test_every_registered_format_implements_the_whole_protocol(name):
         for member, value in vars(OutputFormat).items()
         if getattr(value, "__isabstractmethod__", False)
     }
-    assert required == {"data_path", "write", "scan", "read_images", "card_recipes"}
+    assert required == {"data_path", "damage", "write", "scan", "read_images", "card_recipes"}
     for member in required:
         implemented = getattr(type(output_format), member)
         assert not getattr(implemented, "__isabstractmethod__", False), f"{name}: {member}"

@@ -22,7 +22,13 @@ from koala_batch.output.commit import (
     retired_rows,
     retriable_failures,
 )
-from koala_batch.output.layout import TAR_BYTES_METADATA, manifest_path, recorded_stats, tar_path
+from koala_batch.output.layout import (
+    DATA_BYTES_METADATA,
+    FORMAT_METADATA,
+    manifest_path,
+    recorded_stats,
+    tar_path,
+)
 from koala_batch.output.verify import verify_output
 from koala_batch.stages.write import WriteShard
 from koala_batch.storage import Storage
@@ -155,7 +161,8 @@ def test_superseded_rows_leave_their_manifest_and_nothing_else(spec, storage, ou
     assert after.schema.remove_metadata() == before.schema.remove_metadata()
     assert (out_dir / tar_path(old)).read_bytes() == tar_before  # the data stay as they are
     metadata = after.schema.metadata
-    assert metadata[TAR_BYTES_METADATA] == before.schema.metadata[TAR_BYTES_METADATA]
+    for recorded in (FORMAT_METADATA, DATA_BYTES_METADATA):
+        assert metadata[recorded] == before.schema.metadata[recorded]
     [made_from] = before.filter(pc.equal(before.column("key"), key("b")))["made_from"].to_pylist()
     assert retired_rows(after.schema) == {key("b"): (1, made_from)}
     stats = recorded_stats(after.schema)

@@ -10,13 +10,15 @@ import pytest
 
 from koala_batch.output.commit import build_job_record
 from koala_batch.output.layout import (
+    DATA_BYTES_METADATA,
+    FORMAT_METADATA,
     STATS_METADATA,
-    TAR_BYTES_METADATA,
+    data_metadata,
+    recorded_data_bytes,
+    recorded_format,
     recorded_stats,
-    recorded_tar_bytes,
     stats_metadata,
     summary_from_manifest,
-    tar_bytes_metadata,
 )
 from koala_batch.output.stats import (
     MAX_REASON_CHARS,
@@ -131,7 +133,7 @@ def test_stats_round_trip_through_the_manifest_metadata(tmp_path):
     stats = shard_stats(_manifest(), generate_s=[1.0, 0, 1.0, 0], generated_at=[1.0] * 4)
     manifest = _manifest()
     manifest = manifest.replace_schema_metadata(
-        {**tar_bytes_metadata(1234), **stats_metadata(stats)}
+        {**data_metadata("webdataset", 1234), **stats_metadata(stats)}
     )
     buffer = io.BytesIO()
     pq.write_table(manifest, buffer)
@@ -139,8 +141,9 @@ def test_stats_round_trip_through_the_manifest_metadata(tmp_path):
     # a reader of a subset of the columns still finds them (resume reads four columns)
     read = pq.read_table(io.BytesIO(buffer.getvalue()), columns=[Col.KEY, Col.STATUS])
     assert recorded_stats(read.schema) == stats
-    assert recorded_tar_bytes(read.schema) == 1234
-    assert set(read.schema.metadata) >= {STATS_METADATA, TAR_BYTES_METADATA}
+    assert recorded_data_bytes(read.schema) == 1234
+    assert recorded_format(read.schema) == "webdataset"
+    assert set(read.schema.metadata) >= {STATS_METADATA, FORMAT_METADATA, DATA_BYTES_METADATA}
     assert recorded_stats(pa.schema([])) is None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from koala_batch.errors import StageInputError
+from koala_batch.output.layout import OutputListing, ShardRecord
 from koala_batch.schemas import STATUS_OK, Col
 from koala_batch.storage import Storage
 
@@ -86,6 +87,11 @@ class OutputFormat(ABC):
     ) -> dict[bytes, bytes]:
         """Write the shard's data (its ok rows), calling `check_owner` right before the
         first write; the manifest metadata that records them (`layout.data_metadata`)."""
+
+    @abstractmethod
+    def damage(self, listing: OutputListing, shard: str, record: ShardRecord) -> str | None:
+        """Why a committed shard with data files cannot be trusted from a listing alone (a
+        data file missing, or of another size than its manifest `record`s), or None."""
 
     @abstractmethod
     def scan(self, storage: Storage, shard: ShardToScan) -> tuple[Problems, int]:

@@ -29,6 +29,8 @@ from koala_batch.output.layout import (
     MANIFESTS_DIR,
     SHARDS_DIR,
     FileKind,
+    OutputListing,
+    ShardRecord,
     classify,
     data_metadata,
     folder_file_path,
@@ -52,6 +54,15 @@ class ImageFiles(OutputFormat):
     def data_path(self, shard: str) -> str:
         # The folder's metadata: the file whose absence means the folder's is missing.
         return folder_file_path(shard, FOLDER_METADATA)
+
+    def damage(self, listing: OutputListing, shard: str, record: ShardRecord) -> str | None:
+        metadata = folder_file_path(shard, FOLDER_METADATA)
+        damage = listing.size_damage("metadata file", metadata, record.data_bytes)
+        for member, size in sorted(record.members.items()):
+            if damage is not None:
+                break
+            damage = listing.size_damage("image", folder_file_path(shard, member), size)
+        return damage
 
     def write(
         self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]

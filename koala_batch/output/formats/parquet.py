@@ -34,6 +34,8 @@ from koala_batch.output.layout import (
     IMAGE_TYPE,
     PARQUET,
     SHARDS_DIR,
+    OutputListing,
+    ShardRecord,
     data_metadata,
     parquet_path,
 )
@@ -54,6 +56,9 @@ class ParquetShards(OutputFormat):
 
     def data_path(self, shard: str) -> str:
         return parquet_path(shard)
+
+    def damage(self, listing: OutputListing, shard: str, record: ShardRecord) -> str | None:
+        return listing.size_damage("Parquet file", parquet_path(shard), record.data_bytes)
 
     def write(
         self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]

@@ -29,6 +29,8 @@ from koala_batch.output.layout import (
     MANIFESTS_DIR,
     SHARDS_DIR,
     WEBDATASET,
+    OutputListing,
+    ShardRecord,
     data_metadata,
     sidecar_member,
     tar_path,
@@ -46,6 +48,15 @@ class WebDataset(OutputFormat):
 
     def data_path(self, shard: str) -> str:
         return tar_path(shard)
+
+    def damage(self, listing: OutputListing, shard: str, record: ShardRecord) -> str | None:
+        tar = tar_path(shard)
+        if tar not in listing.file_set:
+            return "its tar is missing"
+        size = listing.sizes.get(tar)
+        if record.data_bytes is not None and size is not None and size != record.data_bytes:
+            return f"its tar has {size} bytes, its manifest records {record.data_bytes}"
+        return None
 
     def write(
         self, storage: Storage, shard: ShardToWrite, check_owner: Callable[[], None]
